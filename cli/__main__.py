@@ -1,0 +1,7 @@
+"""``python -m sparsealloc.cli``."""
+
+import sys
+
+from sparsealloc.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,105 @@
+"""Options shared by several commands: model, device, calibration and evaluation text."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sparsealloc.core.errors import SpecError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), but got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), but got {value}")
+    return value
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """Parse ``k=v``; v as int, float, true/false or string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, but got {text!r}")
+    key, _, raw = text.partition("=")
+    value: Any = raw
+    for cast in (int, float):
+        try:
+            value = cast(raw)
+            break
+        except ValueError:
+            continue
+    if raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    return key.strip(), value
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"hub id, local directory, .gguf file or {DEFAULT_MODEL!r} (default)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--calib-text", metavar="FILE", help="plain text file")
+    source.add_argument("--calib-dataset", metavar="NAME[:CONFIG[:SPLIT]]", help="Hugging Face dataset")
+    group.add_argument("--calib-text-field", default="text", help="dataset text column (default: text)")
+    group.add_argument("--calib-samples", type=positive_int, default=16, help="windows (default 16)")
+    group.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
+    group.add_argument("--calib-batch-size", type=positive_int, default=4, help="windows per forward (default 4)")
+    group.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+
+
+def add_eval_args(parser: argparse.ArgumentParser, required: bool = False, prefix: str = "eval-") -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument(f"--{prefix}text", metavar="FILE", required=required,
+                       help="text file for perplexity (default: built-in held-out text)")
+    group.add_argument(f"--{prefix}seq-len", type=positive_int, default=512, help="window length (default 512)")
+    group.add_argument(f"--{prefix}windows", type=positive_int, default=20, help="number of windows (default 20)")
+    group.add_argument(f"--{prefix}stride", type=positive_int, default=None,
+                       help="step between windows (default: seq-len, no overlap)")
+
+
+def calibration_source(args: argparse.Namespace):
+    from sparsealloc.pruning.calibration import TextSource
+
+    if args.calib_text:
+        return TextSource("file", args.calib_text)
+    if args.calib_dataset:
+        return TextSource("dataset", args.calib_dataset, text_field=args.calib_text_field, max_chars=5_000_000)
+    return TextSource("builtin", "calib")
+
+
+def eval_source(path: str | None):
+    from sparsealloc.pruning.calibration import TextSource
+
+    return TextSource("file", path) if path else TextSource("builtin", "eval")
+
+
+def load(args: argparse.Namespace):
+    """Load the model named by ``--model`` on ``--device``."""
+    from sparsealloc.pruning.models import load_model
+
+    if args.device is not None:
+        import torch
+
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise SpecError(f"expected a torch device such as 'cpu' or 'cuda:0', but got {args.device!r}") from None
+    return load_model(args.model, device=args.device)

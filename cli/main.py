@@ -1,0 +1,76 @@
+"""Entry point: ``sparsealloc COMMAND ...``; ``main(argv) -> exit code``.
+
+Exit codes: 0 success, 2 bad input (one line on stderr saying what was expected and what was
+received, no traceback), 1 runtime failure. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sparsealloc.core.errors import SparseAllocError, SpecError
+
+COMMAND_MODULES = ("prune", "evaluate")
+
+
+class UsageError(SpecError):
+    """argparse rejected the command line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message, exit 2 via main
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line parser (sub-commands register themselves)."""
+    import importlib
+
+    parser = _Parser(prog="sparsealloc", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--log-format", choices=("bar", "json"), default="bar",
+                        help="progress as bars (default) or JSON lines on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"sparsealloc.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    from sparsealloc.core import progress
+
+    progress.set_mode("quiet" if args.quiet else ("json" if args.log_format == "json" else "bar"))
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except SparseAllocError as exc:
+        if debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

