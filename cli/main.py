@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from sparsealloc.core.errors import SparseAllocError, SpecError
 
-COMMAND_MODULES = ("prune", "evaluate")
+COMMAND_MODULES = ("prune", "evaluate", "study", "export", "dashboard")
 
 
 class UsageError(SpecError):

@@ -5,6 +5,7 @@ This module composes the pure pieces (metrics, masks) with the model; it holds n
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,11 +120,19 @@ def prune_(
     return report
 
 
+def _reloaded_biases(model: nn.Module) -> set[str]:
+    """FQNs of the Linear layers that have a bias when ``model.config`` is instantiated again."""
+    with torch.device("meta"):
+        fresh = type(model)(copy.deepcopy(model.config))
+    return {n for n, m in fresh.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
+
+
 def _make_biases_representable(model: nn.Module) -> None:
     """Biases added by mean compensation must survive save → plain transformers reload.
 
     Llama-style configs have ``attention_bias`` / ``mlp_bias`` switches that give every projection a
-    bias; turn the needed one on and give the other projections zero biases.
+    bias; turn the needed one on and give the other projections zero biases. A bias the config
+    cannot express (no such switch) is an error rather than a silent loss on reload.
     """
     config = model.config
     groups = {"attention_bias": ("self_attn",), "mlp_bias": ("mlp",)}
@@ -131,18 +140,21 @@ def _make_biases_representable(model: nn.Module) -> None:
     modules = dict(model.named_modules())
     for flag, parts in groups.items():
         names = [n for n in layout.linears if any(f".{p}." in n for p in parts)]
-        with_bias = [n for n in names if modules[n].bias is not None]
-        if not with_bias or len(with_bias) == len(names):
+        reloaded = _reloaded_biases(model)
+        if not hasattr(config, flag) or all(modules[n].bias is None or n in reloaded for n in names):
             continue
-        if not hasattr(config, flag):
-            raise SpecError(
-                f"{type(model).__name__} cannot store the bias that mean compensation added to "
-                f"{with_bias[0]!r}; prune without bias compensation to save this model"
-            )
         setattr(config, flag, True)
+        reloaded = _reloaded_biases(model)
         for n in names:
-            if modules[n].bias is None:
+            if modules[n].bias is None and n in reloaded:
                 _add_bias_(modules[n], torch.zeros(modules[n].out_features))
+    reloaded = _reloaded_biases(model)
+    lost = [n for n in layout.linears if modules[n].bias is not None and n not in reloaded]
+    if lost:
+        raise SpecError(
+            f"{type(model).__name__} cannot store the bias that mean compensation added to "
+            f"{lost[0]!r}; prune without bias compensation to save this model"
+        )
 
 
 def save_pruned(model: nn.Module, tokenizer, directory: str | Path, plan: AllocationPlan | None = None) -> Path:

@@ -1,0 +1,51 @@
+"""``sparsealloc dashboard``: optuna-dashboard on the study store."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+
+from sparsealloc.cli.study import DEFAULT_STORAGE
+from sparsealloc.core.errors import SpecError
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("dashboard", help="serve optuna-dashboard on the study store")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--artifact-dir", default=None, help="artifact folder (exported plans)")
+    parser.set_defaults(handler=run)
+
+
+def dashboard_command(storage_url: str, host: str, port: int, artifact_dir: str | None = None) -> list[str]:
+    """The optuna-dashboard command line for the store."""
+    exe = shutil.which("optuna-dashboard")
+    if exe is None:
+        raise SpecError("optuna-dashboard is not installed; install it with: pip install 'sparsealloc[dashboard]'")
+    cmd = [exe, storage_url, "--host", host, "--port", str(port)]
+    if artifact_dir:
+        cmd += ["--artifact-dir", artifact_dir]
+    return cmd
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparsealloc.storage.rdb import open_storage, parse_storage_url
+
+    url = parse_storage_url(args.storage)
+    open_storage(url)  # reachable, schema created
+    if not 0 < args.port < 65536:
+        raise SpecError(f"expected a port in 1..65535, but got {args.port}")
+    cmd = dashboard_command(url, args.host, args.port, args.artifact_dir)
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard  (Ctrl-C to stop)", flush=True)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)
+        return 0
+    finally:
+        sys.stdout.flush()

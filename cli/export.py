@@ -1,0 +1,26 @@
+"""``sparsealloc export``: a study's best plan (or Pareto set) as AllocationPlan JSON files."""
+
+from __future__ import annotations
+
+import argparse
+
+from sparsealloc.cli.study import DEFAULT_STORAGE
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("export", help="write the best plan (or the Pareto set) as JSON")
+    parser.add_argument("name", help="study name")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE)
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--pareto", action="store_true", help="write DIR/pareto/*.json (multi-objective)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparsealloc.storage.export import export_study
+    from sparsealloc.storage.rdb import load_study, open_storage
+
+    study = load_study(open_storage(args.storage), args.name)
+    for path in export_study(study, args.out, pareto=True if args.pareto else None):
+        print(f"exported: {path}")
+    return 0

@@ -1,0 +1,48 @@
+"""Objectives: what a trial measures. Registry ``OBJECTIVES``; all are minimized.
+
+An objective is a callable ``(ctx, trial) -> float`` where ``trial`` is the
+:class:`~sparsealloc.objectives.trial.TrialState` of the current candidate (the pruned model sits in
+``ctx.model``). Objectives that need no forward pass (``kv_bytes``, ``remaining_weights``) are
+analytic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from sparsealloc.core.registry import Registry
+from sparsealloc.objectives.kv_memory import kv_bytes_per_token, kv_geometry
+from sparsealloc.objectives.reconstruction import reconstruction_error
+
+if TYPE_CHECKING:
+    from sparsealloc.objectives.context import EvalContext
+    from sparsealloc.objectives.trial import TrialState
+
+Objective = Callable[["EvalContext", "TrialState"], float]
+OBJECTIVES: Registry[Objective] = Registry("objective")
+
+
+@OBJECTIVES.register("reconstruction")
+def reconstruction(ctx: EvalContext, trial: TrialState) -> float:
+    """Relative Frobenius error of the logits on the calibration windows (OptiShear)."""
+    return reconstruction_error(ctx, "logits", trial.report)
+
+
+@OBJECTIVES.register("kl")
+def kl(ctx: EvalContext, trial: TrialState) -> float:
+    """Mean per-token KL divergence of next-token distributions, dense ‖ pruned."""
+    return reconstruction_error(ctx, "kl", trial.report)
+
+
+@OBJECTIVES.register("remaining_weights")
+def remaining_weights(ctx: EvalContext, trial: TrialState) -> float:
+    """Fraction of prunable weights left (1 − achieved parameter-weighted sparsity)."""
+    return 1.0 - trial.prune_report.achieved_mean
+
+
+@OBJECTIVES.register("kv_bytes")
+def kv_bytes(ctx: EvalContext, trial: TrialState) -> float:
+    """KV-cache bytes per token (analytic, fp16 scales and zeros included)."""
+    heads, head_dim = kv_geometry(ctx.model.config)
+    return kv_bytes_per_token(ctx.layout.attention, trial.plan.kv_bits, heads, head_dim, trial.group_size)

@@ -1,0 +1,94 @@
+"""TrialEvaluator: built once per worker, called once per trial with the sampler's values.
+
+Lifecycle per call: decode values → (allocator) → AllocationPlan → restore dense weights in place →
+``prune_`` → objectives → :class:`~sparsealloc.core.types.Outcome`. Faults inside a trial (NaN,
+out-of-memory, an exception) become a failed Outcome with a reason; the study goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sparsealloc.core.errors import TrialFailed
+from sparsealloc.core.plan import AllocationPlan
+from sparsealloc.core.types import Outcome
+from sparsealloc.objectives.base import OBJECTIVES
+from sparsealloc.objectives.context import EvalContext
+from sparsealloc.pruning.allocators import AllocationInputs, allocate
+from sparsealloc.pruning.apply import PruneReport, prune_
+from sparsealloc.spaces.space import SearchSpace
+from sparsealloc.spaces.spec import StudySpec
+
+
+@dataclass
+class TrialState:
+    """The candidate being scored, handed to objectives."""
+
+    plan: AllocationPlan
+    prune_report: PruneReport
+    group_size: int = 32
+    report: Callable[[int, float], None] | None = None
+    intermediate: list[tuple[int, float]] = field(default_factory=list)
+
+
+class TrialEvaluator:
+    """Scores candidates of one study on one worker (see module docstring).
+
+    Args:
+        ctx: The worker's :class:`EvalContext`.
+        spec: The study spec.
+        space: The study's search space (built from ``ctx.layout``).
+    """
+
+    def __init__(self, ctx: EvalContext, spec: StudySpec, space: SearchSpace | None = None) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.space = space or SearchSpace(spec, ctx.layout)
+        self.objectives = [OBJECTIVES.get(name) for name in spec.objectives]
+
+    def plan_for(self, values: Mapping[str, Any]) -> AllocationPlan:
+        """The AllocationPlan a candidate decodes to (allocator spaces run their allocator)."""
+        decoded = self.space.decode(values)
+        sparsity = None
+        if decoded.allocator is not None:
+            name, params = decoded.allocator
+            inputs = AllocationInputs(self.ctx.layout, self.ctx.weights(), self.ctx.stats)
+            sparsity = allocate(name, inputs, self.spec.target_sparsity, **params)
+        return decoded.to_plan(self.spec.pattern, self.ctx.model_info, sparsity=sparsity)
+
+    def __call__(self, values: Mapping[str, Any], report: Callable[[int, float], None] | None = None) -> Outcome:
+        start = time.perf_counter()
+        try:
+            plan = self.plan_for(values)
+            self.ctx.restore_()
+            prune_report = prune_(self.ctx.model, plan, self.ctx.stats, layout=self.ctx.layout)
+            state = TrialState(plan, prune_report, self.spec.kv.group_size)
+
+            def record(step: int, value: float) -> None:
+                state.intermediate.append((step, value))
+                if report is not None:
+                    report(step, value)
+
+            state.report = record
+            values_out = tuple(float(fn(self.ctx, state)) for fn in self.objectives)
+        except TrialFailed as exc:
+            return Outcome("failed", reason=exc.reason)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            return Outcome("failed", reason=f"out of memory: {str(exc)[:200]}")
+        finally:
+            self.ctx.restore_()
+        bad = [name for name, v in zip(self.spec.objectives, values_out) if not math.isfinite(v)]
+        if bad:
+            return Outcome("failed", reason=f"objective {bad[0]} is not finite", intermediate=tuple(state.intermediate))
+        attrs = {
+            "plan": plan.to_dict(),
+            "achieved_sparsity": prune_report.achieved_mean,
+            "trial_seconds": time.perf_counter() - start,
+        }
+        return Outcome("complete", values_out, attrs=attrs, intermediate=tuple(state.intermediate))

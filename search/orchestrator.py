@@ -1,0 +1,103 @@
+"""The study loop: ask → dispatch → tell, until the budget, the timeout or all-failing trials.
+
+The orchestrator is the single writer of the store: workers only score.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import optuna
+from optuna.trial import TrialState
+
+from sparsealloc.core.errors import SparseAllocError
+from sparsealloc.core.progress import get_mode, log_event
+from sparsealloc.search.dispatch.base import Dispatcher
+from sparsealloc.search.samplers.base import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+class AllTrialsFailed(SparseAllocError):
+    """Every trial of a study failed; the message carries the last reason."""
+
+
+@dataclass
+class StudyRun:
+    """Counts of what one run did."""
+
+    told: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    last_failure: str = ""
+
+
+def complete_count(study: optuna.Study) -> int:
+    """COMPLETE trials in the study (the budget counts these)."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def best_value_text(study: optuna.Study) -> str:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not trials:
+        return "-"
+    if len(study.directions) == 1:
+        return f"{min(t.values[0] for t in trials):.4g}"
+    return f"pareto={len(study.best_trials)}"
+
+
+def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: float | None = None,
+              max_failures_in_a_row: int = 5) -> StudyRun:
+    """Run trials until the study holds ``n_trials`` COMPLETE trials (or ``timeout`` seconds pass).
+
+    Failed trials are recorded and the loop goes on; if ``max_failures_in_a_row`` trials fail with
+    none completing in between, it stops with :class:`AllTrialsFailed`.
+    """
+    study = sampler.study
+    run = StudyRun()
+    start = time.perf_counter()
+    failures_in_a_row = 0
+    bar = _progress_bar(study, n_trials)
+    try:
+        while True:
+            remaining = n_trials - complete_count(study) - dispatcher.in_flight
+            timed_out = timeout is not None and time.perf_counter() - start > timeout
+            if remaining > 0 and not timed_out:
+                free = max(0, dispatcher.capacity - dispatcher.in_flight)
+                for proposal in sampler.ask(min(free, remaining)):
+                    dispatcher.submit(proposal)
+            if dispatcher.in_flight == 0:
+                break
+            for number, outcome in dispatcher.wait():
+                sampler.tell(number, outcome)
+                run.told[outcome.state] += 1
+                log_event("trial", number=number, state=outcome.state, values=outcome.values, reason=outcome.reason)
+                if outcome.state == "failed":
+                    failures_in_a_row += 1
+                    run.last_failure = outcome.reason
+                    logger.warning("trial %d failed: %s", number, outcome.reason)
+                else:
+                    failures_in_a_row = 0
+                if bar is not None:
+                    bar.n = complete_count(study)
+                    bar.set_postfix_str(f"best={best_value_text(study)} failed={run.told['failed']}")
+                    bar.refresh()
+            if failures_in_a_row >= max_failures_in_a_row:
+                raise AllTrialsFailed(
+                    f"{failures_in_a_row} trials in a row failed; last reason: {run.last_failure}")
+    finally:
+        if bar is not None:
+            bar.close()
+        run.seconds = time.perf_counter() - start
+    return run
+
+
+def _progress_bar(study: optuna.Study, n_trials: int):
+    if get_mode() != "bar":
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n_trials, initial=min(complete_count(study), n_trials), desc="trials", unit="trial",
+                dynamic_ncols=True)

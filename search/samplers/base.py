@@ -1,0 +1,99 @@
+"""The ask/tell seam every sampler implements, and the SAMPLERS registry.
+
+Contract (documented once, tested once in ``tests/contracts/test_sampler_contract.py``):
+
+* ``ask(n)`` returns up to ``n`` proposals, each already recorded as a RUNNING trial of the Optuna
+  study (so the dashboard and export see it); it may return fewer (e.g. a generation barrier) and
+  never blocks.
+* ``tell(number, outcome)`` finishes that trial in the store: values for "complete", state FAIL with
+  ``fail_reason`` for "failed", PRUNED for "pruned". It is idempotent: a second tell of the same
+  number is ignored. Failed trials are data; a sampler never raises because a trial failed.
+* ``enqueue(values, name)`` queues a warm start (uniform, OWL...) to be asked first.
+* State lives in the store: a sampler rebuilt on the same study continues from it (resume).
+
+Only the orchestrator (one process, the single writer) calls these methods.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from sparsealloc.core.registry import Registry
+from sparsealloc.core.types import Outcome, Proposal
+from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
+from sparsealloc.spaces.space import SearchSpace
+
+
+def to_distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
+    """Optuna distributions for the space's parameters (the adapter's job, not the space's)."""
+    out: dict[str, BaseDistribution] = {}
+    for p in space.params:
+        if isinstance(p, FloatParam):
+            out[p.name] = FloatDistribution(p.low, p.high, step=p.step, log=p.log)
+        elif isinstance(p, IntParam):
+            out[p.name] = IntDistribution(p.low, p.high)
+        elif isinstance(p, ChoiceParam):
+            out[p.name] = CategoricalDistribution(list(p.choices))
+    return out
+
+
+class Sampler(abc.ABC):
+    """Ask/tell over one Optuna study (see the module docstring for the contract).
+
+    Args:
+        study: The Optuna study that records every trial.
+        space: The search space.
+    """
+
+    name = "base"
+
+    def __init__(self, study: optuna.Study, space: SearchSpace) -> None:
+        self.study = study
+        self.space = space
+        self.distributions = to_distributions(space)
+
+    @abc.abstractmethod
+    def ask(self, n: int = 1) -> list[Proposal]:
+        """Up to ``n`` new proposals (RUNNING trials)."""
+
+    @abc.abstractmethod
+    def tell(self, trial_number: int, outcome: Outcome) -> None:
+        """Finish a trial (idempotent)."""
+
+    def enqueue(self, values: Mapping[str, Any], name: str) -> None:
+        """Queue a warm start; values are clipped to the space first."""
+        clipped = {p.name: p.clip(values[p.name]) for p in self.space.params if p.name in values}
+        self.study.enqueue_trial(clipped, user_attrs={"warm_start": name}, skip_if_exists=True)
+
+    def report(self, trial_number: int, step: int, value: float) -> bool:
+        """Record an intermediate value; True if the trial should stop (pruners). Default: never."""
+        return False
+
+    @staticmethod
+    def finish(study: optuna.Study, trial_id: int, number: int, outcome: Outcome) -> None:
+        """Write an outcome into the store (attrs, intermediate values, final state)."""
+        storage = study._storage
+        for key, value in outcome.attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        for step, value in outcome.intermediate:
+            if value == value and abs(value) != float("inf"):
+                storage.set_trial_intermediate_value(trial_id, step, float(value))
+        if outcome.state == "complete" and outcome.values is not None:
+            study.tell(number, list(outcome.values))
+        elif outcome.state == "pruned":
+            study.tell(number, state=optuna.trial.TrialState.PRUNED)
+        else:
+            storage.set_trial_user_attr(trial_id, "fail_reason", outcome.reason or "unknown")
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
+
+
+SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
+SAMPLERS.register_lazy("tpe", "sparsealloc.search.samplers.optuna_samplers:TPESampler")
+SAMPLERS.register_lazy("random", "sparsealloc.search.samplers.optuna_samplers:RandomSampler")
+SAMPLERS.register_lazy("optuna-nsga3", "sparsealloc.search.samplers.optuna_samplers:OptunaNSGA3Sampler")
+SAMPLERS.register_lazy("nsga3", "sparsealloc.search.samplers.pymoo_nsga3:PymooNSGA3Sampler")

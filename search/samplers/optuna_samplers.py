@@ -1,0 +1,73 @@
+"""Samplers backed by Optuna's own: TPE (multivariate), random, and Optuna's NSGA-III."""
+
+from __future__ import annotations
+
+import optuna
+
+from sparsealloc.core.types import Outcome, Proposal
+from sparsealloc.search.samplers.base import Sampler
+
+
+class OptunaSampler(Sampler):
+    """Ask/tell straight onto ``study.ask(fixed_distributions)`` / ``study.tell``.
+
+    Lifecycle:
+        ask() → ``study.ask`` (WAITING warm starts are popped first) → Proposal
+        tell() → attrs, intermediate values, then ``study.tell`` with values or FAIL/PRUNED
+
+    Asynchronous-friendly: trials in flight are seen by TPE through its constant liar.
+    """
+
+    name = "optuna"
+
+    @staticmethod
+    def make_optuna_sampler(n_objectives: int, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
+        raise NotImplementedError
+
+    def __init__(self, study: optuna.Study, space) -> None:
+        super().__init__(study, space)
+        self._pending: dict[int, optuna.Trial] = {}
+
+    def ask(self, n: int = 1) -> list[Proposal]:
+        out = []
+        for _ in range(n):
+            trial = self.study.ask(fixed_distributions=self.distributions)
+            self._pending[trial.number] = trial
+            out.append(Proposal(trial.number, dict(trial.params), dict(trial.user_attrs)))
+        return out
+
+    def tell(self, trial_number: int, outcome: Outcome) -> None:
+        trial = self._pending.pop(trial_number, None)
+        if trial is None:
+            return  # already told (idempotent) or not ours
+        self.finish(self.study, trial._trial_id, trial_number, outcome)
+
+
+class TPESampler(OptunaSampler):
+    """Optuna TPE, multivariate (Bergstra et al. 2011; Optspa's sampler), constant liar for async."""
+
+    name = "tpe"
+
+    @staticmethod
+    def make_optuna_sampler(n_objectives: int, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=10)
+
+
+class RandomSampler(OptunaSampler):
+    """Uniform random search (a baseline)."""
+
+    name = "random"
+
+    @staticmethod
+    def make_optuna_sampler(n_objectives: int, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=seed)
+
+
+class OptunaNSGA3Sampler(OptunaSampler):
+    """Optuna's NSGAIIISampler (OptiShear's choice), generation tracked by Optuna itself."""
+
+    name = "optuna-nsga3"
+
+    @staticmethod
+    def make_optuna_sampler(n_objectives: int, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.NSGAIIISampler(population_size=population_size, seed=seed)

@@ -1,0 +1,166 @@
+"""Wiring a study from its spec: worker context, store, sampler, warm starts, validation.
+
+This is lifecycle code; the math lives in spaces/, pruning/ and objectives/.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from sparsealloc.core.errors import SpecError, StorageError
+from sparsealloc.core.progress import track
+from sparsealloc.objectives.context import EvalContext
+from sparsealloc.objectives.trial import TrialEvaluator
+from sparsealloc.pruning.allocators import AllocationInputs, allocate
+from sparsealloc.pruning.apply import prune_
+from sparsealloc.pruning.calibration import TextSource, sample_windows, tokenize_stream
+from sparsealloc.pruning.evaluation import perplexity
+from sparsealloc.pruning.models import load_model
+from sparsealloc.search.samplers.base import SAMPLERS, Sampler
+from sparsealloc.spaces.space import SearchSpace
+from sparsealloc.spaces.spec import StudySpec
+from sparsealloc.storage.rdb import create_or_load_study, load_study
+
+logger = logging.getLogger(__name__)
+
+SPEC_ATTR = "sparsealloc:spec"
+
+
+def calibration_source(spec: StudySpec) -> TextSource:
+    c = spec.calibration
+    if c.text:
+        return TextSource("file", c.text)
+    if c.dataset:
+        return TextSource("dataset", c.dataset, max_chars=5_000_000)
+    return TextSource("builtin", "calib")
+
+
+def validation_source(spec: StudySpec) -> TextSource:
+    return TextSource("file", spec.validation.text) if spec.validation.text else TextSource("builtin", "eval")
+
+
+def build_evaluator(spec: StudySpec, model=None, tokenizer=None) -> TrialEvaluator:
+    """Load the model (unless given), draw the calibration windows, build the worker context."""
+    text = calibration_source(spec).read()
+    if model is None:
+        model, tokenizer, _ = load_model(spec.model, device=spec.device)
+    windows = sample_windows(tokenize_stream(tokenizer, text), spec.calibration.samples,
+                             spec.calibration.seq_len, spec.calibration.seed)
+    ctx = EvalContext.build(model, windows, spec.calibration.batch_size,
+                            model_info={"name": spec.model}, tokenizer=tokenizer)
+    return TrialEvaluator(ctx, spec)
+
+
+def open_sampler(spec: StudySpec, storage: optuna.storages.BaseStorage, space: SearchSpace) -> Sampler:
+    """Create or load the study ``spec.name`` with the spec's sampler; record the spec in it."""
+    cls = SAMPLERS.get(spec.sampler)
+    directions = ["minimize"] * len(spec.objectives)
+    optuna_sampler = cls.make_optuna_sampler(len(directions), spec.seed, spec.population_size)
+    study = create_or_load_study(storage, spec.name, directions, sampler=optuna_sampler)
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        study.set_user_attr("spec_hash", spec.spec_hash())
+        study.set_user_attr("sampler", spec.sampler)
+        study.set_metric_names(list(spec.objectives))
+    elif StudySpec.from_dict(stored).spec_hash() != spec.spec_hash():
+        raise SpecError(f"study {spec.name!r} exists with a different spec (hash {study.user_attrs.get('spec_hash')}); "
+                        f"resume it with 'sparsealloc study resume' or choose another --name")
+    return cls(study, space)
+
+
+def stored_spec(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:
+    """The spec a study was started with."""
+    study = load_study(storage, name)
+    data = study.user_attrs.get(SPEC_ATTR)
+    if data is None:
+        raise StorageError(f"study {name!r} was not created by sparsealloc (no spec stored)")
+    return StudySpec.from_dict(data)
+
+
+def warm_start_values(evaluator: TrialEvaluator, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Parameter values of the hand-made allocations (uniform, OWL, depth ramp) in this space."""
+    space, spec, ctx = evaluator.space, evaluator.spec, evaluator.ctx
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name == "uniform":
+            out[name] = space.defaults()
+        elif "layerwise" in spec.space:
+            inputs = AllocationInputs(ctx.layout, ctx.weights(), ctx.stats)
+            out[name] = space.encode_sparsity(allocate(name, inputs, spec.target_sparsity))
+        elif "allocator" in spec.space and spec.allocator.name == name:
+            out[name] = space.defaults()
+    return out
+
+
+def enqueue_warm_starts(sampler: Sampler, evaluator: TrialEvaluator) -> list[str]:
+    """Queue the warm starts once (only into a study with no trials yet)."""
+    if sampler.study.get_trials(deepcopy=False):
+        return []
+    values = warm_start_values(evaluator, evaluator.spec.warm_start)
+    for name, v in values.items():
+        sampler.enqueue(v, name)
+    return list(values)
+
+
+@dataclass
+class ValidationResult:
+    """Held-out perplexity of re-scored trials and its rank correlation with the proxy."""
+
+    ppl: dict[int, float]
+    proxy: dict[int, float]
+    spearman: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ppl": {str(k): v for k, v in self.ppl.items()},
+                "proxy": {str(k): v for k, v in self.proxy.items()}, "spearman": self.spearman}
+
+
+def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
+    """Top-k by the first objective (single objective) or the Pareto set, plus the warm starts."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "plan" in t.user_attrs]
+    if len(study.directions) == 1:
+        chosen = sorted(done, key=lambda t: t.values[0])[:top_k]
+    else:
+        chosen = list(study.best_trials)
+    chosen += [t for t in done if t.user_attrs.get("warm_start") and t not in chosen]
+    return chosen
+
+
+def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec) -> ValidationResult:
+    """Re-score chosen trials by perplexity on held-out text; store the result on the study."""
+    from scipy.stats import spearmanr
+
+    from sparsealloc.core.plan import AllocationPlan
+
+    ctx = evaluator.ctx
+    stream = tokenize_stream(ctx.tokenizer, validation_source(spec).read())
+    ppl, proxy = {}, {}
+    trials = trials_to_validate(study, spec.validation.top_k)
+    for trial in track(trials, desc="validation", total=len(trials), unit="plan"):
+        plan = AllocationPlan.from_dict(trial.user_attrs["plan"])
+        ctx.restore_()
+        prune_(ctx.model, plan, ctx.stats, layout=ctx.layout)
+        ppl[trial.number] = perplexity(ctx.model, stream, spec.validation.seq_len, spec.validation.windows)
+        proxy[trial.number] = trial.values[0]
+    ctx.restore_()
+    rho = None
+    if len(ppl) >= 3:
+        value = spearmanr([proxy[n] for n in ppl], [ppl[n] for n in ppl]).statistic
+        rho = None if math.isnan(value) else float(value)
+    result = ValidationResult(ppl, proxy, rho)
+    study.set_user_attr("validation", result.to_dict())
+    return result
+
+
+def warm_start_trials(study: optuna.Study) -> Mapping[str, optuna.trial.FrozenTrial]:
+    """Completed warm-start trials by name."""
+    return {t.user_attrs["warm_start"]: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("warm_start")}

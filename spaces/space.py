@@ -1,0 +1,217 @@
+"""SearchSpace: the parameters a study searches, and their decoding into an allocation.
+
+Built from a :class:`~sparsealloc.spaces.spec.StudySpec` and the model's structure (any object
+with ``linears``, ``blocks``, ``block_of``, ``numels`` and ``attention``, such as
+:class:`sparsealloc.pruning.ModelLayout`). Pure Python: no optimizer, no torch.
+
+Every candidate decodes to an allocation whose parameter-weighted mean sparsity equals the target
+exactly (:func:`~sparsealloc.spaces.budget.project_to_budget`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sparsealloc.core.errors import SpecError
+from sparsealloc.core.plan import AllocationPlan, MetricChoice
+from sparsealloc.spaces.budget import project_to_budget
+from sparsealloc.spaces.params import ChoiceParam, FloatParam, Param
+from sparsealloc.spaces.spec import StudySpec
+
+#: Coefficients that change the per-row mask (the others are mask-invariant; see
+#: ``sparsealloc.pruning.metrics.MASK_INVARIANT_COEFFICIENTS``). "no_coe" stands for all invariant ones.
+METRIC_COEFFICIENTS = ("no_coe", "column_sum", "relative_sum")
+#: Transforms kept in the space; sqrt and square are covered by the continuous exponents.
+METRIC_TRANSFORMS = ("no_op", "log", "sigmoid", "exp", "softmax")
+
+
+class LayoutLike(Protocol):
+    linears: Sequence[str]
+    blocks: Sequence[str]
+    block_of: Mapping[str, str]
+    numels: Mapping[str, int]
+    attention: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A candidate in model terms.
+
+    Attributes:
+        sparsity: Ratio per Linear FQN (exact budget), or None when an allocator decides.
+        allocator: (name, params) of a low-dimensional allocator space, or None.
+        metric: Pruning metric and parameters.
+        kv_bits: {attention FQN: {"k": bits, "v": bits}}; empty when KV bits are not searched.
+        group_ratios: Repaired ratio per search group (for plots and debugging).
+    """
+
+    sparsity: dict[str, float] | None
+    allocator: tuple[str, dict[str, float]] | None
+    metric: MetricChoice
+    kv_bits: dict[str, dict[str, int]] = field(default_factory=dict)
+    group_ratios: dict[str, float] = field(default_factory=dict)
+
+    def to_plan(self, pattern: str = "unstructured", model: Mapping[str, Any] | None = None,
+                sparsity: Mapping[str, float] | None = None, provenance: Mapping[str, Any] | None = None
+                ) -> AllocationPlan:
+        """The AllocationPlan (``sparsity`` overrides, e.g. an allocator's output)."""
+        ratios = sparsity if sparsity is not None else self.sparsity
+        if ratios is None:
+            raise SpecError("an allocator-space candidate needs the allocator's ratios to become a plan")
+        return AllocationPlan(sparsity=dict(ratios), metric=self.metric, pattern=pattern,
+                              kv_bits=self.kv_bits, model=dict(model or {}), provenance=dict(provenance or {}))
+
+
+def _groups(spec: StudySpec, layout: LayoutLike) -> dict[str, list[str]]:
+    """Search group name → Linear FQNs, for the spec's granularity."""
+    g = spec.layerwise.granularity
+    width = max(2, len(str(len(layout.blocks) - 1)))
+    if g == "block":
+        return {f"sparsity/block_{i:0{width}d}": [n for n in layout.linears if layout.block_of[n] == b]
+                for i, b in enumerate(layout.blocks)}
+    if g == "bins":
+        n_bins = min(spec.layerwise.bins, len(layout.blocks))
+        base, extra = divmod(len(layout.blocks), n_bins)  # remainder to the first bins (Optspa)
+        groups, start = {}, 0
+        for i in range(n_bins):
+            size = base + (1 if i < extra else 0)
+            members = set(layout.blocks[start : start + size])
+            groups[f"sparsity/bin_{i:02d}"] = [n for n in layout.linears if layout.block_of[n] in members]
+            start += size
+        return groups
+    if g == "projection":
+        kinds: dict[str, list[str]] = {}
+        for n in layout.linears:
+            kinds.setdefault(n.rsplit(".", 1)[-1], []).append(n)
+        return {f"sparsity/proj_{k}": v for k, v in kinds.items()}
+    return {f"sparsity/module/{n}": [n] for n in layout.linears}
+
+
+class SearchSpace:
+    """Parameters of a study and their decoding (see module docstring).
+
+    Args:
+        spec: The study spec.
+        layout: The model's structure.
+    """
+
+    def __init__(self, spec: StudySpec, layout: LayoutLike) -> None:
+        self.spec = spec
+        self.layout = layout
+        self.target = float(spec.target_sparsity)
+        self.params: list[Param] = []
+        self.groups: dict[str, list[str]] = {}
+        self.group_numels: dict[str, int] = {}
+        lw = spec.layerwise
+        self.lo = max(0.0, self.target - lw.radius)
+        self.hi = min(lw.max_sparsity, self.target + lw.radius)
+        if "layerwise" in spec.space:
+            self.groups = _groups(spec, layout)
+            self.group_numels = {g: sum(layout.numels[n] for n in names) for g, names in self.groups.items()}
+            self.params += [FloatParam(g, self.lo, self.hi, lw.step) for g in self.groups]
+        if "allocator" in spec.space:
+            self.params += self._allocator_params()
+        if "metric" in spec.space:
+            lo, hi = spec.metric.exponent_range
+            self.params += [
+                ChoiceParam("metric/w_coef", METRIC_COEFFICIENTS),
+                ChoiceParam("metric/w_transform", METRIC_TRANSFORMS),
+                ChoiceParam("metric/x_coef", METRIC_COEFFICIENTS),
+                ChoiceParam("metric/x_transform", METRIC_TRANSFORMS),
+                FloatParam("metric/w_exponent", max(lo, 0.25), hi),
+                FloatParam("metric/x_exponent", lo, hi),
+            ]
+        if "kv" in spec.space:
+            bits = tuple(sorted(set(spec.kv.bits)))
+            for i, _ in enumerate(layout.attention):
+                stem = f"kv_bits/layer_{i:02d}"
+                if spec.kv.separate_kv:
+                    self.params += [ChoiceParam(f"{stem}/k", bits), ChoiceParam(f"{stem}/v", bits)]
+                else:
+                    self.params.append(ChoiceParam(stem, bits))
+        self.by_name = {p.name: p for p in self.params}
+
+    def _allocator_params(self) -> list[Param]:
+        name = self.spec.allocator.name
+        radius = self.spec.layerwise.radius
+        if name == "owl":
+            return [FloatParam("allocator/owl/m", 2.0, 10.0), FloatParam("allocator/owl/lam", 0.0, radius)]
+        span = max(len(self.layout.blocks) - 1, 1)
+        return [FloatParam("allocator/depth_ramp/beta", -radius / span, 2 * radius / span)]
+
+    # ----------------------------------------------------------------------------- decoding
+    def decode(self, values: Mapping[str, Any]) -> Decoded:
+        """Turn sampler values (keyed by parameter name) into a :class:`Decoded` candidate.
+
+        Missing values take their default (uniform ratios, Wanda metric, 16-bit KV); values out of
+        range are clipped; the sparsity is repaired onto the exact budget.
+        """
+        unknown = set(values) - set(self.by_name)
+        if unknown:
+            raise SpecError(f"unknown search parameters {sorted(unknown)[:3]}; this space has {len(self.params)} others")
+        get = lambda p: p.clip(values[p.name]) if p.name in values else self.default(p)  # noqa: E731
+        sparsity = group_ratios = None
+        if self.groups:
+            raw = {g: get(self.by_name[g]) for g in self.groups}
+            group_ratios = project_to_budget(raw, self.group_numels, self.target, self.lo, self.hi)
+            sparsity = {n: group_ratios[g] for g, names in self.groups.items() for n in names}
+        allocator = None
+        if "allocator" in self.spec.space:
+            name = self.spec.allocator.name
+            prefix = f"allocator/{name}/"
+            allocator = (name, {p.name[len(prefix):]: float(get(p)) for p in self.params if p.name.startswith(prefix)})
+        elif sparsity is None:
+            sparsity = {n: self.target for n in self.layout.linears}
+        return Decoded(sparsity, allocator, self._metric(get), self._kv_bits(get), group_ratios or {})
+
+    def _metric(self, get) -> MetricChoice:
+        if "metric" not in self.spec.space:
+            return MetricChoice(self.spec.metric.name, dict(self.spec.metric.params))
+        keys = ("w_coef", "w_transform", "x_coef", "x_transform", "w_exponent", "x_exponent")
+        return MetricChoice("generalized", {k: get(self.by_name[f"metric/{k}"]) for k in keys})
+
+    def _kv_bits(self, get) -> dict[str, dict[str, int]]:
+        if "kv" not in self.spec.space:
+            return {}
+        out = {}
+        for i, attn in enumerate(self.layout.attention):
+            stem = f"kv_bits/layer_{i:02d}"
+            if self.spec.kv.separate_kv:
+                out[attn] = {"k": int(get(self.by_name[f"{stem}/k"])), "v": int(get(self.by_name[f"{stem}/v"]))}
+            else:
+                bits = int(get(self.by_name[stem]))
+                out[attn] = {"k": bits, "v": bits}
+        return out
+
+    def default(self, param: Param) -> Any:
+        """Value meaning "as the hand-made default": target ratio, Wanda metric, 16-bit KV."""
+        name = param.name
+        if name.startswith("sparsity/"):
+            return param.clip(self.target)
+        defaults = {"metric/w_coef": "no_coe", "metric/x_coef": "no_coe", "metric/w_transform": "no_op",
+                    "metric/x_transform": "no_op", "metric/w_exponent": 1.0, "metric/x_exponent": 1.0,
+                    "allocator/owl/m": 5.0, "allocator/owl/lam": 0.08, "allocator/depth_ramp/beta": 0.0}
+        if name in defaults:
+            return param.clip(defaults[name])
+        if name.startswith("kv_bits/"):
+            return max(param.choices)
+        raise SpecError(f"no default for parameter {name!r}")
+
+    # ----------------------------------------------------------------------------- encoding
+    def defaults(self) -> dict[str, Any]:
+        """All parameters at their defaults (the uniform warm start)."""
+        return {p.name: self.default(p) for p in self.params}
+
+    def encode_sparsity(self, ratios: Mapping[str, float]) -> dict[str, Any]:
+        """Parameters approximating per-Linear ``ratios`` (e.g. OWL's): weighted mean per group, clipped.
+
+        Only for layerwise spaces; other parameters take their defaults.
+        """
+        values = self.defaults()
+        for g, names in self.groups.items():
+            total = self.group_numels[g]
+            mean = sum(ratios[n] * self.layout.numels[n] for n in names) / total
+            values[g] = self.by_name[g].clip(mean)
+        return values

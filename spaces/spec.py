@@ -1,0 +1,275 @@
+"""StudySpec: the declarative, validated study configuration (YAML or JSON).
+
+Example::
+
+    name: demo
+    model: smollm2-135m
+    target_sparsity: 0.7
+    space: [layerwise]            # any of: layerwise, metric, kv, allocator
+    layerwise: {granularity: block, radius: 0.1}
+    metric: {name: wanda}
+    kv: {bits: [2, 3, 4, 8, 16], group_size: 32}
+    allocator: {name: owl}        # low-dimensional alternative to layerwise
+    objectives: [reconstruction]  # first one is the error proxy
+    sampler: tpe
+    trials: 40
+    calibration: {text: null, samples: 16, seq_len: 256, seed: 0}
+    validation: {text: null, seq_len: 512, windows: 20, top_k: 5}
+    warm_start: [uniform, owl, depth_ramp]
+
+CLI flags override fields. Unknown keys, wrong types and out-of-range values raise SpecError saying
+what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from sparsealloc.core.errors import SpecError
+
+SPACE_COMPONENTS = ("layerwise", "metric", "kv", "allocator")
+GRANULARITIES = ("block", "bins", "projection", "module")
+SAMPLER_NAMES = ("tpe", "nsga3", "optuna-nsga3", "random")
+OBJECTIVE_NAMES = ("reconstruction", "kl", "remaining_weights", "kv_bytes")
+ALLOCATOR_SPACES = ("owl", "depth_ramp")
+WARM_STARTS = ("uniform", "owl", "depth_ramp")
+
+
+def _expect(cond: bool, what: str, got: Any) -> None:
+    if not cond:
+        raise SpecError(f"{what}, but got {got!r}")
+
+
+def _section(data: Mapping[str, Any], key: str, cls: type) -> Any:
+    value = data.get(key, {})
+    if value is None:
+        value = {}
+    _expect(isinstance(value, Mapping), f"spec '{key}' must be a mapping", value)
+    names = {f.name for f in fields(cls)}
+    unknown = set(value) - names
+    _expect(not unknown, f"spec '{key}' accepts keys {sorted(names)}", sorted(unknown))
+    try:
+        return cls(**value)
+    except TypeError as exc:
+        raise SpecError(f"spec '{key}': {exc}") from None
+
+
+@dataclass(frozen=True)
+class LayerwiseSpec:
+    """Per-layer sparsity variables: granularity, window around the target, optional grid step."""
+
+    granularity: str = "block"
+    bins: int = 8
+    radius: float = 0.1
+    step: float | None = None
+    max_sparsity: float = 0.95
+
+    def validate(self) -> None:
+        _expect(self.granularity in GRANULARITIES, f"layerwise.granularity must be one of {list(GRANULARITIES)}", self.granularity)
+        _expect(isinstance(self.bins, int) and self.bins >= 1, "layerwise.bins must be an integer >= 1", self.bins)
+        _expect(isinstance(self.radius, (int, float)) and 0 < self.radius < 1, "layerwise.radius must be in (0, 1)", self.radius)
+        _expect(self.step is None or (isinstance(self.step, (int, float)) and 0 < self.step <= self.radius),
+                "layerwise.step must be null or in (0, radius]", self.step)
+        _expect(isinstance(self.max_sparsity, (int, float)) and 0 < self.max_sparsity < 1,
+                "layerwise.max_sparsity must be in (0, 1)", self.max_sparsity)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """The pruning metric: fixed by name, or searched (generalized meta-metric) when in the space."""
+
+    name: str = "wanda"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    exponent_range: tuple[float, float] = (0.0, 2.0)
+
+    def validate(self) -> None:
+        _expect(isinstance(self.name, str) and self.name, "metric.name must be a metric name", self.name)
+        _expect(isinstance(self.params, Mapping), "metric.params must be a mapping", self.params)
+        lo_hi = tuple(self.exponent_range)
+        _expect(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 8, "metric.exponent_range must be [low, high] within [0, 8]", self.exponent_range)
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """Per-layer KV-cache bit-widths for K and V."""
+
+    bits: tuple[int, ...] = (2, 3, 4, 8, 16)
+    group_size: int = 32
+    separate_kv: bool = True
+
+    def validate(self) -> None:
+        bits = tuple(self.bits)
+        _expect(len(bits) >= 1 and all(b in (2, 3, 4, 8, 16) for b in bits),
+                "kv.bits must be a non-empty subset of [2, 3, 4, 8, 16]", self.bits)
+        _expect(isinstance(self.group_size, int) and self.group_size >= 1, "kv.group_size must be a positive integer", self.group_size)
+
+
+@dataclass(frozen=True)
+class AllocatorSpec:
+    """Low-dimensional allocator space (OWL M/λ, depth ramp β) used instead of per-layer ratios."""
+
+    name: str = "owl"
+
+    def validate(self) -> None:
+        _expect(self.name in ALLOCATOR_SPACES, f"allocator.name must be one of {list(ALLOCATOR_SPACES)}", self.name)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Calibration windows: text file (None = built-in text) or dataset, N × L tokens, seed."""
+
+    text: str | None = None
+    dataset: str | None = None
+    samples: int = 16
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 4
+
+    def validate(self) -> None:
+        for key in ("samples", "seq_len", "batch_size"):
+            value = getattr(self, key)
+            _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    f"calibration.{key} must be a positive integer", value)
+        _expect(not (self.text and self.dataset), "calibration takes text or dataset, not both", (self.text, self.dataset))
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    """Held-out perplexity of the top trials after a study (None text = built-in held-out text)."""
+
+    text: str | None = None
+    seq_len: int = 512
+    windows: int = 20
+    top_k: int = 5
+
+    def validate(self) -> None:
+        for key in ("seq_len", "windows"):
+            value = getattr(self, key)
+            _expect(isinstance(value, int) and value >= 1, f"validation.{key} must be a positive integer", value)
+        _expect(isinstance(self.top_k, int) and self.top_k >= 0, "validation.top_k must be an integer >= 0", self.top_k)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A whole study: model, target, space, objectives, sampler, budget, data."""
+
+    name: str = "study"
+    model: str = "smollm2-135m"
+    target_sparsity: float = 0.5
+    pattern: str = "unstructured"
+    space: tuple[str, ...] = ("layerwise",)
+    layerwise: LayerwiseSpec = field(default_factory=LayerwiseSpec)
+    metric: MetricSpec = field(default_factory=MetricSpec)
+    kv: KVSpec = field(default_factory=KVSpec)
+    allocator: AllocatorSpec = field(default_factory=AllocatorSpec)
+    objectives: tuple[str, ...] = ("reconstruction",)
+    sampler: str = "tpe"
+    population_size: int = 24
+    trials: int = 40
+    timeout: float | None = None
+    seed: int = 0
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
+    warm_start: tuple[str, ...] = ("uniform", "owl", "depth_ramp")
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _expect(isinstance(self.name, str) and 0 < len(self.name) <= 200 and self.name.strip() == self.name,
+                "name must be a non-empty string of at most 200 characters without surrounding spaces", self.name)
+        _expect(isinstance(self.model, str) and bool(self.model), "model must be a model name or path", self.model)
+        _expect(isinstance(self.target_sparsity, (int, float)) and not isinstance(self.target_sparsity, bool)
+                and 0 <= self.target_sparsity < 1, "target_sparsity must be in [0, 1)", self.target_sparsity)
+        space = tuple(self.space)
+        _expect(len(space) > 0 and all(s in SPACE_COMPONENTS for s in space) and len(set(space)) == len(space),
+                f"space must be distinct names among {list(SPACE_COMPONENTS)}", self.space)
+        _expect(not ("layerwise" in space and "allocator" in space),
+                "space takes either layerwise or allocator, not both", self.space)
+        objectives = tuple(self.objectives)
+        _expect(len(objectives) > 0 and all(o in OBJECTIVE_NAMES for o in objectives) and len(set(objectives)) == len(objectives),
+                f"objectives must be distinct names among {list(OBJECTIVE_NAMES)}", self.objectives)
+        _expect(objectives[0] in ("reconstruction", "kl"), "the first objective must be an error proxy (reconstruction or kl)", objectives[0])
+        _expect(self.sampler in SAMPLER_NAMES, f"sampler must be one of {list(SAMPLER_NAMES)}", self.sampler)
+        for key in ("trials", "population_size"):
+            value = getattr(self, key)
+            _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{key} must be a positive integer", value)
+        _expect(self.timeout is None or (isinstance(self.timeout, (int, float)) and self.timeout > 0),
+                "timeout must be null or a positive number of seconds", self.timeout)
+        _expect(isinstance(self.seed, int), "seed must be an integer", self.seed)
+        _expect(all(w in WARM_STARTS for w in self.warm_start), f"warm_start must be names among {list(WARM_STARTS)}", self.warm_start)
+        if self.pattern != "unstructured":
+            _expect("layerwise" not in space and "allocator" not in space,
+                    "N:M patterns fix the sparsity; drop layerwise/allocator from the space", self.pattern)
+        if "layerwise" in space:
+            _expect(self.target_sparsity + 1e-9 < self.layerwise.max_sparsity,
+                    f"target_sparsity must be below layerwise.max_sparsity={self.layerwise.max_sparsity}", self.target_sparsity)
+        for section in (self.layerwise, self.metric, self.kv, self.allocator, self.calibration, self.validation):
+            section.validate()
+
+    # ------------------------------------------------------------------ loading and identity
+    @classmethod
+    def from_dict(cls, data: Any) -> StudySpec:
+        """Validate parsed YAML/JSON."""
+        _expect(isinstance(data, Mapping), "a study spec must be a mapping", type(data).__name__)
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        _expect(not unknown, f"spec accepts keys {sorted(names)}", sorted(unknown))
+        sections = {"layerwise": LayerwiseSpec, "metric": MetricSpec, "kv": KVSpec, "allocator": AllocatorSpec,
+                    "calibration": CalibrationSpec, "validation": ValidationSpec}
+        kwargs = {k: v for k, v in data.items() if k not in sections}
+        for key in ("space", "objectives", "warm_start"):
+            if key in kwargs:
+                value = kwargs[key]
+                if isinstance(value, str):
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+                _expect(isinstance(value, (list, tuple)), f"{key} must be a list", value)
+                kwargs[key] = tuple(value)
+        for key, section in sections.items():
+            if key in data:
+                kwargs[key] = _section(data, key, section)
+        if "kv" in kwargs:
+            kwargs["kv"] = replace(kwargs["kv"], bits=tuple(kwargs["kv"].bits))
+        if "metric" in kwargs:
+            kwargs["metric"] = replace(kwargs["metric"], exponent_range=tuple(kwargs["metric"].exponent_range))
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise SpecError(f"spec: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> StudySpec:
+        """Read a YAML or JSON spec file."""
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError(f"expected a readable spec file (YAML or JSON), but {str(path)!r} gave: {exc}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"expected a YAML or JSON spec in {str(path)!r}, but parsing failed: {' '.join(str(exc).split())}") from None
+        return cls.from_dict(data or {})
+
+    def override(self, **changes: Any) -> StudySpec:
+        """Copy with top-level fields replaced (None values ignored), validated again."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def spec_hash(self) -> str:
+        """Short hash of what determines the search (not name, trials, timeout, device)."""
+        data = self.to_dict()
+        for key in ("name", "trials", "timeout", "device", "validation"):
+            data.pop(key, None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

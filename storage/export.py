@@ -1,0 +1,72 @@
+"""Export of a study's result as AllocationPlan JSON files with provenance.
+
+Single objective: the best trial → ``DIR/best.json``. Multi-objective: Optuna's constraint-aware
+``study.best_trials`` (the Pareto set) → ``DIR/pareto/trial_NNNN.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sparsealloc.core.errors import StorageError
+from sparsealloc.core.plan import AllocationPlan
+
+
+def plan_of(study: optuna.Study, trial: FrozenTrial) -> AllocationPlan:
+    """The trial's plan with provenance (study, trial, values, sampler, spec hash, validation)."""
+    if "plan" not in trial.user_attrs:
+        raise StorageError(f"trial {trial.number} of study {study.study_name!r} holds no plan")
+    plan = AllocationPlan.from_dict(trial.user_attrs["plan"])
+    validation = study.user_attrs.get("validation") or {}
+    provenance: dict[str, Any] = {
+        **plan.provenance,
+        "study": study.study_name,
+        "trial": trial.number,
+        "values": list(trial.values),
+        "objectives": study.metric_names or [],
+        "sampler": study.user_attrs.get("sampler"),
+        "spec_hash": study.user_attrs.get("spec_hash"),
+        "warm_start": trial.user_attrs.get("warm_start"),
+    }
+    if validation:
+        provenance["validation"] = {
+            "perplexity": validation.get("ppl", {}).get(str(trial.number)),
+            "proxy_ppl_spearman": validation.get("spearman"),
+        }
+    return plan.replace(provenance=provenance)
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Best trial (single objective) or the Pareto set; StorageError if nothing completed."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise StorageError(f"study {study.study_name!r} has no completed trial to export")
+    if len(study.directions) == 1:
+        return [study.best_trial]
+    return sorted(study.best_trials, key=lambda t: t.number)
+
+
+def export_study(study: optuna.Study, out_dir: str | Path, pareto: bool | None = None) -> list[Path]:
+    """Write the study's best plan(s); returns the written paths.
+
+    Args:
+        study: The study.
+        out_dir: Output folder (created).
+        pareto: Write the Pareto set (default: when the study has several objectives).
+    """
+    out_dir = Path(out_dir)
+    multi = len(study.directions) > 1
+    pareto = multi if pareto is None else pareto
+    trials = best_trials(study)
+    if pareto:
+        folder = out_dir / "pareto"
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("trial_*.json"):
+            old.unlink()
+        return [plan_of(study, t).save(folder / f"trial_{t.number:04d}.json") for t in trials]
+    if multi:
+        raise StorageError(f"study {study.study_name!r} has {len(study.directions)} objectives; export it with --pareto")
+    return [plan_of(study, trials[0]).save(out_dir / "best.json")]
