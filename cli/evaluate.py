@@ -24,8 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from sparsealloc.pruning.evaluation import perplexity, sparsity_report
 
     source = eval_source(args.text)
+    text = source.read()  # a missing file fails before the (slow) model load
     model, tokenizer, _ = load(args)
-    stream = tokenize_stream(tokenizer, source.read())
+    stream = tokenize_stream(tokenizer, text)
     start = time.perf_counter()
     ppl = perplexity(model, stream, args.seq_len, args.windows, args.stride)
     report = sparsity_report(model)

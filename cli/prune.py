@@ -36,24 +36,42 @@ def register(sub) -> None:
     parser.set_defaults(handler=run)
 
 
-def build_plan(args: argparse.Namespace, layout, model_name: str):
-    """The plan from ``--plan``, or a uniform plan from ``--sparsity/--metric/--pattern``."""
-    from sparsealloc.core.plan import AllocationPlan, MetricChoice, parse_pattern
+def check_flags(args: argparse.Namespace) -> None:
+    """Reject a bad or contradictory plan, pattern, sparsity or metric; needs no model."""
+    from sparsealloc.core.plan import AllocationPlan, parse_pattern
+    from sparsealloc.pruning.metrics import check_params
 
     if args.plan:
         given = [flag for flag, value in (("--sparsity", args.sparsity), ("--metric", args.metric),
                                           ("--pattern", args.pattern)) if value is not None]
         if given or args.metric_arg:
             raise SpecError(f"expected either --plan or {'/'.join(given or ['--metric-arg'])}, but got both")
+        metric = AllocationPlan.load(args.plan).metric
+        check_params(metric.name, dict(metric.params))
+        return
+    pattern = args.pattern or "unstructured"
+    nm = parse_pattern(pattern)
+    if nm is not None and args.sparsity is not None and abs(args.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+        raise SpecError(
+            f"pattern {pattern} means sparsity {1 - nm[0] / nm[1]}, but --sparsity {args.sparsity} was given"
+        )
+    check_params(args.metric or "wanda", dict(args.metric_arg))
+
+
+def build_plan(args: argparse.Namespace, layout, model_name: str):
+    """The plan from ``--plan``, or a uniform plan from ``--sparsity/--metric/--pattern``.
+
+    The flags must have passed :func:`check_flags`.
+    """
+    from sparsealloc.core.plan import AllocationPlan, MetricChoice, parse_pattern
+
+    if args.plan:
         return AllocationPlan.load(args.plan)
     pattern = args.pattern or "unstructured"
     nm = parse_pattern(pattern)
     sparsity = args.sparsity if args.sparsity is not None else 0.5
     if nm is not None:
-        expected = 1 - nm[0] / nm[1]
-        if args.sparsity is not None and abs(args.sparsity - expected) > 1e-9:
-            raise SpecError(f"pattern {pattern} means sparsity {expected}, but --sparsity {args.sparsity} was given")
-        sparsity = expected
+        sparsity = 1 - nm[0] / nm[1]
     metric = MetricChoice(args.metric or "wanda", dict(args.metric_arg))
     return AllocationPlan.uniform(layout.linears, sparsity, metric, pattern,
                                   model={"name": model_name, "n_layers": len(layout.blocks)})
@@ -72,14 +90,8 @@ def run(args: argparse.Namespace) -> int:
         tokenize_stream,
     )
 
-    from sparsealloc.core.plan import AllocationPlan, parse_pattern
-    from sparsealloc.pruning.metrics import METRICS
-
     # Validate everything that needs no model before the (slow) model load.
-    if args.plan:
-        AllocationPlan.load(args.plan)
-    parse_pattern(args.pattern or "unstructured")
-    METRICS.get(args.metric or "wanda")
+    check_flags(args)
     calib = calibration_source(args)
     calib_text = calib.read()
     evaluation = None if args.no_eval else eval_source(args.eval_text)

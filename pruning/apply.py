@@ -19,7 +19,7 @@ from sparsealloc.core.progress import track
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.layer_drop import drop_blocks_
 from sparsealloc.pruning.masks import select_mask
-from sparsealloc.pruning.metrics import METRICS, metric_uses_bias, score
+from sparsealloc.pruning.metrics import check_params, metric_uses_bias, score
 from sparsealloc.pruning.structure import ModelLayout, model_layout
 
 
@@ -44,7 +44,7 @@ class PruneReport:
 
 def resolve_plan(plan: AllocationPlan, layout: ModelLayout) -> dict[str, float]:
     """Check ``plan`` against ``layout`` and return one ratio per prunable Linear FQN."""
-    METRICS.get(plan.metric.name)  # unknown metric → UnknownNameError with the valid names
+    check_params(plan.metric.name, dict(plan.metric.params))  # unknown name → UnknownNameError
     plan.check_dropped(layout.blocks)
     plan.check_kv_layers(layout.attention)
     n_layers = plan.model.get("n_layers")

@@ -10,6 +10,7 @@ honours it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Protocol
 
@@ -165,6 +166,15 @@ def generalized(
 def metric_uses_bias(name: str, params: dict) -> bool:
     """Whether the metric asks for mean compensation into the bias (STADE ``bias=True``)."""
     return name in ("stade",) and bool(params.get("bias", False))
+
+
+def check_params(name: str, params: dict | None = None) -> None:
+    """Raise before any work if metric ``name`` is unknown or does not take ``params``."""
+    fn = METRICS.get(name)
+    try:
+        inspect.signature(fn).bind(None, None, **dict(params or {}))
+    except TypeError as exc:
+        raise SpecError(f"bad parameters {dict(params or {})} for pruning metric {name!r}: {exc}") from None
 
 
 def score(name: str, weight: Tensor, stats: LayerStats, params: dict | None = None) -> Tensor:

@@ -260,3 +260,15 @@ def test_bad_params_raise_spec_error(name, params):
     with pytest.raises(SpecError) as info:
         score(name, W2, S2, params)
     assert name in str(info.value) or any(str(v) in str(info.value) for v in params.values())
+
+
+def test_check_params_fails_before_any_scoring():
+    from sparsealloc.pruning.metrics import check_params
+
+    check_params("stade", {"bias": True})
+    check_params("generalized", {"w_coef": "column_sum", "x_exponent": 0.5})
+    check_params("magnitude")
+    with pytest.raises(SpecError, match="alpha"):
+        check_params("wanda", {"alpha": 2})
+    with pytest.raises(UnknownNameError):
+        check_params("wandda", {})
