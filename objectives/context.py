@@ -47,6 +47,9 @@ class EvalContext:
     dense_logit_sq: list[float]
     model_info: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
+    orders: dict[str, torch.Tensor] = field(default_factory=dict)
+    orders_metric: Any = None
+    dense_logprobs: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     @torch.inference_mode()
@@ -86,6 +89,30 @@ class EvalContext:
                 module.bias = None
             else:
                 module.bias.data.copy_(bias)
+
+    @torch.inference_mode()
+    def cache_orders(self, metric) -> None:
+        """Score every prunable Linear once with ``metric`` (a MetricChoice) and keep its row order.
+
+        With a fixed metric a trial's mask is then a slice of this order: no per-trial scoring or
+        sorting (int16 indices: 2 bytes per weight).
+        """
+        from sparsealloc.pruning.masks import row_order
+        from sparsealloc.pruning.metrics import score
+
+        if self.orders_metric == metric:
+            return
+        self.orders = {n: row_order(score(metric.name, w, self.stats[n], dict(metric.params)))
+                       for n, w in self.pristine_weight.items()}
+        self.orders_metric = metric
+
+    @torch.inference_mode()
+    def cache_dense_logprobs(self) -> None:
+        """Keep the dense next-token log-probabilities (fp16) for the KL proxy."""
+        if self.dense_logprobs:
+            return
+        head = lm_head_of(self.model)
+        self.dense_logprobs = [torch.log_softmax(head(h), dim=-1).half() for h in self.dense_hidden]
 
     @property
     def device(self) -> torch.device:

@@ -47,7 +47,10 @@ def reconstruction_error(ctx: EvalContext, kind: str = "logits", report: Reporte
             den += ctx.dense_logit_sq[step]
             value = math.sqrt(max(num, 0.0) / den) if den > 0 else float("nan")
         elif kind == "kl":
-            logp_dense = F.log_softmax(head(dense_h), dim=-1)
+            if ctx.dense_logprobs:
+                logp_dense = ctx.dense_logprobs[step].float()
+            else:
+                logp_dense = F.log_softmax(head(dense_h), dim=-1)
             logp = F.log_softmax(head(h), dim=-1)
             num += float(F.kl_div(logp, logp_dense, log_target=True, reduction="sum"))
             tokens += h.shape[0] * h.shape[1]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sparsealloc.core.errors import TrialFailed
-from sparsealloc.core.plan import AllocationPlan
+from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.core.types import Outcome
 from sparsealloc.objectives.base import OBJECTIVES
 from sparsealloc.objectives.context import EvalContext
@@ -51,6 +51,10 @@ class TrialEvaluator:
         self.spec = spec
         self.space = space or SearchSpace(spec, ctx.layout)
         self.objectives = [OBJECTIVES.get(name) for name in spec.objectives]
+        if "metric" not in spec.space and spec.pattern == "unstructured":
+            ctx.cache_orders(MetricChoice(spec.metric.name, dict(spec.metric.params)))
+        if "kl" in spec.objectives:
+            ctx.cache_dense_logprobs()
 
     def plan_for(self, values: Mapping[str, Any]) -> AllocationPlan:
         """The AllocationPlan a candidate decodes to (allocator spaces run their allocator)."""
@@ -67,7 +71,8 @@ class TrialEvaluator:
         try:
             plan = self.plan_for(values)
             self.ctx.restore_()
-            prune_report = prune_(self.ctx.model, plan, self.ctx.stats, layout=self.ctx.layout)
+            orders = self.ctx.orders if plan.metric == self.ctx.orders_metric else None
+            prune_report = prune_(self.ctx.model, plan, self.ctx.stats, layout=self.ctx.layout, orders=orders)
             state = TrialState(plan, prune_report, self.spec.kv.group_size)
 
             def record(step: int, value: float) -> None:

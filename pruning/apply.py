@@ -18,7 +18,7 @@ from sparsealloc.core.plan import AllocationPlan, parse_pattern, weighted_mean_s
 from sparsealloc.core.progress import track
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.layer_drop import drop_blocks_
-from sparsealloc.pruning.masks import select_mask
+from sparsealloc.pruning.masks import row_mask_from_order, select_mask
 from sparsealloc.pruning.metrics import check_params, metric_uses_bias, score
 from sparsealloc.pruning.structure import ModelLayout, model_layout
 
@@ -73,6 +73,7 @@ def prune_(
     plan: AllocationPlan,
     stats: Mapping[str, LayerStats] | None,
     layout: ModelLayout | None = None,
+    orders: Mapping[str, torch.Tensor] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place as ``plan`` says.
 
@@ -86,6 +87,8 @@ def prune_(
         plan: The allocation plan.
         stats: Calibration statistics per Linear FQN (None only for data-free metrics).
         layout: Precomputed layout of ``model``.
+        orders: Cached :func:`~sparsealloc.pruning.masks.row_order` of the plan's metric per FQN
+            (studies with a fixed metric); used for unstructured masks without bias compensation.
 
     Returns:
         A :class:`PruneReport` with requested and achieved sparsity.
@@ -104,6 +107,9 @@ def prune_(
         if layer_stats is None and plan.metric.name != "magnitude":
             raise SpecError(f"metric {plan.metric.name!r} needs calibration statistics for {name!r}")
         weight = module.weight.data
+        if orders is not None and name in orders and nm is None and not use_bias:
+            weight.masked_fill_(row_mask_from_order(orders[name], ratios[name]), 0)
+            continue
         if layer_stats is not None:
             layer_stats = layer_stats.to(weight.device)
         scores = score(plan.metric.name, weight, layer_stats, params)

@@ -31,17 +31,31 @@ def row_mask(score: Tensor, sparsity: float) -> Tensor:
     Returns:
         Boolean mask, shape (out, in), True = prune.
     """
+    return row_mask_from_order(row_order(score), sparsity)
+
+
+def row_order(score: Tensor) -> Tensor:
+    """Input indices of each row from lowest to highest score (stable on ties), shape (out, in).
+
+    Stored as int16 where the width allows: a study with a fixed metric computes it once per layer
+    and every trial's mask is then a slice (:func:`row_mask_from_order`).
+    """
+    order = torch.argsort(score, dim=1, stable=True)
+    return order.to(torch.int16) if score.shape[1] <= torch.iinfo(torch.int16).max else order
+
+
+def row_mask_from_order(order: Tensor, sparsity: float) -> Tensor:
+    """The :func:`row_mask` of the scores whose :func:`row_order` is ``order``."""
     if not 0.0 <= sparsity < 1.0:
         raise SpecError(f"sparsity must be in [0, 1), but got {sparsity}")
-    rows, cols = score.shape
-    total = pruned_count(score.numel(), sparsity)
+    rows, cols = order.shape
+    total = pruned_count(order.numel(), sparsity)
     base, extra = divmod(total, rows)
-    mask = torch.zeros_like(score, dtype=torch.bool)
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=order.device)
     for start, stop, k in ((0, extra, base + 1), (extra, rows, base)):
         if k == 0 or start == stop:
             continue
-        idx = torch.topk(score[start:stop], k, dim=1, largest=False).indices
-        mask[start:stop].scatter_(1, idx, True)
+        mask[start:stop].scatter_(1, order[start:stop, :k].long(), True)
     return mask
 
 

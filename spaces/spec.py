@@ -6,11 +6,11 @@ Example::
     model: smollm2-135m
     target_sparsity: 0.7
     space: [layerwise]            # any of: layerwise, metric, kv, allocator
-    layerwise: {granularity: block, radius: 0.1}
+    layerwise: {granularity: block, radius: 0.3}
     metric: {name: wanda}
     kv: {bits: [2, 3, 4, 8, 16], group_size: 32}
     allocator: {name: owl}        # low-dimensional alternative to layerwise
-    objectives: [reconstruction]  # first one is the error proxy
+    objectives: [kl]              # first one is the error proxy (kl or reconstruction)
     sampler: tpe
     trials: 40
     calibration: {text: null, samples: 16, seq_len: 256, seed: 0}
@@ -65,7 +65,7 @@ class LayerwiseSpec:
 
     granularity: str = "block"
     bins: int = 8
-    radius: float = 0.1
+    radius: float = 0.3
     step: float | None = None
     max_sparsity: float = 0.95
 
@@ -167,7 +167,7 @@ class StudySpec:
     metric: MetricSpec = field(default_factory=MetricSpec)
     kv: KVSpec = field(default_factory=KVSpec)
     allocator: AllocatorSpec = field(default_factory=AllocatorSpec)
-    objectives: tuple[str, ...] = ("reconstruction",)
+    objectives: tuple[str, ...] = ("kl",)
     sampler: str = "tpe"
     population_size: int = 24
     trials: int = 40
