@@ -1,7 +1,8 @@
 """TrialEvaluator: built once per worker, called once per trial with the sampler's values.
 
 Lifecycle per call: decode values → (allocator) → AllocationPlan → restore dense weights in place →
-``prune_`` → objectives → :class:`~sparsealloc.core.types.Outcome`. Faults inside a trial (NaN,
+``prune_`` → objectives (with the plan's KV bits fake-quantized in attention) →
+:class:`~sparsealloc.core.types.Outcome`. Faults inside a trial (NaN,
 out-of-memory, an exception) become a failed Outcome with a reason; the study goes on.
 """
 
@@ -22,6 +23,7 @@ from sparsealloc.objectives.base import OBJECTIVES
 from sparsealloc.objectives.context import EvalContext
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
 from sparsealloc.pruning.apply import PruneReport, prune_
+from sparsealloc.pruning.kv_quant import kv_fake_quant
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import StudySpec
 
@@ -81,7 +83,8 @@ class TrialEvaluator:
                     report(step, value)
 
             state.report = record
-            values_out = tuple(float(fn(self.ctx, state)) for fn in self.objectives)
+            with kv_fake_quant(self.ctx.model, plan.kv_bits, self.spec.kv.group_size):
+                values_out = tuple(float(fn(self.ctx, state)) for fn in self.objectives)
         except TrialFailed as exc:
             return Outcome("failed", reason=exc.reason)
         except (torch.OutOfMemoryError, MemoryError) as exc:

@@ -22,6 +22,7 @@ from sparsealloc.pruning.allocators import AllocationInputs, allocate
 from sparsealloc.pruning.apply import prune_
 from sparsealloc.pruning.calibration import TextSource, sample_windows, tokenize_stream
 from sparsealloc.pruning.evaluation import perplexity
+from sparsealloc.pruning.kv_quant import kv_fake_quant
 from sparsealloc.pruning.models import load_model
 from sparsealloc.search.samplers.base import SAMPLERS, Sampler
 from sparsealloc.spaces.space import SearchSpace
@@ -148,7 +149,8 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec) ->
         plan = AllocationPlan.from_dict(trial.user_attrs["plan"])
         ctx.restore_()
         prune_(ctx.model, plan, ctx.stats, layout=ctx.layout)
-        ppl[trial.number] = perplexity(ctx.model, stream, spec.validation.seq_len, spec.validation.windows)
+        with kv_fake_quant(ctx.model, plan.kv_bits, spec.kv.group_size):
+            ppl[trial.number] = perplexity(ctx.model, stream, spec.validation.seq_len, spec.validation.windows)
         proxy[trial.number] = trial.values[0]
     ctx.restore_()
     rho = None

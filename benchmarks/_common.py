@@ -1,0 +1,71 @@
+"""Shared protocol of the benchmarks (engine issue): SmolLM2-135M-Instruct, WikiText-2.
+
+Calibration: 16 windows × 256 tokens of ``valid.txt`` (seed 0). Evaluation: ``test.txt`` tokenized
+as one stream, the first 20 non-overlapping windows of 512 tokens.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
+CALIB_SAMPLES, CALIB_SEQ_LEN, SEED = 16, 256, 0
+EVAL_SEQ_LEN, EVAL_WINDOWS = 512, 20
+
+
+def require_data() -> None:
+    if not (WIKITEXT / "valid.txt").is_file():
+        sys.exit(f"needs WikiText-2 at {WIKITEXT} (../shared beside the repo)")
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+
+
+def load_smollm2():
+    from sparsealloc.pruning import load_model
+
+    return load_model("smollm2-135m")
+
+
+def calib_windows(tokenizer):
+    from sparsealloc.pruning import TextSource, calibration_windows
+
+    return calibration_windows(tokenizer, TextSource("file", str(WIKITEXT / "valid.txt")), CALIB_SAMPLES, CALIB_SEQ_LEN, SEED)
+
+
+def test_stream(tokenizer):
+    from sparsealloc.pruning import TextSource, tokenize_stream
+
+    return tokenize_stream(tokenizer, TextSource("file", str(WIKITEXT / "test.txt")).read())
+
+
+def test_ppl(model, stream) -> float:
+    from sparsealloc.pruning import perplexity
+
+    return perplexity(model, stream, EVAL_SEQ_LEN, EVAL_WINDOWS)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def markdown_table(frame) -> str:
+    """pandas DataFrame → GitHub Markdown (no tabulate dependency)."""
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, row in frame.iterrows():
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
