@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     progress.set_mode("quiet" if args.quiet else ("json" if args.log_format == "json" else "bar"))
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
+    _quiet_libraries(args.debug)
     try:
         return int(args.handler(args) or 0)
     except SparseAllocError as exc:
@@ -66,6 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Optuna logs every study creation and experimental API at INFO/warning level; keep the CLI clean."""
+    import warnings
+
+    if not debug:
+        warnings.filterwarnings("ignore", message=r".*is experimental.*")
+        try:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        except ImportError:  # pragma: no cover
+            pass
 
 
 def _one_line(exc: BaseException) -> str:

@@ -116,8 +116,14 @@ def _execute(spec, storage_url: str, validate: bool, export_dir: str | None) -> 
     from sparsealloc.storage.export import export_study
     from sparsealloc.storage.rdb import open_storage, recover_orphans
 
+    from sparsealloc.core import progress
+
     SAMPLERS.get(spec.sampler)
     storage = open_storage(storage_url)  # fail fast, before the model loads
+    if progress.get_mode() != "bar":  # --quiet / --log-format json: no transformers loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     start = time.perf_counter()
     evaluator = build_evaluator(spec)
     setup_s = time.perf_counter() - start

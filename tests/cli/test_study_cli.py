@@ -148,15 +148,6 @@ def test_list_show_and_export(finished_study, linear_numels, tmp_path, capsys):
     assert "no studies" in capsys.readouterr().out
 
 
-def test_export_unknown_study(finished_study, tmp_path, capsys):
-    before = store_snapshot(finished_study["url"])
-    code = main(["--quiet", "export", "nosuch", "--storage", finished_study["url"], "--out", str(tmp_path / "x")])
-    line = assert_one_line_error(code, capsys, "'nosuch'")
-    assert "holds: a" in line
-    assert not (tmp_path / "x").exists()
-    assert store_snapshot(finished_study["url"]) == before
-
-
 def assert_one_line_error(code: int, capsys, *fragments: str) -> str:
     captured = capsys.readouterr()
     assert code == 2, captured
@@ -167,3 +158,240 @@ def assert_one_line_error(code: int, capsys, *fragments: str) -> str:
         assert fragment in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
     return lines[0]
+
+
+# --------------------------------------------------------------------------- 2. spec files, Pareto export
+def dominates(a: list[float], b: list[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("sampler", ["nsga3", "optuna-nsga3"])
+def test_spec_file_multi_objective_pareto_export(sampler, tiny_llama_dir, text_file, linear_numels, tmp_path,
+                                                 capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: from-file\n"
+        "target_sparsity: 0.5\n"
+        "space: [layerwise, kv]\n"
+        "objectives: [kl, kv_bytes]\n"
+        f"sampler: {sampler}\n"
+        "population_size: 4\n"
+        "trials: 8\n"
+        "kv: {bits: [2, 4, 16]}\n", encoding="utf-8")
+    url = sqlite_url(tmp_path / "s.db")
+    validate = [] if sampler == "nsga3" else ["--no-validate"]
+    code = main(["--quiet", "study", "run", str(spec), "--name", "m", "--storage", url,
+                 *data_args(tiny_llama_dir, text_file), *validate])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"study: m  store: {url}  space: layerwise,kv  sampler: {sampler}" in captured.out
+    assert ("spearman" in captured.out) == (sampler == "nsga3")
+
+    study = optuna.load_study(study_name="m", storage=url)
+    assert study.metric_names == ["kl", "kv_bytes"]
+    assert len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) == 8
+    assert study.user_attrs["sparsealloc:spec"]["sampler"] == sampler
+
+    out_dir = tmp_path / "D"
+    assert main(["--quiet", "export", "m", "--storage", url, "--pareto", "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    files = sorted((out_dir / "pareto").glob("*.json"))
+    assert files and len(files) == printed.count("exported: ")
+    plans = [AllocationPlan.load(f) for f in files]
+    values = []
+    for path, plan in zip(files, plans):
+        assert abs(plan_sparsity(plan, linear_numels) - 0.5) < 1e-9, path
+        prov = plan.provenance
+        assert prov["study"] == "m" and prov["sampler"] == sampler
+        assert prov["spec_hash"] == study.user_attrs["spec_hash"]
+        assert path.name == f"trial_{prov['trial']:04d}.json"
+        assert len(prov["values"]) == 2 and prov["objectives"] == ["kl", "kv_bytes"]
+        assert plan.kv_bits and all(set(b) == {"k", "v"} for b in plan.kv_bits.values())
+        values.append(prov["values"])
+    for i, a in enumerate(values):
+        for j, b in enumerate(values):
+            assert i == j or not dominates(a, b), (files[i].name, a, files[j].name, b)
+    # the exported set is the study's Pareto set, and nothing completed dominates any of it
+    assert sorted(p.provenance["trial"] for p in plans) == sorted(t.number for t in study.best_trials)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        assert not any(dominates(t.values, v) for v in values)
+
+
+# --------------------------------------------------------------------------- 3. kill and resume
+def sqlite_counts(db: Path) -> dict[str, int]:
+    """Trial states read straight from the SQLite file (cheap enough to poll)."""
+    import sqlite3
+
+    if not db.exists():
+        return {}
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return dict(con.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet / schema being written
+        return {}
+
+
+def test_kill_mid_run_then_resume(tiny_llama_dir, text_file, tmp_path, capsys):
+    db = tmp_path / "s.db"
+    url = sqlite_url(db)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-P", "-m", "sparsealloc.cli", "--quiet", "study", "run", "--name", "k", "--storage", url,
+           *data_args(tiny_llama_dir, text_file), "--calib-samples", "16", "--calib-seq-len", "32",
+           "--target-sparsity", "0.5", "--trials", "40"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if sqlite_counts(db).get("COMPLETE", 0) >= 3:
+                break
+            time.sleep(0.01)
+        still_running = proc.poll() is None
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, err = proc.communicate(timeout=30)
+    assert still_running, f"the study ended before it could be killed (rc={proc.returncode}): {err[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+
+    at_kill = states(url, "k")
+    assert 3 <= at_kill.get("COMPLETE", 0) < 10, at_kill
+    orphans = at_kill.get("RUNNING", 0)
+    assert orphans <= 1  # one orchestrator, one trial in flight
+
+    code = main(["--quiet", "study", "resume", "k", "--storage", url, "--trials", "10", "--no-validate"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert ("re-queued 1 trial(s)" in captured.out) == (orphans == 1)
+    after = states(url, "k")
+    assert after.get("COMPLETE") == 10, after
+    assert "RUNNING" not in after and "WAITING" not in after, after
+    assert after.get("FAIL", 0) == orphans, after
+    study = optuna.load_study(study_name="k", storage=url)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        assert t.user_attrs["fail_reason"].startswith("orphaned")
+    spec = study.user_attrs["sparsealloc:spec"]
+    assert spec["trials"] == 40 and spec["calibration"]["samples"] == 16  # the stored spec is not rewritten
+
+    # resuming a finished study again changes nothing
+    before = store_snapshot(url)
+    assert main(["--quiet", "study", "resume", "k", "--storage", url, "--trials", "10", "--no-validate"]) == 0
+    assert "trials this run: {}" in capsys.readouterr().out
+    assert states(url, "k") == after
+    assert store_snapshot(url) == before
+
+
+# --------------------------------------------------------------------------- 4. dashboard over HTTP
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        return json.loads(response.read().decode())
+
+
+def test_dashboard_serves_the_store(finished_study):
+    if shutil.which("optuna-dashboard") is None:
+        pytest.skip("optuna-dashboard is not installed (pip install 'sparsealloc[dashboard]')")
+    port = free_port()
+    exe = shutil.which("sparsealloc")
+    cmd = [exe] if exe else [sys.executable, "-P", "-m", "sparsealloc.cli"]
+    cmd += ["dashboard", "--storage", finished_study["url"], "--port", str(port)]
+    # own session: the dashboard child dies with the group however the test ends
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        listing = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                listing = get_json(f"{base}/api/studies")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.2)
+        assert listing is not None, f"dashboard did not answer on {base} (rc={proc.poll()})"
+        by_name = {s["study_name"]: s for s in listing["study_summaries"]}
+        assert set(by_name) == {"a"}
+        assert by_name["a"]["user_attrs"]  # spec, spec_hash... are visible there
+        detail = get_json(f"{base}/api/studies/{by_name['a']['study_id']}")
+        assert detail["name"] == "a"
+        assert len(detail["trials"]) == 6
+        assert all(t["state"].lower() == "complete" for t in detail["trials"])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=10)
+    assert f"optuna-dashboard on http://127.0.0.1:{port}/dashboard" in out
+
+
+# --------------------------------------------------------------------------- 5. bad input
+BAD_RUN = {
+    # case: (extra argv, fragments the one error line must contain)
+    "unknown-space": (["--space", "foo"], ["space", "layerwise", "foo"]),
+    "unknown-sampler": (["--sampler", "bogus"], ["sampler", "nsga3", "bogus"]),
+    "sparsity-out-of-range": (["--target-sparsity", "1.2"], ["[0, 1)", "1.2"]),
+    "first-objective-not-proxy": (["--objectives", "kv_bytes"], ["error proxy", "kv_bytes"]),
+    "storage-bad-scheme": (["--storage", "http://x"], ["sqlite", "'http'"]),
+    "storage-missing-dir": (["--storage", "sqlite:////nonexistent_dir/x.db"], ["existing directory", "/nonexistent_dir"]),
+    "spec-unknown-key": (["{unknown_key}"], ["spec accepts keys", "target_sparsty"]),
+    "spec-not-yaml": (["{not_yaml}"], ["YAML", "bad.yaml"]),
+    "spec-missing": (["{missing}"], ["readable spec file", "missing.yaml"]),
+    "spec-mismatch": (["--name", "a", "--target-sparsity", "0.4"], ["'a'", "different spec", "resume"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUN))
+def test_bad_study_run_inputs(case, finished_study, tiny_llama_dir, text_file, tmp_path, capsys):
+    files = {"unknown_key": tmp_path / "unknown.yaml", "not_yaml": tmp_path / "bad.yaml",
+             "missing": tmp_path / "missing.yaml"}
+    files["unknown_key"].write_text("name: u\ntarget_sparsty: 0.5\n", encoding="utf-8")
+    files["not_yaml"].write_text("name: [unclosed\n  : : {\n", encoding="utf-8")
+    extra, fragments = BAD_RUN[case]
+    extra = [arg.format(**files) for arg in extra]
+    if case == "spec-mismatch":  # against the store that holds study "a"
+        url, db = finished_study["url"], finished_study["db"]
+    else:
+        db = tmp_path / "fresh.db"
+        url = sqlite_url(db)
+    before = store_snapshot(url) if db.exists() else None
+    argv = ["--quiet", "study", "run", *data_args(tiny_llama_dir, text_file), "--trials", "2"]
+    if "--storage" not in extra:
+        argv += ["--storage", url]
+    if "--name" not in extra:
+        argv += ["--name", "x"]
+    line = assert_one_line_error(main([*argv, *extra]), capsys, *fragments)
+    assert "Traceback" not in line
+    if before is None:
+        assert not db.exists(), f"{case} created the store"
+    else:
+        assert store_snapshot(url) == before
+
+
+@pytest.mark.parametrize("action", ["resume", "show", "export"])
+def test_unknown_study_names_the_stored_ones(action, finished_study, tmp_path, capsys):
+    url = finished_study["url"]
+    before = store_snapshot(url)
+    argv = {"resume": ["study", "resume", "nosuch", "--storage", url],
+            "show": ["study", "show", "nosuch", "--storage", url],
+            "export": ["export", "nosuch", "--storage", url, "--out", str(tmp_path / "x")]}[action]
+    assert_one_line_error(main(["--quiet", *argv]), capsys, "no study named 'nosuch'", "it holds: a")
+    assert store_snapshot(url) == before
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_needs_a_positive_budget(finished_study, capsys):
+    code = main(["study", "resume", "a", "--storage", finished_study["url"], "--trials", "0"])
+    assert_one_line_error(code, capsys, "positive integer", "0")
