@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 from sparsealloc.cli.study import DEFAULT_STORAGE
 from sparsealloc.core.errors import SpecError
@@ -41,11 +43,21 @@ def run(args: argparse.Namespace) -> int:
     cmd = dashboard_command(url, args.host, args.port, args.artifact_dir)
     print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard  (Ctrl-C to stop)", flush=True)
     proc = subprocess.Popen(cmd)
+    stopped: list[int] = []
+
+    def _stop(signum, _frame) -> None:  # SIGTERM (kill, systemd, docker stop) must not orphan the server
+        stopped.append(signum)
+        proc.terminate()
+
+    previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
-        return proc.wait()
+        code = proc.wait()
+        return 0 if stopped else code
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait(timeout=10)
         return 0
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         sys.stdout.flush()

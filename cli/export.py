@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsealloc.storage.export import export_study
     from sparsealloc.storage.rdb import load_study, open_storage
 
-    study = load_study(open_storage(args.storage), args.name)
+    study = load_study(open_storage(args.storage, create=False), args.name)
     for path in export_study(study, args.out, pareto=True if args.pareto else None):
         print(f"exported: {path}")
     return 0

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from sparsealloc.cli.common import DEFAULT_MODEL, fraction, positive_int
+from sparsealloc.core.errors import SpecError
 
 DEFAULT_STORAGE = "sqlite:///sparsealloc.db"
 
@@ -43,6 +44,7 @@ def register(sub) -> None:
     run.add_argument("--validate-top", type=int, default=None, help="re-score this many best trials by PPL")
     run.add_argument("--no-validate", action="store_true")
     run.add_argument("--export", metavar="DIR", default=None, help="export the result here when done")
+    _add_workers(run)
     run.set_defaults(handler=run_command)
 
     resume = study_sub.add_parser("resume", help="finish an interrupted study")
@@ -53,6 +55,7 @@ def register(sub) -> None:
     resume.add_argument("--device", default=None)
     resume.add_argument("--no-validate", action="store_true")
     resume.add_argument("--export", metavar="DIR", default=None)
+    _add_workers(resume)
     resume.set_defaults(handler=resume_command)
 
     listing = study_sub.add_parser("list", help="studies in the store")
@@ -63,6 +66,32 @@ def register(sub) -> None:
     show.add_argument("name")
     _add_storage(show)
     show.set_defaults(handler=show_command)
+
+
+def _add_workers(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("workers (Ray)")
+    group.add_argument("--workers", type=int, default=0, help="Ray scorer actors (default 0: in-process)")
+    group.add_argument("--ray-address", default=None, help="'auto' or HOST:PORT of a Ray cluster (default: start one)")
+    group.add_argument("--gpus-per-worker", type=float, default=0.0, help="num_gpus per actor (fractional allowed)")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0, help="num_cpus per actor")
+
+
+def check_workers(args: argparse.Namespace) -> None:
+    if args.workers < 0 or args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
+        raise SpecError(f"expected --workers >= 0, --gpus-per-worker >= 0 and --cpus-per-worker > 0, but got "
+                        f"{args.workers}, {args.gpus_per_worker}, {args.cpus_per_worker}")
+
+
+def make_dispatcher(args: argparse.Namespace, spec, evaluator):
+    """In-process by default; a Ray actor pool with ``--workers N``."""
+    if args.workers == 0:
+        from sparsealloc.search.dispatch.local import LocalDispatcher
+
+        return LocalDispatcher(evaluator)
+    from sparsealloc.search.dispatch.ray_pool import RayDispatcher
+
+    return RayDispatcher(spec, evaluator.ctx.windows, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                         gpus_per_worker=args.gpus_per_worker, address=args.ray_address)
 
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:
@@ -95,20 +124,19 @@ def spec_from_args(args: argparse.Namespace):
 
 def run_command(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
-    return _execute(spec, args.storage, validate=not args.no_validate, export_dir=args.export)
+    return _execute(spec, args, validate=not args.no_validate, export_dir=args.export)
 
 
 def resume_command(args: argparse.Namespace) -> int:
     from sparsealloc.search.session import stored_spec
     from sparsealloc.storage.rdb import open_storage
 
-    spec = stored_spec(open_storage(args.storage), args.name)
+    spec = stored_spec(open_storage(args.storage, create=False), args.name)
     spec = spec.override(trials=args.trials, timeout=args.timeout, device=args.device)
-    return _execute(spec, args.storage, validate=not args.no_validate, export_dir=args.export)
+    return _execute(spec, args, validate=not args.no_validate, export_dir=args.export)
 
 
-def _execute(spec, storage_url: str, validate: bool, export_dir: str | None) -> int:
-    from sparsealloc.search.dispatch.local import LocalDispatcher
+def _execute(spec, args: argparse.Namespace, validate: bool, export_dir: str | None) -> int:
     from sparsealloc.search.orchestrator import run_study
     from sparsealloc.search.session import build_evaluator, enqueue_warm_starts, open_sampler
     from sparsealloc.search.session import validate as validate_study
@@ -118,6 +146,8 @@ def _execute(spec, storage_url: str, validate: bool, export_dir: str | None) -> 
 
     from sparsealloc.core import progress
 
+    storage_url = args.storage
+    check_workers(args)
     SAMPLERS.get(spec.sampler)
     storage = open_storage(storage_url)  # fail fast, before the model loads
     if progress.get_mode() != "bar":  # --quiet / --log-format json: no transformers loading bars
@@ -132,7 +162,11 @@ def _execute(spec, storage_url: str, validate: bool, export_dir: str | None) -> 
     if orphans:
         print(f"re-queued {len(orphans)} trial(s) left RUNNING by an earlier run: {orphans}")
     enqueue_warm_starts(sampler, evaluator)
-    result = run_study(sampler, LocalDispatcher(evaluator), spec.trials, spec.timeout)
+    dispatcher = make_dispatcher(args, spec, evaluator)
+    try:
+        result = run_study(sampler, dispatcher, spec.trials, spec.timeout)
+    finally:
+        dispatcher.close()
     study = sampler.study
     print(f"study: {spec.name}  store: {storage_url}  space: {','.join(spec.space)}  sampler: {spec.sampler}")
     print(f"setup: {setup_s:.1f} s  trials this run: {dict(result.told)}  in {result.seconds:.1f} s")
@@ -168,7 +202,7 @@ def _print_validation(study, validation: dict[str, Any]) -> None:
 def list_command(args: argparse.Namespace) -> int:
     from sparsealloc.storage.rdb import open_storage
 
-    storage = open_storage(args.storage)
+    storage = open_storage(args.storage, create=False)
     import optuna
 
     rows = []
@@ -191,7 +225,7 @@ def _state_counts(study) -> dict[str, int]:
 def show_command(args: argparse.Namespace) -> int:
     from sparsealloc.storage.rdb import load_study, open_storage
 
-    study = load_study(open_storage(args.storage), args.name)
+    study = load_study(open_storage(args.storage, create=False), args.name)
     print(f"study: {study.study_name}")
     print(f"objectives: {study.metric_names or ['value'] * len(study.directions)}")
     print("trials: " + " ".join(f"{k}={v}" for k, v in _state_counts(study).items()))

@@ -72,9 +72,30 @@ def open_sampler(spec: StudySpec, storage: optuna.storages.BaseStorage, space: S
         study.set_user_attr("sampler", spec.sampler)
         study.set_metric_names(list(spec.objectives))
     elif StudySpec.from_dict(stored).spec_hash() != spec.spec_hash():
-        raise SpecError(f"study {spec.name!r} exists with a different spec (hash {study.user_attrs.get('spec_hash')}); "
+        raise SpecError(f"study {spec.name!r} exists with a different spec "
+                        f"({spec_difference(StudySpec.from_dict(stored), spec)}); "
                         f"resume it with 'sparsealloc study resume' or choose another --name")
     return cls(study, space)
+
+
+def spec_difference(stored: StudySpec, given: StudySpec, limit: int = 4) -> str:
+    """``"key: stored X, given Y; ..."`` over the fields that enter the spec hash."""
+
+    def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, Mapping) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    skip = ("name", "trials", "timeout", "device", "validation")
+    a = flat({k: v for k, v in stored.to_dict().items() if k not in skip})
+    b = flat({k: v for k, v in given.to_dict().items() if k not in skip})
+    diffs = [f"{k}: stored {a.get(k)!r}, given {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more if diffs else f"hash {stored.spec_hash()} vs {given.spec_hash()}"
 
 
 def stored_spec(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:

@@ -49,8 +49,11 @@ def parse_storage_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str = DEFAULT_STORAGE) -> optuna.storages.RDBStorage:
-    """Open (and create if needed) the store at ``url``.
+def open_storage(url: str = DEFAULT_STORAGE, create: bool = True) -> optuna.storages.RDBStorage:
+    """Open (and with ``create``, create if needed) the store at ``url``.
+
+    Commands that only read or continue studies pass ``create=False``, so a mistyped SQLite path
+    fails instead of leaving an empty database behind.
 
     Raises:
         SpecError: malformed URL.
@@ -61,6 +64,8 @@ def open_storage(url: str = DEFAULT_STORAGE) -> optuna.storages.RDBStorage:
     path = _sqlite_path(url)
     try:
         if path is not None:
+            if not create and not path.is_file():
+                raise StorageError(f"expected an existing SQLite study store, but {str(path)!r} does not exist")
             if not path.parent.exists():
                 raise StorageError(f"expected an existing directory for the SQLite store, but {str(path.parent)!r} does not exist")
             con = sqlite3.connect(path)

@@ -44,3 +44,4 @@ def failure_reason(exc: BaseException) -> str:
 
 DISPATCHERS: Registry[type[Dispatcher]] = Registry("dispatcher")
 DISPATCHERS.register_lazy("local", "sparsealloc.search.dispatch.local:LocalDispatcher")
+DISPATCHERS.register_lazy("ray", "sparsealloc.search.dispatch.ray_pool:RayDispatcher")

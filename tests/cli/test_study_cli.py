@@ -19,6 +19,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+
+from sparsealloc.storage.rdb import open_storage
 from optuna.trial import TrialState
 
 from sparsealloc.cli.main import main
@@ -95,13 +97,14 @@ def finished_study(tiny_llama_dir, text_file, tmp_path_factory):
                               *data_args(tiny_llama_dir, text_file), "--target-sparsity", "0.5", "--trials", "6",
                               "--export", str(out_dir)])
     assert code == 0, err
-    return {"url": url, "db": root / "s.db", "out_dir": out_dir, "stdout": out, "stderr": err, "root": root}
+    return {"url": url, "db": root / "s.db", "out_dir": out_dir, "stdout": out, "stderr": err}
 
 
 # --------------------------------------------------------------------------- 1. run, export, list, show
 def test_run_exports_exact_budget_plan(finished_study, linear_numels):
-    out = finished_study["stdout"]
+    out, err = finished_study["stdout"], finished_study["stderr"]
     assert "study: a" in out
+    assert "Loading weights" not in err and "Traceback" not in err  # --quiet: no transformers bars either
     assert "validation (held-out perplexity)" in out and "spearman" in out
     best = finished_study["out_dir"] / "best.json"
     assert best.is_file() and f"exported: {best}" in out
@@ -144,6 +147,11 @@ def test_list_show_and_export(finished_study, linear_numels, tmp_path, capsys):
     assert abs(plan_sparsity(again, linear_numels) - 0.5) < 1e-9
 
     # an empty store lists no studies
+    # Reading commands never create a store: a mistyped path is an error, not an empty listing.
+    missing = tmp_path / "missing.db"
+    assert main(["--quiet", "study", "list", "--storage", sqlite_url(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.exists()
+    open_storage(sqlite_url(tmp_path / "empty.db"))
     assert main(["--quiet", "study", "list", "--storage", sqlite_url(tmp_path / "empty.db")]) == 0
     assert "no studies" in capsys.readouterr().out
 
@@ -325,16 +333,25 @@ def test_dashboard_serves_the_store(finished_study):
         assert detail["name"] == "a"
         assert len(detail["trials"]) == 6
         assert all(t["state"].lower() == "complete" for t in detail["trials"])
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate(timeout=10)
+
+        # SIGTERM to sparsealloc alone (as kill / systemd / docker stop send it) stops the server too
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and port_open(port):
+            time.sleep(0.1)
+        assert not port_open(port), "optuna-dashboard outlived 'sparsealloc dashboard' (orphaned server)"
+    finally:  # whatever happened, nothing of ours keeps running (the group is this test's own session)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=10)
     assert f"optuna-dashboard on http://127.0.0.1:{port}/dashboard" in out
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 # --------------------------------------------------------------------------- 5. bad input
@@ -345,11 +362,13 @@ BAD_RUN = {
     "sparsity-out-of-range": (["--target-sparsity", "1.2"], ["[0, 1)", "1.2"]),
     "first-objective-not-proxy": (["--objectives", "kv_bytes"], ["error proxy", "kv_bytes"]),
     "storage-bad-scheme": (["--storage", "http://x"], ["sqlite", "'http'"]),
-    "storage-missing-dir": (["--storage", "sqlite:////nonexistent_dir/x.db"], ["existing directory", "/nonexistent_dir"]),
+    "storage-missing-dir": (["--storage", "sqlite:////nonexistent_dir/x.db"],
+                            ["existing directory", "/nonexistent_dir"]),
     "spec-unknown-key": (["{unknown_key}"], ["spec accepts keys", "target_sparsty"]),
     "spec-not-yaml": (["{not_yaml}"], ["YAML", "bad.yaml"]),
     "spec-missing": (["{missing}"], ["readable spec file", "missing.yaml"]),
-    "spec-mismatch": (["--name", "a", "--target-sparsity", "0.4"], ["'a'", "different spec", "resume"]),
+    "spec-mismatch": (["--name", "a", "--target-sparsity", "0.4"],
+                      ["'a'", "different spec", "target_sparsity: stored 0.5, given 0.4", "resume"]),
 }
 
 
@@ -374,6 +393,7 @@ def test_bad_study_run_inputs(case, finished_study, tiny_llama_dir, text_file, t
         argv += ["--name", "x"]
     line = assert_one_line_error(main([*argv, *extra]), capsys, *fragments)
     assert "Traceback" not in line
+    assert not Path("/nonexistent_dir").exists()
     if before is None:
         assert not db.exists(), f"{case} created the store"
     else:

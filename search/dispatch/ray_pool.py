@@ -1,0 +1,136 @@
+"""Ray dispatcher: a pool of long-lived scorer actors, kept busy asynchronously.
+
+Each actor loads the model once, receives the calibration windows through the object store (a
+numpy array: zero-copy, read-only, no per-actor pickling), builds its own
+:class:`~sparsealloc.objectives.EvalContext` (statistics, pristine weights, dense reference) and
+then scores trials. Actors never touch the study store: the orchestrator stays the single writer.
+
+Faults: an actor that dies mid-trial (``RayActorError``) is restarted by Ray (``max_restarts``);
+its trial is retried once on a live actor, and recorded as failed with the reason if that fails too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from sparsealloc.core.errors import SpecError
+from sparsealloc.core.types import Outcome, Proposal
+from sparsealloc.search.dispatch.base import Dispatcher, failure_reason
+
+
+def _require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise SpecError("--workers needs Ray: pip install 'sparsealloc[ray]'") from None
+    return ray
+
+
+class ScorerActor:
+    """Body of the Ray actor (wrapped with ``ray.remote`` at pool creation)."""
+
+    def __init__(self, spec_dict: Mapping[str, Any], windows_holder: list, threads: int) -> None:
+        import numpy as np
+        import ray
+        import torch
+
+        from sparsealloc.core import progress
+        from sparsealloc.objectives import EvalContext, TrialEvaluator
+        from sparsealloc.pruning.models import load_model
+        from sparsealloc.spaces.spec import StudySpec
+
+        progress.set_mode("quiet")
+        torch.set_num_threads(max(1, threads))
+        spec = StudySpec.from_dict(dict(spec_dict))
+        windows = torch.from_numpy(np.array(ray.get(windows_holder[0])))  # small: (n, seq_len) ids
+        model, tokenizer, _ = load_model(spec.model, device=spec.device)
+        ctx = EvalContext.build(model, windows, spec.calibration.batch_size,
+                                model_info={"name": spec.model}, tokenizer=tokenizer)
+        self.evaluator = TrialEvaluator(ctx, spec)
+        self.pid = os.getpid()
+
+    def score(self, params: Mapping[str, Any]) -> Outcome:
+        try:
+            return self.evaluator(params)
+        except Exception as exc:  # a trial fault is data
+            return Outcome("failed", reason=failure_reason(exc))
+
+    def ping(self) -> int:
+        return self.pid
+
+
+class RayDispatcher(Dispatcher):
+    """Scores proposals on ``workers`` Ray actors (see module docstring).
+
+    Args:
+        spec: The study spec (as a dict or StudySpec); actors rebuild everything from it.
+        windows: Calibration token ids, shape (n, seq_len) (torch or numpy).
+        workers: Number of actors.
+        cpus_per_worker: ``num_cpus`` of each actor (also its torch threads).
+        gpus_per_worker: ``num_gpus`` of each actor (fractional allowed).
+        address: Ray cluster address ("auto", "HOST:PORT") or None for a local cluster.
+        max_restarts: Ray restarts of a dead actor.
+    """
+
+    def __init__(self, spec, windows, workers: int = 2, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
+                 address: str | None = None, max_restarts: int = 1) -> None:
+        import numpy as np
+
+        ray = _require_ray()
+        self.ray = ray
+        if workers < 1:
+            raise SpecError(f"--workers must be at least 1, but got {workers}")
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,
+                                      "log_to_driver": False}
+            if address is None:
+                kwargs["num_cpus"] = max(int(workers * cpus_per_worker), os.cpu_count() or 1)
+            ray.init(address=address, **kwargs)
+        spec_dict = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+        array = windows.numpy() if hasattr(windows, "numpy") else np.asarray(windows)
+        windows_ref = ray.put(array)
+        actor_cls = ray.remote(ScorerActor).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                                                    max_restarts=max_restarts, max_task_retries=0)
+        self.actors = [actor_cls.remote(spec_dict, [windows_ref], int(max(1, cpus_per_worker)))
+                       for _ in range(workers)]
+        ray.get([a.ping.remote() for a in self.actors])  # surface start-up errors now
+        self.capacity = workers
+        self._idle = list(self.actors)
+        self._inflight: dict[Any, tuple[Any, Proposal, int]] = {}
+
+    def submit(self, proposal: Proposal, attempt: int = 0) -> None:
+        if not self._idle:
+            raise RuntimeError("submit() called with no idle worker; respect capacity")
+        actor = self._idle.pop(0)
+        ref = actor.score.remote(dict(proposal.params))
+        self._inflight[ref] = (actor, proposal, attempt)
+
+    def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:
+        if not self._inflight:
+            return []
+        ready, _ = self.ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
+        finished = []
+        for ref in ready:
+            actor, proposal, attempt = self._inflight.pop(ref)
+            self._idle.append(actor)  # a restarted actor is usable again; a dead one fails fast
+            try:
+                finished.append((proposal.trial_number, self.ray.get(ref)))
+            except self.ray.exceptions.RayActorError as exc:
+                if attempt == 0:
+                    self.submit(proposal, attempt=1)
+                else:
+                    finished.append((proposal.trial_number, Outcome("failed", reason=f"worker died twice: {failure_reason(exc)}")))
+            except self.ray.exceptions.RayError as exc:
+                finished.append((proposal.trial_number, Outcome("failed", reason=failure_reason(exc))))
+        return finished
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors, self._idle, self._inflight = [], [], {}
