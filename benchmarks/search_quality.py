@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--minutes", type=float, nargs="+", default=[20, 6], help="TPE wall time per target")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "search_quality.md"))
+    parser.add_argument("--reuse-store", default=None, metavar="DB",
+                        help="SQLite file of an earlier run: a finished study 'tpe-<pct>-*' there is reloaded "
+                             "instead of searched again (its plan is still re-scored in this run)")
     args = parser.parse_args()
     require_data()
     from sparsealloc.core import progress
@@ -52,7 +55,11 @@ def main() -> None:
     inputs = AllocationInputs(ctx.layout, ctx.weights(), ctx.stats)
     dense_ppl = test_ppl(model, stream)
     store_dir = Path(tempfile.mkdtemp(prefix="sparsealloc-bench-"))
-    storage = open_storage(f"sqlite:///{store_dir / 'studies.db'}")
+    store_file = Path(args.reuse_store) if args.reuse_store else store_dir / "studies.db"
+    storage = open_storage(f"sqlite:///{store_file}")
+    import optuna
+
+    stored = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     rows, shapes, lines = [], {}, []
 
     def ppl_of(plan) -> float:
@@ -63,8 +70,9 @@ def main() -> None:
         return value
 
     for target, minutes in zip(args.targets, args.minutes):
-        spec = StudySpec(name=f"tpe-{int(target * 100)}-{int(time.time())}", target_sparsity=target,
-                         trials=100_000, timeout=minutes * 60, seed=0)
+        reused = [n for n in stored if n.startswith(f"tpe-{int(target * 100)}-")]
+        name = reused[0] if reused else f"tpe-{int(target * 100)}-{int(time.time())}"
+        spec = StudySpec(name=name, target_sparsity=target, trials=100_000, timeout=minutes * 60, seed=0)
         evaluator = TrialEvaluator(ctx, spec)
         baselines = {"uniform": ("uniform", {})}
         for lam in (0.04, 0.08, 0.12):
@@ -76,13 +84,21 @@ def main() -> None:
             ratios = allocate(name, inputs, target, **params)
             plan = evaluator.space.decode({}).to_plan(sparsity=ratios)
             results[label] = ppl_of(plan)
-            proxy = evaluator(evaluator.space.encode_sparsity(ratios)).values[0] if name == "uniform" else None
+            if name == "uniform":
+                proxy = evaluator(evaluator.space.encode_sparsity(ratios)).values[0]
             rows.append({"target": target, "allocation": label, "test PPL": results[label]})
             shapes.setdefault(target, {})[label] = [ratios[ctx.layout.block_linears(b)[0]] for b in ctx.layout.blocks]
         sampler = open_sampler(spec, storage, evaluator.space)
-        enqueue_warm_starts(sampler, evaluator)
-        run = run_study(sampler, LocalDispatcher(evaluator), spec.trials, spec.timeout)
-        study = sampler.study
+        if reused:
+            study = sampler.study
+            complete_s = [t.datetime_complete.timestamp() for t in study.trials if t.datetime_complete]
+            search_min = (max(complete_s) - min(t.datetime_start.timestamp() for t in study.trials)) / 60
+            note = " (study searched by an earlier invocation, reloaded from its store)"
+        else:
+            enqueue_warm_starts(sampler, evaluator)
+            run = run_study(sampler, LocalDispatcher(evaluator), spec.trials, spec.timeout)
+            study = sampler.study
+            search_min, note = run.seconds / 60, ""
         best_path = export_study(study, store_dir / spec.name)[0]
         from sparsealloc.core.plan import AllocationPlan
 
@@ -99,7 +115,7 @@ def main() -> None:
             f"- **{int(target * 100)}%**: TPE {tpe_ppl:.1f} vs uniform {results['uniform']:.1f} "
             f"(ratio **{tpe_ppl / results['uniform']:.3f}**), best OWL {owl_best:.1f}, best depth ramp {ramp_best:.1f} "
             f"(ratio to the better of the two **{tpe_ppl / min(owl_best, ramp_best):.3f}**); "
-            f"{len(complete)} trials in {run.seconds / 60:.1f} min, mean trial {trial_s:.2f} s = "
+            f"{len(complete)} trials in {search_min:.1f} min{note}, mean trial {trial_s:.2f} s = "
             f"{trial_s / t_dense.seconds:.2f}× a dense forward over the calibration tokens; "
             f"warm starts: uniform proxy {proxy:.4f}, best proxy {study.best_value:.4f}.")
     frame = pd.DataFrame(rows)

@@ -25,9 +25,14 @@ def register(sub) -> None:
     parser.add_argument("--metric", default=None, help="pruning metric (default wanda)")
     parser.add_argument("--metric-arg", type=key_value, action="append", default=[], metavar="K=V",
                         help="metric parameter, repeatable (e.g. bias=true for stade)")
-    parser.add_argument("--sparsity", type=fraction, default=None, help="uniform sparsity (default 0.5)")
+    parser.add_argument("--sparsity", type=fraction, default=None,
+                        help="sparsity: uniform, or the target of --allocator (default 0.5)")
     parser.add_argument("--pattern", default=None, help="unstructured (default), 2:4 or 4:8")
     parser.add_argument("--plan", metavar="PLAN.json", help="AllocationPlan JSON (replaces the three above)")
+    parser.add_argument("--allocator", default=None, metavar="NAME",
+                        help="layerwise allocator for --sparsity (uniform, owl, alphapruning, mrp, dp, ...)")
+    parser.add_argument("--allocator-arg", type=key_value, action="append", default=[], metavar="K=V",
+                        help="allocator parameter, repeatable (e.g. m=5 for owl)")
     add_calibration_args(parser)
     add_eval_args(parser)
     parser.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
@@ -41,9 +46,11 @@ def check_flags(args: argparse.Namespace) -> None:
     from sparsealloc.core.plan import AllocationPlan, parse_pattern
     from sparsealloc.pruning.metrics import check_params
 
+    _check_allocator_flags(args)
     if args.plan:
         given = [flag for flag, value in (("--sparsity", args.sparsity), ("--metric", args.metric),
-                                          ("--pattern", args.pattern)) if value is not None]
+                                          ("--pattern", args.pattern), ("--allocator", args.allocator))
+                 if value is not None]
         if given or args.metric_arg:
             raise SpecError(f"expected either --plan or {'/'.join(given or ['--metric-arg'])}, but got both")
         metric = AllocationPlan.load(args.plan).metric
@@ -56,6 +63,35 @@ def check_flags(args: argparse.Namespace) -> None:
             f"pattern {pattern} means sparsity {1 - nm[0] / nm[1]}, but --sparsity {args.sparsity} was given"
         )
     check_params(args.metric or "wanda", dict(args.metric_arg))
+
+
+def _check_allocator_flags(args: argparse.Namespace) -> None:
+    """Reject an unknown allocator, bad allocator parameters or a contradictory pattern."""
+    from sparsealloc.pruning.allocators import check_allocator
+
+    if args.allocator is None:
+        if args.allocator_arg:
+            raise SpecError("expected --allocator NAME with --allocator-arg, but got no --allocator")
+        return
+    check_allocator(args.allocator, dict(args.allocator_arg))  # unknown name → lists valid names
+    if (args.pattern or "unstructured") != "unstructured" and args.allocator != "uniform":
+        raise SpecError(f"pattern {args.pattern} needs the same sparsity everywhere, but --allocator "
+                        f"{args.allocator} allocates per layer; use --pattern unstructured")
+
+
+def allocate_plan(args: argparse.Namespace, plan, layout, model, stats):
+    """Replace the uniform ratios of ``plan`` by those of ``--allocator`` (exact budget)."""
+    from sparsealloc.pruning.allocators import AllocationInputs, allocate
+
+    if args.allocator is None:
+        return plan
+    modules = dict(model.named_modules())
+    weights = {name: modules[name].weight.detach() for name in layout.linears}
+    target = args.sparsity if args.sparsity is not None else 0.5
+    params = dict(args.allocator_arg)
+    ratios = allocate(args.allocator, AllocationInputs(layout, weights, stats), target, **params)
+    return plan.replace(sparsity=ratios, provenance={
+        **plan.provenance, "allocator": {"name": args.allocator, "params": params, "target": target}})
 
 
 def build_plan(args: argparse.Namespace, layout, model_name: str):
@@ -89,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         sparsity_report,
         tokenize_stream,
     )
+    from sparsealloc.pruning.metrics import metric_traits
 
     # Validate everything that needs no model before the (slow) model load.
     check_flags(args)
@@ -107,8 +144,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     windows = sample_windows(tokenize_stream(tokenizer, calib_text), args.calib_samples,
                              args.calib_seq_len, args.seed)
-    stats = collect_stats(model, windows, batch_size=args.calib_batch_size, layout=layout)
+    gram = metric_traits(plan.metric.name).gram is not None  # SparseGPT, ACE
+    stats = collect_stats(model, windows, batch_size=args.calib_batch_size, gram=gram, layout=layout)
     timings["calibration_s"] = time.perf_counter() - start
+    plan = allocate_plan(args, plan, layout, model, stats)
     start = time.perf_counter()
     report = prune_(model, plan, stats, layout=layout)
     timings["prune_s"] = time.perf_counter() - start

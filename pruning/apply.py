@@ -19,7 +19,7 @@ from sparsealloc.core.progress import track
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.layer_drop import drop_blocks_
 from sparsealloc.pruning.masks import row_mask_from_order, select_mask
-from sparsealloc.pruning.metrics import check_params, metric_uses_bias, score
+from sparsealloc.pruning.metrics import check_params, metric_traits, metric_uses_bias, score
 from sparsealloc.pruning.structure import ModelLayout, model_layout
 
 
@@ -55,6 +55,20 @@ def resolve_plan(plan: AllocationPlan, layout: ModelLayout) -> dict[str, float]:
     return plan.expand(layout.linears)
 
 
+def _check_stats(metric: str, need_gram: bool, stats: Mapping[str, LayerStats] | None,
+                 names: list[str]) -> None:
+    """Fail before any weight changes when ``stats`` lack what metric ``metric`` needs."""
+    for name in names:
+        layer_stats = stats.get(name) if stats is not None else None
+        if layer_stats is None and metric != "magnitude":
+            raise SpecError(f"metric {metric!r} needs calibration statistics for {name!r}")
+        if need_gram and layer_stats.gram is None:
+            raise SpecError(
+                f"metric {metric!r} needs the Gram matrix XᵀX of every pruned layer's input, but the "
+                f"statistics of {name!r} have none; collect them with collect_stats(..., gram=True)"
+            )
+
+
 def _mean_compensation(weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> torch.Tensor:
     """Σ_{j pruned} W_ij·μ_j per output row, from the *unpruned* weights (STADE)."""
     return (weight.float() * mask) @ stats.mean.float().to(weight.device)
@@ -77,10 +91,12 @@ def prune_(
 ) -> PruneReport:
     """Prune ``model`` in place as ``plan`` says.
 
-    For every Linear with a ratio > 0: score its weights with the plan's metric, select the mask
-    (per output row, or N:M), fold the pruned weights' mean contribution into the bias when the
-    metric asks for it (STADE), and zero the pruned weights. Then drop the plan's blocks.
-    KV-cache bits are not weights and are applied at inference time.
+    For every Linear with a ratio > 0: score its weights with the plan's metric (metrics that
+    declare ``needs_name`` get the module FQN), select the mask (per output row, or N:M), fold the
+    pruned weights' mean contribution into the bias when the metric asks for it for this module
+    (STADE, STADEW; from the unpruned weights), and zero the pruned weights. A metric with an
+    ``updater`` (SparseGPT) instead selects the mask and updates the surviving weights itself.
+    Then drop the plan's blocks. KV-cache bits are not weights and are applied at inference time.
 
     Args:
         model: The dense model (mutated).
@@ -88,7 +104,12 @@ def prune_(
         stats: Calibration statistics per Linear FQN (None only for data-free metrics).
         layout: Precomputed layout of ``model``.
         orders: Cached :func:`~sparsealloc.pruning.masks.row_order` of the plan's metric per FQN
-            (studies with a fixed metric); used for unstructured masks without bias compensation.
+            (studies with a fixed metric); used for unstructured masks without bias compensation,
+            and never for metrics that need the module name or update weights.
+
+    Raises:
+        SpecError: statistics are missing, or lack the Gram matrix a metric requires (SparseGPT:
+            ``collect_stats(..., gram=True)``); raised before any weight changes.
 
     Returns:
         A :class:`PruneReport` with requested and achieved sparsity.
@@ -97,22 +118,27 @@ def prune_(
     ratios = resolve_plan(plan, layout)
     nm = parse_pattern(plan.pattern)
     params = dict(plan.metric.params)
-    use_bias = metric_uses_bias(plan.metric.name, params)
+    traits = metric_traits(plan.metric.name)
     modules = dict(model.named_modules())
     report = PruneReport(numels=dict(layout.numels))
     work = [name for name in layout.linears if ratios[name] > 0]
+    _check_stats(plan.metric.name, traits.gram == "required", stats, work)
     for name in track(work, desc="pruning", total=len(work), unit="layer"):
         module = modules[name]
         layer_stats = stats.get(name) if stats is not None else None
-        if layer_stats is None and plan.metric.name != "magnitude":
-            raise SpecError(f"metric {plan.metric.name!r} needs calibration statistics for {name!r}")
         weight = module.weight.data
-        if orders is not None and name in orders and nm is None and not use_bias:
+        use_bias = metric_uses_bias(plan.metric.name, params, name)
+        cached = orders is not None and name in orders and traits.updater is None
+        if cached and nm is None and not use_bias and not traits.needs_name:
             weight.masked_fill_(row_mask_from_order(orders[name], ratios[name]), 0)
             continue
         if layer_stats is not None:
             layer_stats = layer_stats.to(weight.device)
-        scores = score(plan.metric.name, weight, layer_stats, params)
+        if traits.updater is not None:
+            new_weight, mask = traits.updater(weight, layer_stats, ratios[name], nm, **params)
+            weight.copy_(new_weight.to(weight.dtype)).masked_fill_(mask, 0)
+            continue
+        scores = score(plan.metric.name, weight, layer_stats, params, fqn=name)
         mask = select_mask(scores, ratios[name], nm)
         if use_bias:
             _add_bias_(module, _mean_compensation(weight, mask, layer_stats))

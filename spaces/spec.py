@@ -37,7 +37,7 @@ GRANULARITIES = ("block", "bins", "projection", "module")
 SAMPLER_NAMES = ("tpe", "nsga3", "optuna-nsga3", "random")
 OBJECTIVE_NAMES = ("reconstruction", "kl", "remaining_weights", "kv_bytes")
 ALLOCATOR_SPACES = ("owl", "depth_ramp")
-WARM_STARTS = ("uniform", "owl", "depth_ramp")
+WARM_STARTS = ("uniform", "owl", "depth_ramp", "alphapruning", "mrp", "dp")
 
 
 def _expect(cond: bool, what: str, got: Any) -> None:
