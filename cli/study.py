@@ -10,6 +10,7 @@ from sparsealloc.cli.common import DEFAULT_MODEL, fraction, positive_int
 from sparsealloc.core.errors import SpecError
 
 DEFAULT_STORAGE = "sqlite:///sparsealloc.db"
+HEARTBEAT_SECONDS = 10
 
 
 def register(sub) -> None:
@@ -149,7 +150,9 @@ def _execute(spec, args: argparse.Namespace, validate: bool, export_dir: str | N
     storage_url = args.storage
     check_workers(args)
     SAMPLERS.get(spec.sampler)
-    storage = open_storage(storage_url)  # fail fast, before the model loads
+    shared = not storage_url.startswith("sqlite")
+    # Shared stores (PostgreSQL) may have several orchestrators: heartbeats instead of orphan sweeps.
+    storage = open_storage(storage_url, heartbeat_interval=HEARTBEAT_SECONDS if shared else None)
     if progress.get_mode() != "bar":  # --quiet / --log-format json: no transformers loading bars
         from transformers.utils import logging as hf_logging
 
@@ -158,7 +161,7 @@ def _execute(spec, args: argparse.Namespace, validate: bool, export_dir: str | N
     evaluator = build_evaluator(spec)
     setup_s = time.perf_counter() - start
     sampler = open_sampler(spec, storage, evaluator.space)
-    orphans = recover_orphans(sampler.study)
+    orphans = [] if shared else recover_orphans(sampler.study)
     if orphans:
         print(f"re-queued {len(orphans)} trial(s) left RUNNING by an earlier run: {orphans}")
     enqueue_warm_starts(sampler, evaluator)

@@ -17,6 +17,7 @@ from sparsealloc.core.errors import SparseAllocError
 from sparsealloc.core.progress import get_mode, log_event
 from sparsealloc.search.dispatch.base import Dispatcher
 from sparsealloc.search.samplers.base import Sampler
+from sparsealloc.storage.coordination import BudgetLock, Heartbeat, sweep_stale
 
 logger = logging.getLogger(__name__)
 
@@ -48,30 +49,51 @@ def best_value_text(study: optuna.Study) -> str:
     return f"pareto={len(study.best_trials)}"
 
 
+def _count(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
 def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: float | None = None,
-              max_failures_in_a_row: int = 5) -> StudyRun:
+              max_failures_in_a_row: int = 5, poll_seconds: float = 1.0) -> StudyRun:
     """Run trials until the study holds ``n_trials`` COMPLETE trials (or ``timeout`` seconds pass).
 
-    Failed trials are recorded and the loop goes on; if ``max_failures_in_a_row`` trials fail with
-    none completing in between, it stops with :class:`AllTrialsFailed`.
+    The budget counts the whole study: COMPLETE trials plus RUNNING ones (of this or another
+    orchestrator), decided under :class:`~sparsealloc.storage.coordination.BudgetLock`, so several
+    orchestrators on one PostgreSQL study neither overshoot nor duplicate. Failed trials are recorded
+    and the loop goes on; if ``max_failures_in_a_row`` trials fail with none completing in between,
+    it stops with :class:`AllTrialsFailed`.
     """
     study = sampler.study
     run = StudyRun()
     start = time.perf_counter()
     failures_in_a_row = 0
+    lock, heartbeat = BudgetLock(study), Heartbeat(study)
     bar = _progress_bar(study, n_trials)
     try:
         while True:
-            remaining = n_trials - complete_count(study) - dispatcher.in_flight
+            sweep_stale(study)
             timed_out = timeout is not None and time.perf_counter() - start > timeout
-            if remaining > 0 and not timed_out:
-                free = max(0, dispatcher.capacity - dispatcher.in_flight)
-                for proposal in sampler.ask(min(free, remaining)):
-                    dispatcher.submit(proposal)
+            proposals = []
+            if not timed_out:
+                with lock.hold():
+                    remaining = n_trials - _count(study, TrialState.COMPLETE) - _count(study, TrialState.RUNNING)
+                    free = max(0, dispatcher.capacity - dispatcher.in_flight)
+                    if min(free, remaining) > 0:
+                        proposals = sampler.ask(min(free, remaining))
+                        for proposal in proposals:
+                            heartbeat.add(_trial_id(study, proposal.trial_number))
+            for proposal in proposals:
+                dispatcher.submit(proposal)
             if dispatcher.in_flight == 0:
-                break
+                # Nothing of ours in flight: done, unless another orchestrator's RUNNING trials may
+                # still fail (and need redoing) before the budget is reached.
+                if timed_out or _count(study, TrialState.COMPLETE) >= n_trials or _count(study, TrialState.RUNNING) == 0:
+                    break
+                time.sleep(poll_seconds)
+                continue
             for number, outcome in dispatcher.wait():
                 sampler.tell(number, outcome)
+                heartbeat.discard(_trial_id(study, number))
                 run.told[outcome.state] += 1
                 log_event("trial", number=number, state=outcome.state, values=outcome.values, reason=outcome.reason)
                 if outcome.state == "failed":
@@ -81,17 +103,22 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
                 else:
                     failures_in_a_row = 0
                 if bar is not None:
-                    bar.n = complete_count(study)
+                    bar.n = min(complete_count(study), n_trials)
                     bar.set_postfix_str(f"best={best_value_text(study)} failed={run.told['failed']}")
                     bar.refresh()
             if failures_in_a_row >= max_failures_in_a_row:
                 raise AllTrialsFailed(
                     f"{failures_in_a_row} trials in a row failed; last reason: {run.last_failure}")
     finally:
+        heartbeat.close()
         if bar is not None:
             bar.close()
         run.seconds = time.perf_counter() - start
     return run
+
+
+def _trial_id(study: optuna.Study, number: int) -> int:
+    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
 
 
 def _progress_bar(study: optuna.Study, n_trials: int):

@@ -49,11 +49,14 @@ def parse_storage_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str = DEFAULT_STORAGE, create: bool = True) -> optuna.storages.RDBStorage:
+def open_storage(url: str = DEFAULT_STORAGE, create: bool = True,
+                 heartbeat_interval: int | None = None) -> optuna.storages.RDBStorage:
     """Open (and with ``create``, create if needed) the store at ``url``.
 
     Commands that only read or continue studies pass ``create=False``, so a mistyped SQLite path
-    fails instead of leaving an empty database behind.
+    fails instead of leaving an empty database behind. With ``heartbeat_interval`` (seconds),
+    trials whose orchestrator stops beating for 4 intervals are failed and re-queued once
+    (see :mod:`sparsealloc.storage.coordination`).
 
     Raises:
         SpecError: malformed URL.
@@ -75,7 +78,11 @@ def open_storage(url: str = DEFAULT_STORAGE, create: bool = True) -> optuna.stor
         elif url.startswith("postgresql"):
             engine_kwargs.update(pool_size=4, max_overflow=4, pool_pre_ping=True, pool_recycle=1800,
                                  connect_args={"connect_timeout": 10})
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        heartbeat = {}
+        if heartbeat_interval:
+            heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": 4 * heartbeat_interval,
+                         "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (SQLAlchemyError, sqlite3.Error, ImportError) as exc:
         raise StorageError(f"cannot open the study store {redact(url)}: {_first_line(exc)}") from None
     if path is not None:

@@ -1,0 +1,99 @@
+"""Several orchestrators on one study: an advisory lock for budget decisions, heartbeats, stale sweep.
+
+Two orchestrators (on two machines) sharing a PostgreSQL study must neither overshoot the trial
+budget nor leave trials RUNNING forever when one dies:
+
+* :class:`BudgetLock` serializes "count the study's COMPLETE + RUNNING trials, then ask" with a
+  PostgreSQL advisory lock keyed on the study (a no-op on SQLite, which has one writer).
+* :class:`Heartbeat` records Optuna heartbeats for the trials this process has in flight, from a
+  background thread (Optuna records none under ask/tell by itself).
+* :func:`sweep_stale` fails trials whose heartbeat stopped (a dead orchestrator) through
+  ``optuna.storages.fail_stale_trials``; the storage's ``RetryHeartbeatStaleTrialCallback``
+  re-queues them once.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import optuna
+from sqlalchemy import text
+
+
+class BudgetLock:
+    """Cross-process lock on one study (PostgreSQL advisory lock; in-process lock elsewhere)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        storage = study._storage
+        storage = getattr(storage, "_backend", storage)  # unwrap _CachedStorage
+        self.engine = getattr(storage, "engine", None)
+        self.key = zlib.crc32(f"sparsealloc:{study.study_name}".encode()) & 0x7FFFFFFF
+        self._local = threading.Lock()
+
+    @property
+    def distributed(self) -> bool:
+        return self.engine is not None and self.engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._local:
+            if not self.distributed:
+                yield
+                return
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+                    conn.commit()
+
+
+class Heartbeat:
+    """Background heartbeats for in-flight trial ids (only when the storage has heartbeats on)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.storage = study._storage
+        interval = self.storage.get_heartbeat_interval() if hasattr(self.storage, "get_heartbeat_interval") else None
+        self.interval = interval
+        self.trial_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        if interval:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="sparsealloc-heartbeat")
+            self._thread.start()
+
+    def add(self, trial_id: int) -> None:
+        if self.interval:
+            self.storage.record_heartbeat(trial_id)  # a trial with no heartbeat is never stale
+            with self._lock:
+                self.trial_ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.discard(trial_id)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception:  # noqa: BLE001 - a finished trial or a passing DB hiccup
+                    self.discard(trial_id)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def sweep_stale(study: optuna.Study) -> None:
+    """Fail trials whose heartbeat is older than the grace period (no-op without heartbeats)."""
+    if getattr(study._storage, "get_heartbeat_interval", lambda: None)():
+        optuna.storages.fail_stale_trials(study)
