@@ -37,3 +37,13 @@ class TrialFailed(SparseAllocError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def read_user_file(path, what: str) -> str:
+    """Read a UTF-8 file the user named; a SpecError saying what was expected if it cannot be read."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"expected a readable {what}, but {str(path)!r} gave: {exc}") from None

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsealloc.core.errors import IncompatiblePlanError, SpecError
+from sparsealloc.core.errors import IncompatiblePlanError, SpecError, read_user_file
 
 SCHEMA_VERSION = 1
 KV_BIT_CHOICES = (2, 3, 4, 8, 16)
@@ -210,12 +210,7 @@ class AllocationPlan:
     @classmethod
     def load(cls, path: str | Path) -> AllocationPlan:
         """Read a plan file."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SpecError(f"expected a readable plan JSON file, but {str(path)!r} gave: {exc}") from None
-        return cls.from_json(text)
+        return cls.from_json(read_user_file(path, "plan JSON file"))
 
     # ----------------------------------------------------------------------------- output
     def to_dict(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from sparsealloc.core.errors import SpecError
+from sparsealloc.core.errors import SpecError, read_user_file
 
 SPACE_COMPONENTS = ("layerwise", "metric", "kv", "allocator")
 GRANULARITIES = ("block", "bins", "projection", "module")
@@ -248,11 +248,7 @@ class StudySpec:
         """Read a YAML or JSON spec file."""
         import yaml
 
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SpecError(f"expected a readable spec file (YAML or JSON), but {str(path)!r} gave: {exc}") from None
+        text = read_user_file(path, "spec file (YAML or JSON)")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
