@@ -108,3 +108,37 @@ def load(args: argparse.Namespace):
         except RuntimeError:
             raise SpecError(f"expected a torch device such as 'cpu' or 'cuda:0', but got {args.device!r}") from None
     return load_model(args.model, device=args.device)
+
+
+def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan, calib, calib_text: str,
+                        adjust=None):
+    """Record the calibration in the plan, collect statistics, optionally adjust the plan, prune.
+
+    Statistics include the Gram matrix XᵀX when the plan's metric needs it (SparseGPT, ACE).
+    ``adjust(plan, stats) -> plan`` runs between calibration and pruning (``prune --allocator``).
+    Uses ``--calib-samples/--calib-seq-len/--calib-batch-size/--seed`` of ``args``.
+
+    Returns:
+        (plan as applied, PruneReport, {"calibration_s": ..., "prune_s": ...}).
+    """
+    import time
+
+    from sparsealloc.pruning import collect_stats, prune_, sample_windows, tokenize_stream
+    from sparsealloc.pruning.metrics import metric_traits
+
+    plan = plan.replace(provenance={**plan.provenance, "calibration": {
+        "source": calib.describe(), "samples": args.calib_samples, "seq_len": args.calib_seq_len,
+        "seed": args.seed}})
+    timings = {}
+    start = time.perf_counter()
+    windows = sample_windows(tokenize_stream(tokenizer, calib_text), args.calib_samples,
+                             args.calib_seq_len, args.seed)
+    gram = metric_traits(plan.metric.name).gram is not None  # SparseGPT, ACE
+    stats = collect_stats(model, windows, batch_size=args.calib_batch_size, gram=gram, layout=layout)
+    timings["calibration_s"] = time.perf_counter() - start
+    if adjust is not None:
+        plan = adjust(plan, stats)
+    start = time.perf_counter()
+    report = prune_(model, plan, stats, layout=layout)
+    timings["prune_s"] = time.perf_counter() - start
+    return plan, report, timings

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from sparsealloc.core.errors import SparseAllocError, SpecError
 
-COMMAND_MODULES = ("prune", "evaluate", "study", "export", "dashboard")
+COMMAND_MODULES = ("prune", "apply", "evaluate", "study", "export", "report", "dashboard")
 
 
 class UsageError(SpecError):

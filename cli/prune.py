@@ -10,6 +10,7 @@ from sparsealloc.cli.common import (
     add_calibration_args,
     add_eval_args,
     add_model_args,
+    calibrate_and_prune,
     calibration_source,
     eval_source,
     fraction,
@@ -115,17 +116,13 @@ def build_plan(args: argparse.Namespace, layout, model_name: str):
 
 def run(args: argparse.Namespace) -> int:
     from sparsealloc.pruning import (
-        collect_stats,
         model_layout,
         perplexity,
-        prune_,
         resolve_plan,
-        sample_windows,
         save_pruned,
         sparsity_report,
         tokenize_stream,
     )
-    from sparsealloc.pruning.metrics import metric_traits
 
     # Validate everything that needs no model before the (slow) model load.
     check_flags(args)
@@ -137,20 +134,9 @@ def run(args: argparse.Namespace) -> int:
     layout = model_layout(model)
     plan = build_plan(args, layout, args.model)
     resolve_plan(plan, layout)  # fail on a bad plan before the calibration pass
-    plan = plan.replace(provenance={**plan.provenance, "calibration": {
-        "source": calib.describe(), "samples": args.calib_samples, "seq_len": args.calib_seq_len,
-        "seed": args.seed}})
-    timings = {}
-    start = time.perf_counter()
-    windows = sample_windows(tokenize_stream(tokenizer, calib_text), args.calib_samples,
-                             args.calib_seq_len, args.seed)
-    gram = metric_traits(plan.metric.name).gram is not None  # SparseGPT, ACE
-    stats = collect_stats(model, windows, batch_size=args.calib_batch_size, gram=gram, layout=layout)
-    timings["calibration_s"] = time.perf_counter() - start
-    plan = allocate_plan(args, plan, layout, model, stats)
-    start = time.perf_counter()
-    report = prune_(model, plan, stats, layout=layout)
-    timings["prune_s"] = time.perf_counter() - start
+    plan, report, timings = calibrate_and_prune(
+        args, model, tokenizer, layout, plan, calib, calib_text,
+        adjust=lambda plan, stats: allocate_plan(args, plan, layout, model, stats))
     result = {"model": args.model, "metric": plan.metric.name, "pattern": plan.pattern,
               "requested_sparsity": round(report.requested_mean, 6),
               "achieved_sparsity": round(report.achieved_mean, 6)}

@@ -129,3 +129,29 @@ def _call_loader(loader, source: ModelSource, **kwargs: Any):
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpecError(f"could not load model {source.name!r}: {first_line}") from None
+
+
+def load_layout(name: str, local_only: bool = True):
+    """The :class:`~sparsealloc.pruning.structure.ModelLayout` of model ``name`` from its config alone.
+
+    The model is instantiated on the ``meta`` device, so no weights are read or allocated (a GGUF
+    file's metadata is parsed). With ``local_only`` a hub id resolves only from the local cache.
+
+    Raises:
+        SpecError: the model or its config cannot be found or instantiated.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparsealloc.pruning.structure import model_layout
+
+    source = resolve_source(name)
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if local_only:
+        kwargs["local_files_only"] = True
+    config = _call_loader(AutoConfig.from_pretrained, source, **kwargs)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SpecError(f"could not build model {name!r} from its config: {exc}") from None
+    return model_layout(model)

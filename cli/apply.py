@@ -1,0 +1,78 @@
+"""``sparsealloc apply``: prune a model by a plan file and save it for evaluation elsewhere.
+
+Writes a plain Hugging Face checkpoint with ``plan.json`` beside it (as ``prune --save`` does) and an
+llm-compressor-style ``recipe.yaml`` (per-module sparsity keyed by FQN, see
+:mod:`sparsealloc.storage.recipes`), then prints the lm-evaluation-harness command for the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+from sparsealloc.cli.common import add_calibration_args, add_model_args, calibrate_and_prune, calibration_source, load
+from sparsealloc.core.errors import SpecError
+
+LM_EVAL_TASKS = "wikitext,hellaswag,arc_easy"
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("apply", help="prune a model by a plan; save checkpoint, plan.json and recipe.yaml")
+    parser.add_argument("--plan", required=True, metavar="PLAN.json", help="AllocationPlan JSON (e.g. from export)")
+    add_model_args(parser)
+    parser.add_argument("--save", required=True, metavar="DIR", help="output folder for the pruned checkpoint")
+    add_calibration_args(parser)
+    parser.set_defaults(handler=run)
+
+
+def lm_eval_command(directory: str | Path, tasks: str = LM_EVAL_TASKS, batch_size: int = 8) -> str:
+    """The lm-evaluation-harness command line that evaluates the checkpoint in ``directory``."""
+    return (f"lm_eval --model hf --model_args {shlex.quote(f'pretrained={directory}')} "
+            f"--tasks {tasks} --batch_size {batch_size}")
+
+
+def check_plan(path: str):
+    """Load ``--plan`` and check its metric and parameters; needs no model."""
+    from sparsealloc.core.plan import AllocationPlan
+    from sparsealloc.pruning.metrics import check_params
+
+    plan = AllocationPlan.load(path)
+    check_params(plan.metric.name, dict(plan.metric.params))
+    return plan
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparsealloc.pruning import model_layout, resolve_plan, save_pruned
+    from sparsealloc.storage.recipes import write_recipe
+
+    # Everything that needs no model first: plan file, metric, calibration text.
+    plan = check_plan(args.plan)
+    if Path(args.save).exists() and not Path(args.save).is_dir():
+        raise SpecError(f"expected --save to name a folder, but {args.save!r} is a file")
+    calib = calibration_source(args)
+    calib_text = calib.read()
+    model, tokenizer, _ = load(args)
+    layout = model_layout(model)
+    resolve_plan(plan, layout)  # a plan for another model fails before the calibration pass
+    plan, report, timings = calibrate_and_prune(args, model, tokenizer, layout, plan, calib, calib_text)
+    save = Path(args.save)
+    save_pruned(model, tokenizer, save, plan)
+    recipe = write_recipe(plan, layout.linears, save / "recipe.yaml")
+    command = lm_eval_command(save.resolve())
+    result = {"model": args.model, "plan": args.plan, "metric": plan.metric.name, "pattern": plan.pattern,
+              "requested_sparsity": round(report.requested_mean, 6),
+              "achieved_sparsity": round(report.achieved_mean, 6),
+              "saved": str(save), "plan_json": str(save / "plan.json"), "recipe": str(recipe)}
+    quantized = sum(1 for bits in plan.kv_bits.values() if min(bits["k"], bits["v"]) < 16)
+    if quantized:
+        result["kv_bits"] = f"{quantized} attention layers below 16 bits: kept in plan.json, not in the weights"
+    result.update({k: round(v, 2) for k, v in timings.items()})
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    print("# evaluate the checkpoint with lm-evaluation-harness:")
+    print(command)
+    if args.log_format == "json":
+        print(json.dumps({**result, "lm_eval": command}))
+    return 0
