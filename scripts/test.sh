@@ -17,6 +17,6 @@ fi
 # -P: keep the repo root off sys.path so generic folder names (search/, storage/...) never import.
 python3 -P -m pytest -q "$@"
 if [ -z "${SPARSEALLOC_SKIP_SLOW:-}" ]; then
-  rc=0; python3 -P -m pytest -q -m "slow or ray or postgres" "$@" || rc=$?
+  rc=0; python3 -P -m pytest -q -m "slow or ray" "$@" || rc=$?
   [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || exit "$rc"   # 5: no heavier test collected
 fi
