@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _globals_first(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
@@ -67,6 +67,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def _globals_first(argv: list[str]) -> list[str]:
+    """Accept the global options anywhere (``sparsealloc study run ... --quiet``) by moving them first."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--quiet", "--debug") or arg.startswith("--log-format="):
+            front.append(arg)
+        elif arg == "--log-format" and i + 1 < len(argv):
+            front += argv[i : i + 2]
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
 
 
 def _quiet_libraries(debug: bool) -> None:

@@ -165,3 +165,12 @@ def test_module_entry_point_reports_errors():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_global_options_are_accepted_after_the_command(capsys):
+    from sparsealloc.cli.main import _globals_first
+
+    assert _globals_first(["study", "run", "--quiet", "--log-format", "json", "--trials", "3"]) == [
+        "--quiet", "--log-format", "json", "study", "run", "--trials", "3"]
+    assert main(["prune", "--sparsity", "1.5", "--quiet"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
