@@ -31,7 +31,7 @@ def main() -> None:
     from sparsealloc.objectives import EvalContext, TrialEvaluator
     from sparsealloc.search.dispatch.local import LocalDispatcher
     from sparsealloc.search.orchestrator import run_study
-    from sparsealloc.search.session import open_sampler
+    from sparsealloc.search.session import enqueue_warm_starts, open_sampler
     from sparsealloc.spaces.spec import StudySpec
     from sparsealloc.storage import export_study, open_storage
 
@@ -53,6 +53,7 @@ def main() -> None:
                           "KV bytes/token": outcome.values[1]})
     storage = open_storage(f"sqlite:///{Path(tempfile.mkdtemp()) / 'front.db'}")
     sampler = open_sampler(spec, storage, evaluator.space)
+    enqueue_warm_starts(sampler, evaluator)
     with Timer() as t_run:
         run_study(sampler, LocalDispatcher(evaluator), spec.trials, spec.timeout)
     study = sampler.study
