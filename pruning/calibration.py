@@ -231,11 +231,6 @@ def collect_stats(
     return {name: collector.stats[name] for name in layout.linears}
 
 
-def gram_bytes(layout: ModelLayout) -> int:
-    """Upper bound of the memory XᵀX statistics take (fp32, one per Linear)."""
-    return sum(4 * d * d for d in layout.in_features.values())
-
-
 def stats_sharing(stats: Mapping[str, LayerStats]) -> dict[str, list[str]]:
     """Group FQNs that share one statistics object (same input tensor)."""
     groups: dict[int, list[str]] = {}

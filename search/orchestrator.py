@@ -37,7 +37,7 @@ class StudyRun:
 
 def complete_count(study: optuna.Study) -> int:
     """COMPLETE trials in the study (the budget counts these)."""
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return _count(study, TrialState.COMPLETE)
 
 
 def best_value_text(study: optuna.Study) -> str:
@@ -76,7 +76,7 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
             proposals = []
             if not timed_out:
                 with lock.hold():
-                    remaining = n_trials - _count(study, TrialState.COMPLETE) - _count(study, TrialState.RUNNING)
+                    remaining = n_trials - complete_count(study) - _count(study, TrialState.RUNNING)
                     free = max(0, dispatcher.capacity - dispatcher.in_flight)
                     if min(free, remaining) > 0:
                         proposals = sampler.ask(min(free, remaining))
@@ -87,7 +87,7 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
             if dispatcher.in_flight == 0:
                 # Nothing of ours in flight: done, unless another orchestrator's RUNNING trials may
                 # still fail (and need redoing) before the budget is reached.
-                if timed_out or _count(study, TrialState.COMPLETE) >= n_trials or _count(study, TrialState.RUNNING) == 0:
+                if timed_out or complete_count(study) >= n_trials or _count(study, TrialState.RUNNING) == 0:
                     break
                 time.sleep(poll_seconds)
                 continue
