@@ -58,6 +58,8 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     source = group.add_mutually_exclusive_group()
     source.add_argument("--calib-text", metavar="FILE", help="plain text file")
     source.add_argument("--calib-dataset", metavar="NAME[:CONFIG[:SPLIT]]", help="Hugging Face dataset")
+    source.add_argument("--calib-windows", metavar="CALIB.jsonl",
+                        help="windows from 'sparsealloc calib select' (replaces text, samples, seq-len, seed)")
     group.add_argument("--calib-text-field", default="text", help="dataset text column (default: text)")
     group.add_argument("--calib-samples", type=positive_int, default=16, help="windows (default 16)")
     group.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
@@ -76,8 +78,13 @@ def add_eval_args(parser: argparse.ArgumentParser, required: bool = False, prefi
 
 
 def calibration_source(args: argparse.Namespace):
+    """A TextSource, or the CalibrationSet of ``--calib-windows`` (read and checked before the model loads)."""
     from sparsealloc.pruning.calibration import TextSource
 
+    if getattr(args, "calib_windows", None):
+        from sparsealloc.pruning.calibration_select import read_calibration_set
+
+        return read_calibration_set(args.calib_windows)
     if args.calib_text:
         return TextSource("file", args.calib_text)
     if args.calib_dataset:
@@ -116,7 +123,8 @@ def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan
 
     Statistics include the Gram matrix XᵀX when the plan's metric needs it (SparseGPT, ACE).
     ``adjust(plan, stats) -> plan`` runs between calibration and pruning (``prune --allocator``).
-    Uses ``--calib-samples/--calib-seq-len/--calib-batch-size/--seed`` of ``args``.
+    Uses ``--calib-samples/--calib-seq-len/--calib-batch-size/--seed`` of ``args``, or the windows of
+    ``calib`` when it is a CalibrationSet (``--calib-windows``).
 
     Returns:
         (plan as applied, PruneReport, {"calibration_s": ..., "prune_s": ...}).
@@ -124,15 +132,21 @@ def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan
     import time
 
     from sparsealloc.pruning import collect_stats, prune_, sample_windows, tokenize_stream
+    from sparsealloc.pruning.calibration_select import CalibrationSet
     from sparsealloc.pruning.metrics import metric_traits
 
-    plan = plan.replace(provenance={**plan.provenance, "calibration": {
+    selected = isinstance(calib, CalibrationSet)  # --calib-windows: the windows are given
+    plan = plan.replace(provenance={**plan.provenance, "calibration": calib.provenance() if selected else {
         "source": calib.describe(), "samples": args.calib_samples, "seq_len": args.calib_seq_len,
         "seed": args.seed}})
     timings = {}
     start = time.perf_counter()
-    windows = sample_windows(tokenize_stream(tokenizer, calib_text), args.calib_samples,
-                             args.calib_seq_len, args.seed)
+    if selected:
+        calib.check_tokenizer(tokenizer)
+        windows = calib.windows
+    else:
+        windows = sample_windows(tokenize_stream(tokenizer, calib_text), args.calib_samples,
+                                 args.calib_seq_len, args.seed)
     gram = metric_traits(plan.metric.name).gram is not None  # SparseGPT, ACE
     stats = collect_stats(model, windows, batch_size=args.calib_batch_size, gram=gram, layout=layout)
     timings["calibration_s"] = time.perf_counter() - start

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from sparsealloc.core.errors import SparseAllocError, SpecError
 
-COMMAND_MODULES = ("prune", "apply", "evaluate", "study", "export", "report", "dashboard")
+COMMAND_MODULES = ("prune", "apply", "evaluate", "study", "export", "report", "dashboard", "calib")
 
 
 class UsageError(SpecError):

@@ -37,6 +37,8 @@ def register(sub) -> None:
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--calib-text", metavar="FILE", default=None)
     run.add_argument("--calib-dataset", metavar="NAME[:CONFIG[:SPLIT]]", default=None)
+    run.add_argument("--calib-windows", metavar="CALIB.jsonl", default=None,
+                     help="windows from 'sparsealloc calib select' (replace the text, samples and seq-len)")
     run.add_argument("--calib-samples", type=positive_int, default=None)
     run.add_argument("--calib-seq-len", type=positive_int, default=None)
     run.add_argument("--eval-text", metavar="FILE", default=None, help="held-out text for validation")
@@ -112,7 +114,7 @@ def spec_from_args(args: argparse.Namespace):
         "layerwise": {"granularity": args.granularity, "radius": args.radius},
         "metric": {"name": args.metric},
         "calibration": {"text": args.calib_text, "dataset": args.calib_dataset, "samples": args.calib_samples,
-                        "seq_len": args.calib_seq_len},
+                        "seq_len": args.calib_seq_len, "windows_file": args.calib_windows},
         "validation": {"text": args.eval_text, "windows": args.eval_windows, "seq_len": args.eval_seq_len,
                        "top_k": args.validate_top},
     }

@@ -21,6 +21,7 @@ from sparsealloc.objectives.trial import TrialEvaluator
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
 from sparsealloc.pruning.apply import prune_
 from sparsealloc.pruning.calibration import TextSource, sample_windows, tokenize_stream
+from sparsealloc.pruning.calibration_select import read_calibration_set
 from sparsealloc.pruning.evaluation import perplexity
 from sparsealloc.pruning.kv_quant import kv_fake_quant
 from sparsealloc.pruning.models import load_model
@@ -48,12 +49,17 @@ def validation_source(spec: StudySpec) -> TextSource:
 
 
 def build_evaluator(spec: StudySpec, model=None, tokenizer=None) -> TrialEvaluator:
-    """Load the model (unless given), draw the calibration windows, build the worker context."""
-    text = calibration_source(spec).read()
+    """Load the model (unless given), draw (or read) the calibration windows, build the worker context."""
+    selected = read_calibration_set(spec.calibration.windows_file) if spec.calibration.windows_file else None
+    text = None if selected else calibration_source(spec).read()
     if model is None:
         model, tokenizer, _ = load_model(spec.model, device=spec.device)
-    windows = sample_windows(tokenize_stream(tokenizer, text), spec.calibration.samples,
-                             spec.calibration.seq_len, spec.calibration.seed)
+    if selected:
+        selected.check_tokenizer(tokenizer)
+        windows = selected.windows
+    else:
+        windows = sample_windows(tokenize_stream(tokenizer, text), spec.calibration.samples,
+                                 spec.calibration.seq_len, spec.calibration.seed)
     ctx = EvalContext.build(model, windows, spec.calibration.batch_size,
                             model_info={"name": spec.model}, tokenizer=tokenizer)
     return TrialEvaluator(ctx, spec)

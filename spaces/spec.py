@@ -121,7 +121,11 @@ class AllocatorSpec:
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """Calibration windows: text file (None = built-in text) or dataset, N × L tokens, seed."""
+    """Calibration windows: text file (None = built-in text) or dataset, N × L tokens, seed.
+
+    ``windows_file`` names a set from ``sparsealloc calib select`` instead; its windows replace
+    text, dataset, samples, seq_len and seed.
+    """
 
     text: str | None = None
     dataset: str | None = None
@@ -129,13 +133,15 @@ class CalibrationSpec:
     seq_len: int = 256
     seed: int = 0
     batch_size: int = 4
+    windows_file: str | None = None
 
     def validate(self) -> None:
         for key in ("samples", "seq_len", "batch_size"):
             value = getattr(self, key)
             _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                     f"calibration.{key} must be a positive integer", value)
-        _expect(not (self.text and self.dataset), "calibration takes text or dataset, not both", (self.text, self.dataset))
+        sources = [s for s in (self.text, self.dataset, self.windows_file) if s]
+        _expect(len(sources) <= 1, "calibration takes one of text, dataset or windows_file", sources)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,87 @@
+"""``sparsealloc calib select``: prune a candidate pool of calibration windows to a small set.
+
+Scores each candidate with a selection metric (ssp: distance to the nearest k-means prototype of the
+model's own hidden states, Sorscher et al. 2022; loss: dense-model loss; random), keeps ``--n`` of
+them and writes ``calib.jsonl``, which ``prune``, ``apply`` and ``study run`` take as
+``--calib-windows``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+
+from sparsealloc.cli.common import add_model_args, calibration_source, load, positive_int
+from sparsealloc.core.errors import SpecError
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("calib", help="select calibration windows (data pruning)")
+    calib_sub = parser.add_subparsers(dest="calib_command", metavar="ACTION", parser_class=type(parser))
+    calib_sub.required = True
+    select = calib_sub.add_parser("select", help="score a candidate pool and keep N windows")
+    add_model_args(select)
+    source = select.add_mutually_exclusive_group()
+    source.add_argument("--calib-text", metavar="FILE", help="plain text file (default: built-in text)")
+    source.add_argument("--calib-dataset", metavar="NAME[:CONFIG[:SPLIT]]", help="Hugging Face dataset")
+    select.add_argument("--calib-text-field", default="text", help="dataset text column (default: text)")
+    select.add_argument("--n", type=positive_int, required=True, help="windows to keep")
+    select.add_argument("--metric", default="ssp", help="selection metric: ssp (default), loss or random")
+    select.add_argument("--keep", default="hard", choices=("hard", "easy"),
+                        help="keep the highest (hard, default) or lowest (easy) scores")
+    select.add_argument("--balanced", action="store_true", help="take turns over the ssp clusters")
+    select.add_argument("--k", type=positive_int, default=8, help="k-means clusters for ssp (default 8)")
+    select.add_argument("--layer", type=int, default=None,
+                        help="block whose mean-pooled output embeds a window (default: the middle block)")
+    select.add_argument("--pool", type=positive_int, default=None,
+                        help="candidate windows (default 8 × N, at most what the text holds)")
+    select.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
+    select.add_argument("--calib-batch-size", type=positive_int, default=4, help="windows per forward (default 4)")
+    select.add_argument("--seed", type=int, default=0, help="seeds the pool, k-means and ties (default 0)")
+    select.add_argument("--out", required=True, metavar="CALIB.jsonl", help="where to write the selected set")
+    select.set_defaults(handler=select_command)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Reject an unknown metric or contradictory flags before the model loads."""
+    from sparsealloc.pruning.data_selection import SELECTION_METRICS
+
+    SELECTION_METRICS.get(args.metric)  # lists the valid names
+    if args.balanced and args.metric != "ssp":
+        raise SpecError(f"expected --balanced with --metric ssp (it needs clusters), but got --metric {args.metric}")
+    if args.pool is not None and args.n > args.pool:
+        raise SpecError(f"expected --n ≤ --pool, but got --n {args.n} and --pool {args.pool}")
+    if args.metric == "ssp" and args.pool is not None and args.k > args.pool:
+        raise SpecError(f"expected --k ≤ --pool, but got --k {args.k} and --pool {args.pool}")
+
+
+def select_command(args: argparse.Namespace) -> int:
+    from sparsealloc.pruning.calibration import tokenize_stream
+    from sparsealloc.pruning.calibration_select import select_calibration_set, write_calibration_set
+
+    check_flags(args)
+    source = calibration_source(args)
+    text = source.read()
+    start = time.perf_counter()
+    model, tokenizer, _ = load(args)
+    stream = tokenize_stream(tokenizer, text)
+    selected = select_calibration_set(
+        model, tokenizer, stream, args.n, metric=args.metric, keep=args.keep, balanced=args.balanced,
+        seq_len=args.calib_seq_len, pool=args.pool, k=args.k, layer=args.layer, seed=args.seed,
+        batch_size=args.calib_batch_size, info={"model": args.model, "source": source.describe()})
+    path = write_calibration_set(selected, args.out)
+    scores = [r["score"] for r in selected.records]
+    result = {"windows": len(selected.records), "pool": selected.header["pool"], "metric": args.metric,
+              "keep": args.keep, "seq_len": args.calib_seq_len, "score_min": min(scores), "score_max": max(scores)}
+    if args.metric == "ssp":
+        counts = Counter(r["cluster"] for r in selected.records)
+        result["clusters"] = " ".join(f"{c}:{counts[c]}" for c in sorted(counts))
+        result["layer"] = selected.header["layer"]
+    result.update({"out": str(path), "seconds": round(time.perf_counter() - start, 2)})
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    if args.log_format == "json":
+        print(json.dumps(result))
+    return 0
