@@ -1,30 +1,97 @@
-"""Analytic KV-cache bytes per token for per-layer K/V bit-widths (no model forward).
+"""Analytic KV-cache memory for per-layer K/V bit-widths (no model forward).
 
-Per attention layer and token: ``H_kv · D`` elements for K and as many for V. A b-bit tensor
-(b < 16) stores b/8 bytes per element plus, per group of ``group_size`` elements, an fp16 scale and
-an fp16 zero point (KIVI-style asymmetric group quantization); 16-bit stores 2 bytes per element.
+Two views of the same storage layout (:mod:`sparsealloc.pruning.kv_cache`, KIVI-style asymmetric
+group quantization, Liu et al. 2024, arXiv:2402.02750):
+
+* :func:`kv_bytes_per_token` — the study objective ``kv_bytes``: what one more token costs once the
+  cache is long, over all attention layers. Per layer and token, ``H_kv · D`` elements for K and as
+  many for V. A b-bit tensor (b < 16) stores its codes packed (``ceil(D/8)·b`` bytes per token and
+  head, 8 codes in b bytes; ``D`` bytes at 8 bits) plus an fp16 scale and an fp16 zero per group:
+  keys are grouped along tokens (``D`` groups per ``group_size`` tokens), values along channels
+  (``ceil(D/group_size)`` groups per token). 16-bit stores 2 bytes per element.
+* :func:`kv_cache_bytes` — the exact bytes a cache of ``n`` tokens holds, including the
+  full-precision part the per-token rate leaves out: the residual window of recent tokens and the
+  incomplete key group (at most ``residual + group_size − 1`` tokens of keys and ``residual`` of
+  values, in 16 bits). ``kv_cache_bytes(n) / n`` tends to the per-token rate as ``n`` grows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from sparsealloc.pruning.kv_pack import packed_width
+from sparsealloc.pruning.kv_quant import key_quantized_length, value_quantized_length
+
+FULL_PRECISION_BYTES = 2  # fp16 / bf16: the 16-bit setting and the residual window
+GROUP_PARAM_BYTES = 4  # fp16 scale + fp16 zero per group
+
 
 def bytes_per_element(bits: int, group_size: int = 32) -> float:
-    """Storage per element for ``bits``, scale and zero point included."""
+    """Storage per element for ``bits``, scale and zero point included (head dim a multiple of 8 and of the group)."""
     if bits >= 16:
-        return 2.0
-    return bits / 8 + 4.0 / group_size
+        return float(FULL_PRECISION_BYTES)
+    return bits / 8 + GROUP_PARAM_BYTES / group_size
+
+
+def _key_bytes_per_token(bits: int, head_dim: int, group_size: int) -> float:
+    if bits >= 16:
+        return float(FULL_PRECISION_BYTES * head_dim)
+    return packed_width(head_dim, bits) + head_dim * GROUP_PARAM_BYTES / group_size
+
+
+def _value_bytes_per_token(bits: int, head_dim: int, group_size: int) -> float:
+    if bits >= 16:
+        return float(FULL_PRECISION_BYTES * head_dim)
+    return packed_width(head_dim, bits) + -(-head_dim // group_size) * GROUP_PARAM_BYTES
+
+
+def _bits(kv_bits: Mapping[str, Mapping[str, int]], name: str) -> tuple[int, int]:
+    bits = kv_bits.get(name, {"k": 16, "v": 16})
+    return int(bits["k"]), int(bits["v"])
 
 
 def kv_bytes_per_token(attention: Sequence[str], kv_bits: Mapping[str, Mapping[str, int]],
                        n_kv_heads: int, head_dim: int, group_size: int = 32) -> float:
     """KV-cache bytes one token costs over all ``attention`` layers (16-bit where not in ``kv_bits``)."""
-    per_layer = n_kv_heads * head_dim
     total = 0.0
     for name in attention:
-        bits = kv_bits.get(name, {"k": 16, "v": 16})
-        total += per_layer * (bytes_per_element(bits["k"], group_size) + bytes_per_element(bits["v"], group_size))
+        k, v = _bits(kv_bits, name)
+        total += n_kv_heads * (_key_bytes_per_token(k, head_dim, group_size)
+                               + _value_bytes_per_token(v, head_dim, group_size))
+    return total
+
+
+def kv_cache_bytes(attention: Sequence[str], kv_bits: Mapping[str, Mapping[str, int]], n_kv_heads: int,
+                   head_dim: int, n_tokens: int, group_size: int = 32, residual: int = 0, batch: int = 1) -> int:
+    """Exact bytes a :class:`~sparsealloc.pruning.kv_cache.PackedKVCache` holds after ``n_tokens`` tokens.
+
+    Args:
+        attention: Attention module FQNs (one cache layer each).
+        kv_bits: {attention FQN: {"k": bits, "v": bits}}; 16 where missing.
+        n_kv_heads: Key/value heads per layer.
+        head_dim: Head dimension.
+        n_tokens: Tokens in the cache (prompt plus generated tokens fed back).
+        group_size: Quantization group size.
+        residual: Full-precision window of recent tokens.
+        batch: Sequences in the batch.
+    """
+    total = 0
+    full_token = FULL_PRECISION_BYTES * head_dim
+    for name in attention:
+        k, v = _bits(kv_bits, name)
+        if k >= 16:
+            key = n_tokens * full_token
+        else:
+            q = key_quantized_length(n_tokens, residual, group_size)
+            key = q * packed_width(head_dim, k) + (q // group_size) * head_dim * GROUP_PARAM_BYTES
+            key += (n_tokens - q) * full_token
+        if v >= 16:
+            value = n_tokens * full_token
+        else:
+            q = value_quantized_length(n_tokens, residual)
+            value = q * (packed_width(head_dim, v) + -(-head_dim // group_size) * GROUP_PARAM_BYTES)
+            value += (n_tokens - q) * full_token
+        total += batch * n_kv_heads * (key + value)
     return total
 
 
