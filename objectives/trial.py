@@ -65,8 +65,12 @@ class TrialEvaluator:
         if decoded.allocator is not None:
             name, params = decoded.allocator
             inputs = AllocationInputs(self.ctx.layout, self.ctx.weights(), self.ctx.stats)
-            sparsity = allocate(name, inputs, self.spec.target_sparsity, **params)
-        return decoded.to_plan(self.spec.pattern, self.ctx.model_info, sparsity=sparsity)
+            budget = self.spec.target_sparsity if decoded.budget is None else decoded.budget
+            sparsity = allocate(name, inputs, budget, **params)
+        provenance = None
+        if decoded.kv_bits:  # how the bits are meant travels with the plan (sparsealloc generate)
+            provenance = {"kv": {"group_size": self.spec.kv.group_size, "residual": self.spec.kv.residual}}
+        return decoded.to_plan(self.spec.pattern, self.ctx.model_info, sparsity=sparsity, provenance=provenance)
 
     def __call__(self, values: Mapping[str, Any], report: Callable[[int, float], None] | None = None) -> Outcome:
         start = time.perf_counter()
@@ -83,7 +87,7 @@ class TrialEvaluator:
                     report(step, value)
 
             state.report = record
-            with kv_fake_quant(self.ctx.model, plan.kv_bits, self.spec.kv.group_size):
+            with kv_fake_quant(self.ctx.model, plan.kv_bits, self.spec.kv.group_size, self.spec.kv.residual):
                 values_out = tuple(float(fn(self.ctx, state)) for fn in self.objectives)
         except TrialFailed as exc:
             return Outcome("failed", reason=exc.reason)

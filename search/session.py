@@ -114,12 +114,18 @@ def stored_spec(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:
 
 
 def warm_start_values(evaluator: TrialEvaluator, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Parameter values of the hand-made allocations (uniform, OWL, depth ramp) in this space."""
+    """Parameter values of the hand-made allocations (uniform, OWL, depth ramp) in this space.
+
+    In a space with KV bits, "uniform" stands for the uniform allocation at every uniform
+    bit-width (16, then ``uniform-kv8``, ``uniform-kv4``...), so NSGA-III starts from the whole
+    uniform KV front.
+    """
     space, spec, ctx = evaluator.space, evaluator.spec, evaluator.ctx
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         if name == "uniform":
             out[name] = space.defaults()
+            out.update(space.uniform_kv())
         elif "layerwise" in spec.space:
             inputs = AllocationInputs(ctx.layout, ctx.weights(), ctx.stats)
             out[name] = space.encode_sparsity(allocate(name, inputs, spec.target_sparsity))
@@ -176,7 +182,7 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec) ->
         plan = AllocationPlan.from_dict(trial.user_attrs["plan"])
         ctx.restore_()
         prune_(ctx.model, plan, ctx.stats, layout=ctx.layout)
-        with kv_fake_quant(ctx.model, plan.kv_bits, spec.kv.group_size):
+        with kv_fake_quant(ctx.model, plan.kv_bits, spec.kv.group_size, spec.kv.residual):
             ppl[trial.number] = perplexity(ctx.model, stream, spec.validation.seq_len, spec.validation.windows)
         proxy[trial.number] = trial.values[0]
     ctx.restore_()

@@ -5,7 +5,10 @@ with ``linears``, ``blocks``, ``block_of``, ``numels`` and ``attention``, such a
 :class:`sparsealloc.pruning.ModelLayout`). Pure Python: no optimizer, no torch.
 
 Every candidate decodes to an allocation whose parameter-weighted mean sparsity equals the target
-exactly (:func:`~sparsealloc.spaces.budget.project_to_budget`).
+exactly (:func:`~sparsealloc.spaces.budget.project_to_budget`). With ``remaining_weights`` among the
+objectives the target itself is searched (parameter ``budget/sparsity`` within ``target_sparsity ±
+layerwise.radius``), so a multi-objective front can trade weights for error; otherwise that
+objective would be a constant.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from sparsealloc.spaces.spec import StudySpec
 METRIC_COEFFICIENTS = ("no_coe", "column_sum", "relative_sum")
 #: Transforms kept in the space; sqrt and square are covered by the continuous exponents.
 METRIC_TRANSFORMS = ("no_op", "log", "sigmoid", "exp", "softmax")
+#: The overall sparsity, searched when ``remaining_weights`` is an objective.
+BUDGET_PARAM = "budget/sparsity"
 
 
 class LayoutLike(Protocol):
@@ -45,6 +50,7 @@ class Decoded:
         metric: Pruning metric and parameters.
         kv_bits: {attention FQN: {"k": bits, "v": bits}}; empty when KV bits are not searched.
         group_ratios: Repaired ratio per search group (for plots and debugging).
+        budget: The overall sparsity this candidate was repaired to (the spec's target unless searched).
     """
 
     sparsity: dict[str, float] | None
@@ -52,6 +58,7 @@ class Decoded:
     metric: MetricChoice
     kv_bits: dict[str, dict[str, int]] = field(default_factory=dict)
     group_ratios: dict[str, float] = field(default_factory=dict)
+    budget: float | None = None
 
     def to_plan(self, pattern: str = "unstructured", model: Mapping[str, Any] | None = None,
                 sparsity: Mapping[str, float] | None = None, provenance: Mapping[str, Any] | None = None
@@ -107,6 +114,8 @@ class SearchSpace:
         lw = spec.layerwise
         self.lo = max(0.0, self.target - lw.radius)
         self.hi = min(lw.max_sparsity, self.target + lw.radius)
+        if "remaining_weights" in spec.objectives and spec.pattern == "unstructured":
+            self.params.append(FloatParam(BUDGET_PARAM, self.lo, self.hi, lw.step))
         if "layerwise" in spec.space:
             self.groups = _groups(spec, layout)
             self.group_numels = {g: sum(layout.numels[n] for n in names) for g, names in self.groups.items()}
@@ -152,10 +161,11 @@ class SearchSpace:
         if unknown:
             raise SpecError(f"unknown search parameters {sorted(unknown)[:3]}; this space has {len(self.params)} others")
         get = lambda p: p.clip(values[p.name]) if p.name in values else self.default(p)  # noqa: E731
+        target = get(self.by_name[BUDGET_PARAM]) if BUDGET_PARAM in self.by_name else self.target
         sparsity = group_ratios = None
         if self.groups:
             raw = {g: get(self.by_name[g]) for g in self.groups}
-            group_ratios = project_to_budget(raw, self.group_numels, self.target, self.lo, self.hi)
+            group_ratios = project_to_budget(raw, self.group_numels, target, self.lo, self.hi)
             sparsity = {n: group_ratios[g] for g, names in self.groups.items() for n in names}
         allocator = None
         if "allocator" in self.spec.space:
@@ -163,8 +173,8 @@ class SearchSpace:
             prefix = f"allocator/{name}/"
             allocator = (name, {p.name[len(prefix):]: float(get(p)) for p in self.params if p.name.startswith(prefix)})
         elif sparsity is None:
-            sparsity = {n: self.target for n in self.layout.linears}
-        return Decoded(sparsity, allocator, self._metric(get), self._kv_bits(get), group_ratios or {})
+            sparsity = {n: target for n in self.layout.linears}
+        return Decoded(sparsity, allocator, self._metric(get), self._kv_bits(get), group_ratios or {}, target)
 
     def _metric(self, get) -> MetricChoice:
         if "metric" not in self.spec.space:
@@ -188,7 +198,7 @@ class SearchSpace:
     def default(self, param: Param) -> Any:
         """Value meaning "as the hand-made default": target ratio, Wanda metric, 16-bit KV."""
         name = param.name
-        if name.startswith("sparsity/"):
+        if name.startswith("sparsity/") or name == BUDGET_PARAM:
             return param.clip(self.target)
         defaults = {"metric/w_coef": "no_coe", "metric/x_coef": "no_coe", "metric/w_transform": "no_op",
                     "metric/x_transform": "no_op", "metric/w_exponent": 1.0, "metric/x_exponent": 1.0,
@@ -203,6 +213,17 @@ class SearchSpace:
     def defaults(self) -> dict[str, Any]:
         """All parameters at their defaults (the uniform warm start)."""
         return {p.name: self.default(p) for p in self.params}
+
+    def uniform_kv(self) -> dict[str, dict[str, Any]]:
+        """The defaults at every lower uniform KV bit-width (``"uniform-kv8"``: all K and V at 8 bits...).
+
+        Empty unless KV bits are searched; the highest width is :meth:`defaults` itself.
+        """
+        kv = [p for p in self.params if p.name.startswith("kv_bits/")]
+        if not kv:
+            return {}
+        lower = sorted(set(self.spec.kv.bits), reverse=True)[1:]
+        return {f"uniform-kv{b}": {**self.defaults(), **{p.name: b for p in kv}} for b in lower}
 
     def encode_sparsity(self, ratios: Mapping[str, float]) -> dict[str, Any]:
         """Parameters approximating per-Linear ``ratios`` (e.g. OWL's): weighted mean per group, clipped.

@@ -8,7 +8,7 @@ Example::
     space: [layerwise]            # any of: layerwise, metric, kv, allocator
     layerwise: {granularity: block, radius: 0.3}
     metric: {name: wanda}
-    kv: {bits: [2, 3, 4, 8, 16], group_size: 32}
+    kv: {bits: [2, 3, 4, 8, 16], group_size: 32, residual: 0}
     allocator: {name: owl}        # low-dimensional alternative to layerwise
     objectives: [kl]              # first one is the error proxy (kl or reconstruction)
     sampler: tpe
@@ -96,17 +96,24 @@ class MetricSpec:
 
 @dataclass(frozen=True)
 class KVSpec:
-    """Per-layer KV-cache bit-widths for K and V."""
+    """Per-layer KV-cache bit-widths for K and V (KIVI group quantization).
+
+    ``residual`` is the full-precision window of recent tokens; 0 quantizes every token in the
+    proxy (see :mod:`sparsealloc.pruning.kv_quant`).
+    """
 
     bits: tuple[int, ...] = (2, 3, 4, 8, 16)
     group_size: int = 32
     separate_kv: bool = True
+    residual: int = 0
 
     def validate(self) -> None:
         bits = tuple(self.bits)
         _expect(len(bits) >= 1 and all(b in (2, 3, 4, 8, 16) for b in bits),
                 "kv.bits must be a non-empty subset of [2, 3, 4, 8, 16]", self.bits)
         _expect(isinstance(self.group_size, int) and self.group_size >= 1, "kv.group_size must be a positive integer", self.group_size)
+        _expect(isinstance(self.residual, int) and not isinstance(self.residual, bool) and self.residual >= 0,
+                "kv.residual must be an integer >= 0", self.residual)
 
 
 @dataclass(frozen=True)
