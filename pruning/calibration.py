@@ -9,7 +9,7 @@ generator. Memory is bounded by ``n × seq_len`` tokens, never by ``max_position
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,7 +198,7 @@ def decoder_trunk(model: nn.Module) -> nn.Module:
 @torch.inference_mode()
 def collect_stats(
     model: nn.Module,
-    windows: torch.Tensor,
+    windows: torch.Tensor | Sequence[Mapping[str, torch.Tensor]],
     batch_size: int = 4,
     gram: bool = False,
     layout: ModelLayout | None = None,
@@ -207,8 +207,11 @@ def collect_stats(
 
     Args:
         model: A causal LM (see :mod:`sparsealloc.pruning.structure`).
-        windows: Token ids, shape (n, seq_len).
-        batch_size: Windows per forward call.
+        windows: Token ids, shape (n, seq_len), run through the language model alone; or, for
+            multimodal models such as LLaVA, a sequence of ready input batches (mappings like
+            ``{"input_ids", "pixel_values", "attention_mask"}``) run through the whole model, so the
+            language model's Linears see the projected image features at the image tokens.
+        batch_size: Windows per forward call (token-id windows only).
         gram: Also accumulate XᵀX (in × in per distinct input; SparseGPT, Gram-based proxies).
         layout: Precomputed layout of ``model``.
 
@@ -222,9 +225,12 @@ def collect_stats(
     device = next(model.parameters()).device
     trunk = decoder_trunk(model)
     try:
-        batches = windows.split(batch_size)
+        batches = windows.split(batch_size) if isinstance(windows, torch.Tensor) else list(windows)
         for batch in track(batches, desc="calibration", total=len(batches), unit="batch"):
-            trunk(input_ids=batch.to(device), use_cache=False)
+            if isinstance(batch, torch.Tensor):
+                trunk(input_ids=batch.to(device), use_cache=False)
+            else:
+                model(**{key: value.to(device) for key, value in batch.items()}, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
