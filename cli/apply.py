@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 from sparsealloc.cli.common import add_calibration_args, add_model_args, calibrate_and_prune, calibration_source, load
-from sparsealloc.core.errors import SpecError
+from sparsealloc.core.errors import check_output_dir, writing
 
 LM_EVAL_TASKS = "wikitext,hellaswag,arc_easy"
 
@@ -49,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything that needs no model first: plan file, metric, calibration text.
     plan = check_plan(args.plan)
-    if Path(args.save).exists() and not Path(args.save).is_dir():
-        raise SpecError(f"expected --save to name a folder, but {args.save!r} is a file")
+    check_output_dir(args.save, "--save")
     calib = calibration_source(args)
     calib_text = calib.read()
     model, tokenizer, _ = load(args)
@@ -58,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     resolve_plan(plan, layout)  # a plan for another model fails before the calibration pass
     plan, report, timings = calibrate_and_prune(args, model, tokenizer, layout, plan, calib, calib_text)
     save = Path(args.save)
-    save_pruned(model, tokenizer, save, plan)
-    recipe = write_recipe(plan, layout.linears, save / "recipe.yaml")
+    with writing(f"the pruned checkpoint to {args.save!r}"):
+        save_pruned(model, tokenizer, save, plan)
+        recipe = write_recipe(plan, layout.linears, save / "recipe.yaml")
     command = lm_eval_command(save.resolve())
     result = {"model": args.model, "plan": args.plan, "metric": plan.metric.name, "pattern": plan.pattern,
               "requested_sparsity": round(report.requested_mean, 6),

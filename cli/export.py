@@ -17,10 +17,14 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sparsealloc.core.errors import check_output_dir, writing
     from sparsealloc.storage.export import export_study
-    from sparsealloc.storage.rdb import load_study, open_storage
+    from sparsealloc.storage.rdb import load_study, open_storage, store_errors
 
-    study = load_study(open_storage(args.storage, create=False), args.name)
-    for path in export_study(study, args.out, pareto=True if args.pareto else None):
+    check_output_dir(args.out, "--out")
+    with store_errors(args.storage), writing(f"the exported plans to {args.out!r}"):
+        study = load_study(open_storage(args.storage, create=False), args.name)
+        paths = export_study(study, args.out, pareto=True if args.pareto else None)
+    for path in paths:
         print(f"exported: {path}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -91,6 +92,10 @@ def _quiet_libraries(debug: bool) -> None:
 
     if not debug:
         warnings.filterwarnings("ignore", message=r".*is experimental.*")
+        # huggingface_hub logs each failed download attempt; the error itself is reported on one line.
+        # (The variable counts when the library configures its logger later; the level when it has.)
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         try:
             import optuna
 

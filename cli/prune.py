@@ -17,7 +17,7 @@ from sparsealloc.cli.common import (
     key_value,
     load,
 )
-from sparsealloc.core.errors import SpecError
+from sparsealloc.core.errors import SpecError, check_output_dir, writing
 
 
 def register(sub) -> None:
@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Validate everything that needs no model before the (slow) model load.
     check_flags(args)
+    if args.save:
+        check_output_dir(args.save, "--save")
     calib = calibration_source(args)
     calib_text = calib.read()
     evaluation = None if args.no_eval else eval_source(args.eval_text)
@@ -148,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
         result["eval_text"] = evaluation.describe()
         timings["evaluation_s"] = time.perf_counter() - start
     if args.save:
-        save_pruned(model, tokenizer, args.save, plan)
+        with writing(f"the pruned checkpoint to {args.save!r}"):
+            save_pruned(model, tokenizer, args.save, plan)
         result["saved"] = args.save
     if args.report:
         print(sparsity_report(model).to_string(index=False))

@@ -38,14 +38,18 @@ def layout_numels(name: str | None) -> dict[str, int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparsealloc.storage.rdb import load_study, open_storage, redact
+    from sparsealloc.core.errors import check_output_dir, writing
+    from sparsealloc.storage.rdb import load_study, open_storage, redact, store_errors
     from sparsealloc.storage.report import SPEC_ATTR, report_trial, write_report
 
-    study = load_study(open_storage(args.storage, create=False), args.name)
-    report_trial(study)  # no completed trial → one-line error before anything is written
-    model = args.model or (study.user_attrs.get(SPEC_ATTR) or {}).get("model")
-    numels = None if args.no_model else layout_numels(model)
-    report = write_report(study, args.out, numels=numels, storage_label=redact(args.storage))
+    check_output_dir(args.out, "--out")
+    with store_errors(args.storage):
+        study = load_study(open_storage(args.storage, create=False), args.name)
+        report_trial(study)  # no completed trial → one-line error before anything is written
+        model = args.model or (study.user_attrs.get(SPEC_ATTR) or {}).get("model")
+        numels = None if args.no_model else layout_numels(model)
+        with writing(f"the report to {args.out!r}"):
+            report = write_report(study, args.out, numels=numels, storage_label=redact(args.storage))
     for path in report.files:
         print(f"wrote: {path}")
     for note in report.notes:

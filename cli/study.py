@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from typing import Any
 
@@ -140,21 +141,21 @@ def resume_command(args: argparse.Namespace) -> int:
 
 
 def _execute(spec, args: argparse.Namespace, validate: bool, export_dir: str | None) -> int:
-    from sparsealloc.search.orchestrator import run_study
-    from sparsealloc.search.session import build_evaluator, enqueue_warm_starts, open_sampler
-    from sparsealloc.search.session import validate as validate_study
+    from sparsealloc.search.session import build_evaluator, preflight
     from sparsealloc.search.samplers.base import SAMPLERS
-    from sparsealloc.storage.export import export_study
-    from sparsealloc.storage.rdb import open_storage, recover_orphans
+    from sparsealloc.storage.rdb import check_storage, parse_storage_url, redact, store_errors
 
     from sparsealloc.core import progress
+    from sparsealloc.core.errors import check_output_dir
 
-    storage_url = args.storage
+    storage_url = parse_storage_url(args.storage)
     check_workers(args)
     SAMPLERS.get(spec.sampler)
-    shared = not storage_url.startswith("sqlite")
-    # Shared stores (PostgreSQL) may have several orchestrators: heartbeats instead of orphan sweeps.
-    storage = open_storage(storage_url, heartbeat_interval=HEARTBEAT_SECONDS if shared else None)
+    if export_dir:
+        check_output_dir(export_dir, "--export")
+    # Nothing is loaded or written before the inputs, the store and the model have been checked.
+    preflight(spec, validate)
+    check_storage(storage_url)
     if progress.get_mode() != "bar":  # --quiet / --log-format json: no transformers loading bars
         from transformers.utils import logging as hf_logging
 
@@ -162,6 +163,24 @@ def _execute(spec, args: argparse.Namespace, validate: bool, export_dir: str | N
     start = time.perf_counter()
     evaluator = build_evaluator(spec)
     setup_s = time.perf_counter() - start
+    hint = (f"trials written so far are kept; continue with: sparsealloc study resume {shlex.quote(spec.name)} "
+            f"--storage {shlex.quote(redact(storage_url))}")
+    with store_errors(storage_url, hint):
+        return _search(spec, args, evaluator, storage_url, setup_s, validate, export_dir)
+
+
+def _search(spec, args: argparse.Namespace, evaluator, storage_url: str, setup_s: float, validate: bool,
+            export_dir: str | None) -> int:
+    from sparsealloc.core.errors import writing
+    from sparsealloc.search.orchestrator import run_study
+    from sparsealloc.search.session import enqueue_warm_starts, open_sampler
+    from sparsealloc.search.session import validate as validate_study
+    from sparsealloc.storage.export import export_study
+    from sparsealloc.storage.rdb import open_storage, recover_orphans
+
+    shared = not storage_url.startswith("sqlite")
+    # Shared stores (PostgreSQL) may have several orchestrators: heartbeats instead of orphan sweeps.
+    storage = open_storage(storage_url, heartbeat_interval=HEARTBEAT_SECONDS if shared else None)
     sampler = open_sampler(spec, storage, evaluator.space)
     orphans = [] if shared else recover_orphans(sampler.study)
     if orphans:
@@ -181,7 +200,8 @@ def _execute(spec, args: argparse.Namespace, validate: bool, export_dir: str | N
     if export_dir:
         from sparsealloc.storage.export import plan_of
 
-        paths = export_study(study, export_dir)
+        with writing(f"the exported plans to {export_dir!r}"):
+            paths = export_study(study, export_dir)
         for path in paths:
             print(f"exported: {path}")
         if len(paths) == 1:
@@ -205,15 +225,16 @@ def _print_validation(study, validation: dict[str, Any]) -> None:
 
 
 def list_command(args: argparse.Namespace) -> int:
-    from sparsealloc.storage.rdb import open_storage
-
-    storage = open_storage(args.storage, create=False)
     import optuna
 
+    from sparsealloc.storage.rdb import open_storage, store_errors
+
     rows = []
-    for summary in optuna.get_all_study_summaries(storage):
-        states = _state_counts(optuna.load_study(study_name=summary.study_name, storage=storage))
-        rows.append((summary.study_name, len(summary.directions), states))
+    with store_errors(args.storage):
+        storage = open_storage(args.storage, create=False)
+        for summary in optuna.get_all_study_summaries(storage):
+            states = _state_counts(optuna.load_study(study_name=summary.study_name, storage=storage))
+            rows.append((summary.study_name, len(summary.directions), states))
     if not rows:
         print("no studies")
     for name, n_obj, states in rows:
@@ -228,9 +249,10 @@ def _state_counts(study) -> dict[str, int]:
 
 
 def show_command(args: argparse.Namespace) -> int:
-    from sparsealloc.storage.rdb import load_study, open_storage
+    from sparsealloc.storage.rdb import load_study, open_storage, store_errors
 
-    study = load_study(open_storage(args.storage, create=False), args.name)
+    with store_errors(args.storage):
+        study = load_study(open_storage(args.storage, create=False), args.name)
     print(f"study: {study.study_name}")
     print(f"objectives: {study.metric_names or ['value'] * len(study.directions)}")
     print("trials: " + " ".join(f"{k}={v}" for k, v in _state_counts(study).items()))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -166,7 +167,7 @@ class AllocationPlan:
         if not isinstance(data, Mapping):
             raise SpecError(f"a plan must be a JSON object, but got {type(data).__name__}")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION or isinstance(version, bool):
             raise SpecError(f"plan schema_version must be {SCHEMA_VERSION}, but got {version!r}")
         unknown = set(data) - _TOP_KEYS
         if unknown:
@@ -205,6 +206,8 @@ class AllocationPlan:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SpecError(f"a plan must be valid JSON, but parsing failed: {exc}") from None
+        except RecursionError:
+            raise SpecError("a plan must be valid JSON, but it is nested too deeply to parse") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -231,10 +234,19 @@ class AllocationPlan:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
-        """Write the plan as JSON; returns the path."""
+        """Write the plan as JSON; returns the path.
+
+        The file is written beside the target and renamed over it, so a crash or a full disk never
+        leaves a truncated plan behind (the OSError propagates; the old file, if any, stays).
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            partial.write_text(self.to_json() + "\n", encoding="utf-8")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
 
     def replace(self, **changes: Any) -> AllocationPlan:

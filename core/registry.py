@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from typing import Generic, TypeVar
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
-from sparsealloc.core.errors import DuplicateNameError, UnknownNameError
+from sparsealloc.core.errors import DuplicateNameError, SpecError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -72,3 +75,34 @@ class Registry(Generic[T]):
     def _check_free(self, name: str) -> None:
         if name in self:
             raise DuplicateNameError(f"{self.kind} {name!r} is registered twice")
+
+
+def check_param_types(fn: Callable[..., Any], params: Mapping[str, Any], what: str) -> None:
+    """Raise a SpecError when a parameter's value does not fit the type of ``fn``'s default for it.
+
+    A bool default takes only true/false, a number default only finite numbers (an int default only
+    integers), a string default only strings. Parameters without a default are not checked.
+
+    Args:
+        fn: The registered implementation (metric, allocator...).
+        params: Keyword parameters the user gave.
+        what: How to name ``fn`` in the message ("pruning metric 'stade'").
+    """
+    signature = inspect.signature(fn).parameters
+    for key, value in params.items():
+        default = signature[key].default if key in signature else inspect.Parameter.empty
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        if isinstance(default, bool):
+            ok, expected = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, expected = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            expected = "a finite number"
+        elif isinstance(default, str):
+            ok, expected = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise SpecError(f"parameter {key!r} of {what} expects {expected}, but got {value!r}")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sparsealloc.core.errors import SpecError
-from sparsealloc.core.registry import Registry
+from sparsealloc.core.registry import Registry, check_param_types
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.esd import matrix_alpha
 from sparsealloc.pruning.masks import row_mask, row_mask_from_order, row_order
@@ -298,6 +298,7 @@ def check_allocator(name: str, params: Mapping[str, object] | None = None) -> No
         inspect.signature(fn).bind(None, 0.5, **dict(params or {}))
     except TypeError as exc:
         raise SpecError(f"bad parameters {dict(params or {})} for allocator {name!r}: {exc}") from None
+    check_param_types(fn, dict(params or {}), f"allocator {name!r}")
 
 
 def allocate(name: str, inputs: AllocationInputs, target: float, **params: float) -> dict[str, float]:

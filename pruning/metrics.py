@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from sparsealloc.core.errors import SpecError
-from sparsealloc.core.registry import Registry
+from sparsealloc.core.registry import Registry, check_param_types
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.sparsegpt import inverse_hessian_factor, obs_saliency, sparsegpt_prune
 
@@ -361,6 +361,7 @@ def check_params(name: str, params: dict | None = None) -> None:
         inspect.signature(fn).bind(None, None, **params)
     except TypeError as exc:
         raise SpecError(f"bad parameters {params} for pruning metric {name!r}: {exc}") from None
+    check_param_types(fn, params, f"pruning metric {name!r}")
 
 
 def score(name: str, weight: Tensor, stats: LayerStats, params: dict | None = None,

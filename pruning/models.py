@@ -37,6 +37,25 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device named by ``device`` (None: :func:`default_device`), checked to exist here.
+
+    Raises:
+        SpecError: not a device name, or a CUDA device this machine does not have.
+    """
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SpecError(f"expected a torch device such as 'cpu' or 'cuda:0', but got {device!r}") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise SpecError(f"expected a CUDA device this machine has ({count} visible), but got {device!r}")
+    return resolved
+
+
 def embedded_gguf(name: str = "smollm2-135m") -> Path:
     """Path of the GGUF file of an embedded model.
 
@@ -117,8 +136,12 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    target = resolve_device(device)
     model = _call_loader(AutoModelForCausalLM.from_pretrained, source, **kwargs)
-    model.to(device or default_device()).eval()
+    try:
+        model.to(target).eval()
+    except (RuntimeError, AssertionError) as exc:  # a backend torch was not built with (mps, xpu...)
+        raise SpecError(f"expected a device this machine can use, but {str(device)!r} gave: {exc}") from None
     tokenizer = load_tokenizer(source)
     return model, tokenizer, source
 

@@ -24,7 +24,8 @@ from sparsealloc.pruning.calibration import TextSource, sample_windows, tokenize
 from sparsealloc.pruning.calibration_select import read_calibration_set
 from sparsealloc.pruning.evaluation import perplexity
 from sparsealloc.pruning.kv_quant import kv_fake_quant
-from sparsealloc.pruning.models import load_model
+from sparsealloc.pruning.metrics import check_params
+from sparsealloc.pruning.models import load_model, resolve_device, resolve_source
 from sparsealloc.search.samplers.base import SAMPLERS, Sampler
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import StudySpec
@@ -63,6 +64,27 @@ def build_evaluator(spec: StudySpec, model=None, tokenizer=None) -> TrialEvaluat
     ctx = EvalContext.build(model, windows, spec.calibration.batch_size,
                             model_info={"name": spec.model}, tokenizer=tokenizer)
     return TrialEvaluator(ctx, spec)
+
+
+def preflight(spec: StudySpec, validate: bool = True) -> None:
+    """Check what a study needs from outside before anything is loaded or written.
+
+    The model's files (not its weights), the device, the metric and its parameters, and the
+    calibration and validation files. So a typo fails in a second, before the model is loaded and
+    before the store is touched.
+
+    Raises:
+        SpecError: saying what was expected and what was received.
+    """
+    resolve_source(spec.model)
+    resolve_device(spec.device)
+    check_params(spec.metric.name, dict(spec.metric.params))
+    if spec.calibration.windows_file:
+        read_calibration_set(spec.calibration.windows_file)
+    elif spec.calibration.text:
+        calibration_source(spec).read()
+    if validate and spec.validation.top_k > 0 and spec.validation.text:
+        validation_source(spec).read()
 
 
 def open_sampler(spec: StudySpec, storage: optuna.storages.BaseStorage, space: SearchSpace) -> Sampler:

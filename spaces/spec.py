@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsealloc.core.errors import SpecError, read_user_file
+from sparsealloc.core.plan import parse_pattern
 
 SPACE_COMPONENTS = ("layerwise", "metric", "kv", "allocator")
 GRANULARITIES = ("block", "bins", "projection", "module")
@@ -42,7 +43,32 @@ WARM_STARTS = ("uniform", "owl", "depth_ramp", "alphapruning", "mrp", "dp")
 
 def _expect(cond: bool, what: str, got: Any) -> None:
     if not cond:
-        raise SpecError(f"{what}, but got {got!r}")
+        raise SpecError(f"{what}, but got {_shown(got)}")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, shortened (with its length) when it is long."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[:limit]}...{size}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional_text(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and bool(value))
+
+
+def _unknown_keys(data: Mapping[Any, Any], names: set[str]) -> list[str]:
+    return sorted(str(k) for k in data if k not in names)
 
 
 def _section(data: Mapping[str, Any], key: str, cls: type) -> Any:
@@ -51,8 +77,8 @@ def _section(data: Mapping[str, Any], key: str, cls: type) -> Any:
         value = {}
     _expect(isinstance(value, Mapping), f"spec '{key}' must be a mapping", value)
     names = {f.name for f in fields(cls)}
-    unknown = set(value) - names
-    _expect(not unknown, f"spec '{key}' accepts keys {sorted(names)}", sorted(unknown))
+    unknown = _unknown_keys(value, names)
+    _expect(not unknown, f"spec '{key}' accepts keys {sorted(names)}", unknown)
     try:
         return cls(**value)
     except TypeError as exc:
@@ -71,11 +97,11 @@ class LayerwiseSpec:
 
     def validate(self) -> None:
         _expect(self.granularity in GRANULARITIES, f"layerwise.granularity must be one of {list(GRANULARITIES)}", self.granularity)
-        _expect(isinstance(self.bins, int) and self.bins >= 1, "layerwise.bins must be an integer >= 1", self.bins)
-        _expect(isinstance(self.radius, (int, float)) and 0 < self.radius < 1, "layerwise.radius must be in (0, 1)", self.radius)
-        _expect(self.step is None or (isinstance(self.step, (int, float)) and 0 < self.step <= self.radius),
+        _expect(_is_int(self.bins) and self.bins >= 1, "layerwise.bins must be an integer >= 1", self.bins)
+        _expect(_is_number(self.radius) and 0 < self.radius < 1, "layerwise.radius must be in (0, 1)", self.radius)
+        _expect(self.step is None or (_is_number(self.step) and 0 < self.step <= self.radius),
                 "layerwise.step must be null or in (0, radius]", self.step)
-        _expect(isinstance(self.max_sparsity, (int, float)) and 0 < self.max_sparsity < 1,
+        _expect(_is_number(self.max_sparsity) and 0 < self.max_sparsity < 1,
                 "layerwise.max_sparsity must be in (0, 1)", self.max_sparsity)
 
 
@@ -91,7 +117,8 @@ class MetricSpec:
         _expect(isinstance(self.name, str) and self.name, "metric.name must be a metric name", self.name)
         _expect(isinstance(self.params, Mapping), "metric.params must be a mapping", self.params)
         lo_hi = tuple(self.exponent_range)
-        _expect(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 8, "metric.exponent_range must be [low, high] within [0, 8]", self.exponent_range)
+        _expect(len(lo_hi) == 2 and all(_is_number(x) for x in lo_hi) and 0 <= lo_hi[0] < lo_hi[1] <= 8,
+                "metric.exponent_range must be [low, high] within [0, 8]", self.exponent_range)
 
 
 @dataclass(frozen=True)
@@ -109,11 +136,12 @@ class KVSpec:
 
     def validate(self) -> None:
         bits = tuple(self.bits)
-        _expect(len(bits) >= 1 and all(b in (2, 3, 4, 8, 16) for b in bits),
+        _expect(len(bits) >= 1 and all(_is_int(b) and b in (2, 3, 4, 8, 16) for b in bits),
                 "kv.bits must be a non-empty subset of [2, 3, 4, 8, 16]", self.bits)
-        _expect(isinstance(self.group_size, int) and self.group_size >= 1, "kv.group_size must be a positive integer", self.group_size)
+        _expect(_is_int(self.group_size) and self.group_size >= 1, "kv.group_size must be a positive integer", self.group_size)
         _expect(isinstance(self.residual, int) and not isinstance(self.residual, bool) and self.residual >= 0,
                 "kv.residual must be an integer >= 0", self.residual)
+        _expect(isinstance(self.separate_kv, bool), "kv.separate_kv must be true or false", self.separate_kv)
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,10 @@ class CalibrationSpec:
             value = getattr(self, key)
             _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                     f"calibration.{key} must be a positive integer", value)
+        for key in ("text", "dataset", "windows_file"):
+            _expect(_optional_text(getattr(self, key)), f"calibration.{key} must be null or a non-empty string",
+                    getattr(self, key))
+        _expect(_is_int(self.seed), "calibration.seed must be an integer", self.seed)
         sources = [s for s in (self.text, self.dataset, self.windows_file) if s]
         _expect(len(sources) <= 1, "calibration takes one of text, dataset or windows_file", sources)
 
@@ -163,8 +195,9 @@ class ValidationSpec:
     def validate(self) -> None:
         for key in ("seq_len", "windows"):
             value = getattr(self, key)
-            _expect(isinstance(value, int) and value >= 1, f"validation.{key} must be a positive integer", value)
-        _expect(isinstance(self.top_k, int) and self.top_k >= 0, "validation.top_k must be an integer >= 0", self.top_k)
+            _expect(_is_int(value) and value >= 1, f"validation.{key} must be a positive integer", value)
+        _expect(_is_int(self.top_k) and self.top_k >= 0, "validation.top_k must be an integer >= 0", self.top_k)
+        _expect(_optional_text(self.text), "validation.text must be null or a non-empty string", self.text)
 
 
 @dataclass(frozen=True)
@@ -195,9 +228,18 @@ class StudySpec:
         self.validate()
 
     def validate(self) -> None:
-        _expect(isinstance(self.name, str) and 0 < len(self.name) <= 200 and self.name.strip() == self.name,
-                "name must be a non-empty string of at most 200 characters without surrounding spaces", self.name)
-        _expect(isinstance(self.model, str) and bool(self.model), "model must be a model name or path", self.model)
+        _expect(isinstance(self.name, str) and 0 < len(self.name) <= 200 and self.name.strip() == self.name
+                and self.name.isprintable(),
+                "name must be a non-empty string of at most 200 printable characters without surrounding spaces",
+                self.name)
+        _expect(isinstance(self.model, str) and bool(self.model) and self.model.isprintable(),
+                "model must be a model name or path", self.model)
+        _expect(self.device is None or (isinstance(self.device, str) and bool(self.device)),
+                "device must be null or a torch device name such as 'cpu' or 'cuda:0'", self.device)
+        try:
+            parse_pattern(self.pattern)
+        except SpecError as exc:
+            raise SpecError(f"spec {exc}") from None
         _expect(isinstance(self.target_sparsity, (int, float)) and not isinstance(self.target_sparsity, bool)
                 and 0 <= self.target_sparsity < 1, "target_sparsity must be in [0, 1)", self.target_sparsity)
         space = tuple(self.space)
@@ -213,9 +255,9 @@ class StudySpec:
         for key in ("trials", "population_size"):
             value = getattr(self, key)
             _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{key} must be a positive integer", value)
-        _expect(self.timeout is None or (isinstance(self.timeout, (int, float)) and self.timeout > 0),
+        _expect(self.timeout is None or (_is_number(self.timeout) and 0 < self.timeout < float("inf")),
                 "timeout must be null or a positive number of seconds", self.timeout)
-        _expect(isinstance(self.seed, int), "seed must be an integer", self.seed)
+        _expect(_is_int(self.seed), "seed must be an integer", self.seed)
         _expect(all(w in WARM_STARTS for w in self.warm_start), f"warm_start must be names among {list(WARM_STARTS)}", self.warm_start)
         if self.pattern != "unstructured":
             _expect("layerwise" not in space and "allocator" not in space,
@@ -232,8 +274,8 @@ class StudySpec:
         """Validate parsed YAML/JSON."""
         _expect(isinstance(data, Mapping), "a study spec must be a mapping", type(data).__name__)
         names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        _expect(not unknown, f"spec accepts keys {sorted(names)}", sorted(unknown))
+        unknown = _unknown_keys(data, names)
+        _expect(not unknown, f"spec accepts keys {sorted(names)}", unknown)
         sections = {"layerwise": LayerwiseSpec, "metric": MetricSpec, "kv": KVSpec, "allocator": AllocatorSpec,
                     "calibration": CalibrationSpec, "validation": ValidationSpec}
         kwargs = {k: v for k, v in data.items() if k not in sections}
@@ -248,8 +290,11 @@ class StudySpec:
             if key in data:
                 kwargs[key] = _section(data, key, section)
         if "kv" in kwargs:
+            _expect(isinstance(kwargs["kv"].bits, (list, tuple)), "kv.bits must be a list of bit-widths", kwargs["kv"].bits)
             kwargs["kv"] = replace(kwargs["kv"], bits=tuple(kwargs["kv"].bits))
         if "metric" in kwargs:
+            _expect(isinstance(kwargs["metric"].exponent_range, (list, tuple)),
+                    "metric.exponent_range must be [low, high] within [0, 8]", kwargs["metric"].exponent_range)
             kwargs["metric"] = replace(kwargs["metric"], exponent_range=tuple(kwargs["metric"].exponent_range))
         try:
             return cls(**kwargs)
@@ -266,6 +311,8 @@ class StudySpec:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise SpecError(f"expected a YAML or JSON spec in {str(path)!r}, but parsing failed: {' '.join(str(exc).split())}") from None
+        except RecursionError:
+            raise SpecError(f"expected a YAML or JSON spec in {str(path)!r}, but it is nested too deeply to parse") from None
         return cls.from_dict(data or {})
 
     def override(self, **changes: Any) -> StudySpec:
