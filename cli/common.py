@@ -20,6 +20,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, but got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, but got {value}")
+    return value
+
+
 def fraction(text: str) -> float:
     try:
         value = float(text)
@@ -133,6 +143,7 @@ def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan
 
     from sparsealloc.pruning import collect_stats, prune_, sample_windows, tokenize_stream
     from sparsealloc.pruning.calibration_select import CalibrationSet
+    from sparsealloc.pruning.layer_prune import compensate_, with_dropped_blocks
     from sparsealloc.pruning.metrics import metric_traits
 
     selected = isinstance(calib, CalibrationSet)  # --calib-windows: the windows are given
@@ -152,7 +163,13 @@ def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan
     timings["calibration_s"] = time.perf_counter() - start
     if adjust is not None:
         plan = adjust(plan, stats)
+    if getattr(args, "drop_blocks", 0):  # prune --drop-blocks K: BI schedule on these windows
+        plan = with_dropped_blocks(plan, model, windows, args.drop_blocks, not args.no_compensation, layout,
+                                   args.calib_batch_size)
     start = time.perf_counter()
+    scales = plan.provenance.get("layer_prune", {}).get("compensation") if plan.dropped_layers else None
+    if scales:  # Prune&Comp: fuse the dropped blocks' scales before the blocks go
+        compensate_(model, scales)
     report = prune_(model, plan, stats, layout=layout)
     timings["prune_s"] = time.perf_counter() - start
     return plan, report, timings

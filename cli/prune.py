@@ -16,6 +16,7 @@ from sparsealloc.cli.common import (
     fraction,
     key_value,
     load,
+    non_negative_int,
 )
 from sparsealloc.core.errors import SpecError, check_output_dir, writing
 
@@ -34,6 +35,10 @@ def register(sub) -> None:
                         help="layerwise allocator for --sparsity (uniform, owl, alphapruning, mrp, dp, ...)")
     parser.add_argument("--allocator-arg", type=key_value, action="append", default=[], metavar="K=V",
                         help="allocator parameter, repeatable (e.g. m=5 for owl)")
+    parser.add_argument("--drop-blocks", type=non_negative_int, default=0, metavar="K",
+                        help="also drop the K lowest Block-Influence decoder blocks (counted in the sparsity)")
+    parser.add_argument("--no-compensation", action="store_true",
+                        help="with --drop-blocks: plain dropping, no Prune&Comp magnitude compensation")
     add_calibration_args(parser)
     add_eval_args(parser)
     parser.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
@@ -48,9 +53,12 @@ def check_flags(args: argparse.Namespace) -> None:
     from sparsealloc.pruning.metrics import check_params
 
     _check_allocator_flags(args)
+    if args.no_compensation and not args.drop_blocks:
+        raise SpecError("expected --no-compensation only with --drop-blocks K, but got no --drop-blocks")
     if args.plan:
         given = [flag for flag, value in (("--sparsity", args.sparsity), ("--metric", args.metric),
-                                          ("--pattern", args.pattern), ("--allocator", args.allocator))
+                                          ("--pattern", args.pattern), ("--allocator", args.allocator),
+                                          ("--drop-blocks", args.drop_blocks or None))
                  if value is not None]
         if given or args.metric_arg:
             raise SpecError(f"expected either --plan or {'/'.join(given or ['--metric-arg'])}, but got both")

@@ -43,6 +43,8 @@ def remaining_weights(ctx: EvalContext, trial: TrialState) -> float:
 
 @OBJECTIVES.register("kv_bytes")
 def kv_bytes(ctx: EvalContext, trial: TrialState) -> float:
-    """KV-cache bytes per token (analytic, fp16 scales and zeros included)."""
+    """KV-cache bytes per token (analytic, fp16 scales and zeros included); dropped blocks hold none."""
     heads, head_dim = kv_geometry(ctx.model.config)
-    return kv_bytes_per_token(ctx.layout.attention, trial.plan.kv_bits, heads, head_dim, trial.group_size)
+    dropped = tuple(f"{block}." for block in trial.plan.dropped_layers)
+    attention = [a for a in ctx.layout.attention if not a.startswith(dropped)] if dropped else ctx.layout.attention
+    return kv_bytes_per_token(attention, trial.plan.kv_bits, heads, head_dim, trial.group_size)

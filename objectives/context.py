@@ -50,6 +50,8 @@ class EvalContext:
     orders: dict[str, torch.Tensor] = field(default_factory=dict)
     orders_metric: Any = None
     dense_logprobs: list[torch.Tensor] = field(default_factory=list)
+    drop_schedule: Any = None
+    pristine_extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     @torch.inference_mode()
@@ -89,6 +91,8 @@ class EvalContext:
                 module.bias = None
             else:
                 module.bias.data.copy_(bias)
+        for name, weight in self.pristine_extra.items():
+            modules[name].weight.data.copy_(weight)
 
     @torch.inference_mode()
     def cache_orders(self, metric) -> None:
@@ -105,6 +109,24 @@ class EvalContext:
         self.orders = {n: row_order(score(metric.name, w, self.stats[n], dict(metric.params)))
                        for n, w in self.pristine_weight.items()}
         self.orders_metric = metric
+
+    def cache_drop_schedule(self, max_blocks: int, compensate: bool = True) -> None:
+        """Compute the Block-Influence drop schedule once (for the ``layer_drop`` dimension).
+
+        With compensation, Prune&Comp scales the embeddings too, so they join the pristine copy
+        (and a tied LM head is untied first, so that scaling never reaches the logits).
+        """
+        from sparsealloc.pruning.layer_prune import untie_output_embeddings_, drop_schedule
+
+        if self.drop_schedule is not None and len(self.drop_schedule.dropped) >= max_blocks:
+            return
+        self.restore_()
+        self.drop_schedule = drop_schedule(self.model, self.windows, max_blocks, compensate, self.batch_size)
+        if compensate:
+            untie_output_embeddings_(self.model)
+            for name, module in self.model.named_modules():
+                if module is self.model.get_input_embeddings() or (name.endswith("embed_positions") and hasattr(module, "weight")):
+                    self.pristine_extra[name] = module.weight.detach().clone()
 
     @torch.inference_mode()
     def cache_dense_logprobs(self) -> None:

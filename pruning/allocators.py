@@ -138,16 +138,23 @@ def alphapruning(inputs: AllocationInputs, target: float, epsilon: float = 0.3) 
 
 
 # ----------------------------------------------------------------------------- MRP (our formulation)
-def non_outlier_ratio(inputs: AllocationInputs, block: str, ratio: float, m: float) -> float:
+def non_outlier_ratio(inputs: AllocationInputs, block: str, ratio: float, m: float,
+                      cache: dict[str, tuple[Tensor, Tensor]] | None = None) -> float:
     """Fraction of block ``block``'s Wanda scores ``≤ m × mean`` after pruning it to ``ratio``.
 
     The complement of OWL's outlier ratio, measured on the pruned block: each Linear is pruned per
     output row by Wanda at ``ratio`` and the pruned weights score 0 (they stay in the count).
+    ``cache`` (Linear FQN → (scores, row order)) is filled on first use, so repeated calls for one
+    block slice a stored order instead of re-scoring and re-sorting.
     """
+    cache = {} if cache is None else cache
     scores = []
     for name in inputs.layout.block_linears(block):
-        s = wanda(inputs.weights[name], inputs.stats[name])
-        scores.append(s.masked_fill(row_mask(s, ratio), 0.0) if ratio > 0 else s)
+        if name not in cache:
+            s = wanda(inputs.weights[name], inputs.stats[name])
+            cache[name] = (s, row_order(s))
+        s, order = cache[name]
+        scores.append(s.masked_fill(row_mask_from_order(order, ratio), 0.0) if ratio > 0 else s)
     count = sum(s.numel() for s in scores)
     mean = sum(float(s.double().sum()) for s in scores) / count
     return sum(int((s <= m * mean).sum()) for s in scores) / count
@@ -173,14 +180,15 @@ def mrp(inputs: AllocationInputs, target: float, m: float = 5.0, step: float = 0
     numels = _block_numels(layout)
     total = sum(numels.values())
     ratios = {b: max(target - start_gap, 0.0) for b in layout.blocks}
-    redundancy = {b: non_outlier_ratio(inputs, b, ratios[b], m) for b in layout.blocks}
+    cache: dict[str, tuple[Tensor, Tensor]] = {}
+    redundancy = {b: non_outlier_ratio(inputs, b, ratios[b], m, cache) for b in layout.blocks}
     while sum(ratios[b] * numels[b] for b in ratios) / total < target - 1e-12:
         open_blocks = [b for b in layout.blocks if ratios[b] + step <= MAX_RATIO]
         if not open_blocks:
             break
         block = max(open_blocks, key=lambda b: redundancy[b])  # first block on ties
         ratios[block] += step
-        redundancy[block] = non_outlier_ratio(inputs, block, ratios[block], m)
+        redundancy[block] = non_outlier_ratio(inputs, block, ratios[block], m, cache)
     return _per_block(inputs, ratios, target)
 
 

@@ -18,7 +18,7 @@ from sparsealloc.core.plan import AllocationPlan, parse_pattern, weighted_mean_s
 from sparsealloc.core.progress import track
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.layer_drop import drop_blocks_
-from sparsealloc.pruning.masks import row_mask_from_order, select_mask
+from sparsealloc.pruning.masks import masked_copy_, row_mask_from_order, select_mask
 from sparsealloc.pruning.metrics import check_params, metric_traits, metric_uses_bias, score
 from sparsealloc.pruning.structure import ModelLayout, model_layout
 
@@ -88,6 +88,8 @@ def prune_(
     stats: Mapping[str, LayerStats] | None,
     layout: ModelLayout | None = None,
     orders: Mapping[str, torch.Tensor] | None = None,
+    ranks: Mapping[str, torch.Tensor] | None = None,
+    pristine: Mapping[str, torch.Tensor] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place as ``plan`` says.
 
@@ -106,6 +108,13 @@ def prune_(
         orders: Cached :func:`~sparsealloc.pruning.masks.row_order` of the plan's metric per FQN
             (studies with a fixed metric); used for unstructured masks without bias compensation,
             and never for metrics that need the module name or update weights.
+        ranks: Cached :func:`~sparsealloc.pruning.masks.row_rank` of the plan's metric per FQN,
+            used where ``orders`` would be (without ``pristine``, the mask is applied to the
+            current weights in place).
+        pristine: Dense weights per FQN. When given, every Linear starts from them (the caller
+            need not restore weights first): with ``ranks`` a layer is restored and pruned in one
+            fused pass (:func:`~sparsealloc.pruning.masks.masked_copy_`), otherwise it is copied
+            back and then pruned as usual.
 
     Raises:
         SpecError: statistics are missing, or lack the Gram matrix a metric requires (SparseGPT:
@@ -123,15 +132,24 @@ def prune_(
     report = PruneReport(numels=dict(layout.numels))
     work = [name for name in layout.linears if ratios[name] > 0]
     _check_stats(plan.metric.name, traits.gram == "required", stats, work)
+    plain = {name: nm is None and traits.updater is None and not traits.needs_name
+             and not metric_uses_bias(plan.metric.name, params, name) for name in work}
+    fused = {name for name in work if plain[name] and ranks is not None and name in ranks}
+    if pristine is not None:
+        for name in layout.linears:
+            if name not in fused:
+                modules[name].weight.data.copy_(pristine[name])
     for name in track(work, desc="pruning", total=len(work), unit="layer"):
         module = modules[name]
         layer_stats = stats.get(name) if stats is not None else None
         weight = module.weight.data
-        use_bias = metric_uses_bias(plan.metric.name, params, name)
-        cached = orders is not None and name in orders and traits.updater is None
-        if cached and nm is None and not use_bias and not traits.needs_name:
+        if name in fused:  # restore (when pristine is given) and prune in one pass
+            masked_copy_(weight, weight if pristine is None else pristine[name], ranks[name], ratios[name])
+            continue
+        if plain[name] and orders is not None and name in orders:
             weight.masked_fill_(row_mask_from_order(orders[name], ratios[name]), 0)
             continue
+        use_bias = metric_uses_bias(plan.metric.name, params, name)
         if layer_stats is not None:
             layer_stats = layer_stats.to(weight.device)
         if traits.updater is not None:
@@ -144,7 +162,11 @@ def prune_(
             _add_bias_(module, _mean_compensation(weight, mask, layer_stats))
             report.biased.append(name)
         weight.masked_fill_(mask, 0)
+    dropped = set(plan.dropped_layers)
     for name in layout.linears:
+        if layout.block_of[name] in dropped:  # removed outright: fully sparse
+            report.requested[name] = report.achieved[name] = 1.0
+            continue
         weight = modules[name].weight.data
         report.requested[name] = ratios[name]
         report.achieved[name] = float((weight == 0).sum().item()) / weight.numel()

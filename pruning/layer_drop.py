@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -36,3 +37,34 @@ def drop_blocks_(model: nn.Module, block_names: Sequence[str]) -> list[int]:
         if isinstance(layer_types, list) and len(layer_types) == len(blocks):
             config.layer_types = [t for i, t in enumerate(layer_types) if i not in set(dropped)]
     return dropped
+
+
+@contextmanager
+def blocks_removed(model: nn.Module, block_names: Sequence[str]) -> Iterator[None]:
+    """Run with the named decoder blocks taken out, then put everything back as it was.
+
+    The study's layer-drop dimension uses this instead of :func:`drop_blocks_`: every trial scores
+    a different set of dropped blocks on the same model, so the removal must be undone (block list,
+    ``layer_idx`` numbering and the config's layer count and types). While inside, module FQNs of
+    later blocks are renumbered: look modules up by name before entering (prune first, then score).
+    """
+    if not block_names:
+        yield
+        return
+    path, blocks = find_blocks(model)
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    original = getattr(parent, attr)
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    saved_config = {k: getattr(config, k) for k in ("num_hidden_layers", "layer_types") if hasattr(config, k)}
+    saved_idx = [(m, m.layer_idx) for block in blocks for m in block.modules() if hasattr(m, "layer_idx")]
+    drop_blocks_(model, block_names)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, original)
+        for module, index in saved_idx:
+            module.layer_idx = index
+        for key, value in saved_config.items():
+            setattr(config, key, value)

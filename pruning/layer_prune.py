@@ -32,10 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsealloc.core.errors import SpecError
+from sparsealloc.core.plan import AllocationPlan, weighted_mean_sparsity
 from sparsealloc.pruning.calibration import decoder_trunk
 from sparsealloc.pruning.layer_drop import drop_blocks_
 from sparsealloc.pruning.metrics import is_output_projection
-from sparsealloc.pruning.structure import find_blocks
+from sparsealloc.pruning.structure import find_blocks, model_layout
+from sparsealloc.spaces.budget import budget_with_removed
 
 
 @dataclass
@@ -127,7 +129,7 @@ def block_influence(model: nn.Module, windows: torch.Tensor, batch_size: int = 4
     return {f"{path}.{i}": value for i, value in enumerate(bi)}
 
 
-def _untie_output_embeddings_(model: nn.Module) -> None:
+def untie_output_embeddings_(model: nn.Module) -> None:
     """Give the LM head its own weight when it shares the input embedding's (scaling must not reach it)."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embed is None or head.weight.data_ptr() != embed.weight.data_ptr():
@@ -157,7 +159,7 @@ def _stream_writers(model: nn.Module, block_index: int) -> list[nn.Module]:
 @torch.no_grad()
 def scale_stream_(model: nn.Module, block_index: int, alpha: float) -> None:
     """Multiply the residual stream entering block ``block_index`` by ``alpha`` (Prune&Comp fusion)."""
-    _untie_output_embeddings_(model)
+    untie_output_embeddings_(model)
     for module in _stream_writers(model, block_index):
         module.weight.mul_(alpha)
         if getattr(module, "bias", None) is not None:
@@ -210,3 +212,53 @@ def prune_layers_(
         result.alphas.append(alpha)
         result.influence.append(bi[index])
     return result
+
+
+def drop_schedule(
+    model: nn.Module,
+    windows: torch.Tensor,
+    n_blocks: int,
+    compensate: bool = True,
+    batch_size: int = 4,
+) -> LayerPruneResult:
+    """The blocks :func:`prune_layers_` would drop, and their α, without changing ``model``.
+
+    Runs the iterative loop on a copy, so the first ``k`` entries of the result are the schedule
+    for dropping ``k`` blocks (the loop is greedy: dropping ``k`` then ``k + 1`` extends the same
+    list). Apply ``k`` of them with :func:`compensate_` on the first ``k`` scales and an
+    :class:`~sparsealloc.core.plan.AllocationPlan` whose ``dropped_layers`` are the first ``k`` FQNs.
+    """
+    import copy
+
+    clone = copy.deepcopy(model)
+    try:
+        return prune_layers_(clone, windows, n_blocks, compensate=compensate, batch_size=batch_size)
+    finally:
+        del clone
+
+
+def first_dropped(schedule: LayerPruneResult, k: int) -> LayerPruneResult:
+    """The first ``k`` steps of a :func:`drop_schedule` (as if the loop had stopped there)."""
+    return LayerPruneResult(schedule.dropped[:k], schedule.alphas[:k], schedule.influence[:k])
+
+
+def with_dropped_blocks(plan: AllocationPlan, model: nn.Module, windows: torch.Tensor, n_blocks: int,
+                        compensate: bool = True, layout=None, batch_size: int = 4) -> AllocationPlan:
+    """``plan`` plus the ``n_blocks`` lowest-BI blocks dropped, at the same overall sparsity.
+
+    The blocks and their Prune&Comp scales come from :func:`drop_schedule` (``model`` is not
+    changed); the dropped blocks' weights count toward the plan's parameter-weighted mean
+    sparsity and the other Linears' ratios are shifted down to keep it
+    (:func:`~sparsealloc.spaces.budget.budget_with_removed`). The scales go into the provenance;
+    :func:`compensate_` fuses them before pruning.
+    """
+    if n_blocks == 0:
+        return plan
+    layout = layout or model_layout(model)
+    ratios = plan.expand(layout.linears)
+    target = weighted_mean_sparsity(ratios, layout.numels)
+    schedule = drop_schedule(model, windows, n_blocks, compensate, batch_size)
+    removed = {n for n in layout.linears if layout.block_of[n] in set(schedule.dropped)}
+    sparsity = budget_with_removed(ratios, layout.numels, removed, target, 0.0, 0.99)
+    return plan.replace(sparsity=sparsity, dropped_layers=tuple(schedule.dropped),
+                        provenance={**plan.provenance, **schedule.provenance()})

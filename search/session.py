@@ -19,11 +19,9 @@ from sparsealloc.core.progress import track
 from sparsealloc.objectives.context import EvalContext
 from sparsealloc.objectives.trial import TrialEvaluator
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
-from sparsealloc.pruning.apply import prune_
 from sparsealloc.pruning.calibration import TextSource, sample_windows, tokenize_stream
 from sparsealloc.pruning.calibration_select import read_calibration_set
 from sparsealloc.pruning.evaluation import perplexity
-from sparsealloc.pruning.kv_quant import kv_fake_quant
 from sparsealloc.pruning.metrics import check_params
 from sparsealloc.pruning.models import load_model, resolve_device, resolve_source
 from sparsealloc.search.samplers.base import SAMPLERS, Sampler
@@ -202,9 +200,7 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec) ->
     trials = trials_to_validate(study, spec.validation.top_k)
     for trial in track(trials, desc="validation", total=len(trials), unit="plan"):
         plan = AllocationPlan.from_dict(trial.user_attrs["plan"])
-        ctx.restore_()
-        prune_(ctx.model, plan, ctx.stats, layout=ctx.layout)
-        with kv_fake_quant(ctx.model, plan.kv_bits, spec.kv.group_size, spec.kv.residual):
+        with evaluator.applied(plan):  # pruned, dropped blocks out, KV bits fake-quantized
             ppl[trial.number] = perplexity(ctx.model, stream, spec.validation.seq_len, spec.validation.windows)
         proxy[trial.number] = trial.values[0]
     ctx.restore_()

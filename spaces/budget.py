@@ -71,3 +71,34 @@ def project_to_budget(
         k = max(free, key=lambda name: weights[name])
         repaired[k] = min(hi, max(lo, repaired[k] + residue / weights[k]))
     return repaired
+
+
+def budget_with_removed(
+    ratios: Mapping[str, float],
+    weights: Mapping[str, float],
+    removed: set[str] | frozenset[str],
+    target: float,
+    lo: float = 0.0,
+    hi: float = 0.99,
+) -> dict[str, float]:
+    """Repair ``ratios`` when the groups in ``removed`` are deleted outright (dropped blocks).
+
+    Removed groups count as fully sparse toward ``target``; the others are projected
+    (:func:`project_to_budget`) onto the rest of the budget,
+    ``(target·Σw − Σ_removed w) / Σ_kept w``. Removed groups get ratio 0 in the result (their
+    weights are gone, not masked).
+
+    Raises:
+        SpecError: the removed groups alone exceed the budget, or the rest cannot be met within
+            [lo, hi].
+    """
+    total = sum(weights[k] for k in ratios)
+    gone = sum(weights[k] for k in ratios if k in removed)
+    kept = {k: v for k, v in ratios.items() if k not in removed}
+    if not kept:
+        raise SpecError("cannot remove every group")
+    rest = (target * total - gone) / (total - gone)
+    if rest < lo - 1e-12:
+        raise SpecError(f"removing {gone / total:.1%} of the weights exceeds the sparsity target {target}")
+    out = project_to_budget(kept, weights, max(rest, lo), lo, hi)
+    return {k: out.get(k, 0.0) for k in ratios}

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.spaces.budget import project_to_budget
-from sparsealloc.spaces.params import ChoiceParam, FloatParam, Param
+from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam, Param
 from sparsealloc.spaces.spec import StudySpec
 
 #: Coefficients that change the per-row mask (the others are mask-invariant; see
@@ -30,6 +30,8 @@ METRIC_COEFFICIENTS = ("no_coe", "column_sum", "relative_sum")
 METRIC_TRANSFORMS = ("no_op", "log", "sigmoid", "exp", "softmax")
 #: The overall sparsity, searched when ``remaining_weights`` is an objective.
 BUDGET_PARAM = "budget/sparsity"
+#: Number of decoder blocks dropped (space component ``layer_drop``).
+DROP_PARAM = "layer_drop/blocks"
 
 
 class LayoutLike(Protocol):
@@ -51,6 +53,8 @@ class Decoded:
         kv_bits: {attention FQN: {"k": bits, "v": bits}}; empty when KV bits are not searched.
         group_ratios: Repaired ratio per search group (for plots and debugging).
         budget: The overall sparsity this candidate was repaired to (the spec's target unless searched).
+        dropped_blocks: How many decoder blocks to drop (the first of the evaluator's Block-Influence
+            schedule); the evaluator re-budgets the ratios of the blocks that stay.
     """
 
     sparsity: dict[str, float] | None
@@ -59,6 +63,7 @@ class Decoded:
     kv_bits: dict[str, dict[str, int]] = field(default_factory=dict)
     group_ratios: dict[str, float] = field(default_factory=dict)
     budget: float | None = None
+    dropped_blocks: int = 0
 
     def to_plan(self, pattern: str = "unstructured", model: Mapping[str, Any] | None = None,
                 sparsity: Mapping[str, float] | None = None, provenance: Mapping[str, Any] | None = None
@@ -140,6 +145,8 @@ class SearchSpace:
                     self.params += [ChoiceParam(f"{stem}/k", bits), ChoiceParam(f"{stem}/v", bits)]
                 else:
                     self.params.append(ChoiceParam(stem, bits))
+        if "layer_drop" in spec.space:
+            self.params.append(IntParam(DROP_PARAM, 0, min(spec.layer_drop.max_blocks, len(layout.blocks) - 1)))
         self.by_name = {p.name: p for p in self.params}
 
     def _allocator_params(self) -> list[Param]:
@@ -174,7 +181,9 @@ class SearchSpace:
             allocator = (name, {p.name[len(prefix):]: float(get(p)) for p in self.params if p.name.startswith(prefix)})
         elif sparsity is None:
             sparsity = {n: target for n in self.layout.linears}
-        return Decoded(sparsity, allocator, self._metric(get), self._kv_bits(get), group_ratios or {}, target)
+        dropped = int(get(self.by_name[DROP_PARAM])) if DROP_PARAM in self.by_name else 0
+        return Decoded(sparsity, allocator, self._metric(get), self._kv_bits(get), group_ratios or {}, target,
+                       dropped)
 
     def _metric(self, get) -> MetricChoice:
         if "metric" not in self.spec.space:
@@ -200,6 +209,8 @@ class SearchSpace:
         name = param.name
         if name.startswith("sparsity/") or name == BUDGET_PARAM:
             return param.clip(self.target)
+        if name == DROP_PARAM:
+            return 0
         defaults = {"metric/w_coef": "no_coe", "metric/x_coef": "no_coe", "metric/w_transform": "no_op",
                     "metric/x_transform": "no_op", "metric/w_exponent": 1.0, "metric/x_exponent": 1.0,
                     "allocator/owl/m": 5.0, "allocator/owl/lam": 0.08, "allocator/depth_ramp/beta": 0.0}

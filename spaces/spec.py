@@ -5,11 +5,12 @@ Example::
     name: demo
     model: smollm2-135m
     target_sparsity: 0.7
-    space: [layerwise]            # any of: layerwise, metric, kv, allocator
+    space: [layerwise]            # any of: layerwise, metric, kv, allocator, layer_drop
     layerwise: {granularity: block, radius: 0.3}
     metric: {name: wanda}
     kv: {bits: [2, 3, 4, 8, 16], group_size: 32, residual: 0}
     allocator: {name: owl}        # low-dimensional alternative to layerwise
+    layer_drop: {max_blocks: 4, compensate: true}   # searched number of dropped blocks
     objectives: [kl]              # first one is the error proxy (kl or reconstruction)
     sampler: tpe
     trials: 40
@@ -33,7 +34,7 @@ from typing import Any
 from sparsealloc.core.errors import SpecError, read_user_file
 from sparsealloc.core.plan import parse_pattern
 
-SPACE_COMPONENTS = ("layerwise", "metric", "kv", "allocator")
+SPACE_COMPONENTS = ("layerwise", "metric", "kv", "allocator", "layer_drop")
 GRANULARITIES = ("block", "bins", "projection", "module")
 SAMPLER_NAMES = ("tpe", "nsga3", "optuna-nsga3", "random")
 OBJECTIVE_NAMES = ("reconstruction", "kl", "remaining_weights", "kv_bytes")
@@ -184,6 +185,24 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
+class LayerDropSpec:
+    """Searched number of dropped decoder blocks (0..max_blocks), Block Influence order, Prune&Comp.
+
+    The blocks are the first ``k`` of one iterative Block-Influence schedule computed on the
+    calibration windows (ShortGPT; Prune&Comp, arXiv:2507.18212); dropped blocks count as fully
+    sparse toward ``target_sparsity`` and the remaining blocks share the rest of the budget.
+    """
+
+    max_blocks: int = 4
+    compensate: bool = True
+
+    def validate(self) -> None:
+        _expect(_is_int(self.max_blocks) and self.max_blocks >= 1, "layer_drop.max_blocks must be an integer >= 1",
+                self.max_blocks)
+        _expect(isinstance(self.compensate, bool), "layer_drop.compensate must be true or false", self.compensate)
+
+
+@dataclass(frozen=True)
 class ValidationSpec:
     """Held-out perplexity of the top trials after a study (None text = built-in held-out text)."""
 
@@ -213,6 +232,7 @@ class StudySpec:
     metric: MetricSpec = field(default_factory=MetricSpec)
     kv: KVSpec = field(default_factory=KVSpec)
     allocator: AllocatorSpec = field(default_factory=AllocatorSpec)
+    layer_drop: LayerDropSpec = field(default_factory=LayerDropSpec)
     objectives: tuple[str, ...] = ("kl",)
     sampler: str = "tpe"
     population_size: int = 24
@@ -265,7 +285,8 @@ class StudySpec:
         if "layerwise" in space:
             _expect(self.target_sparsity + 1e-9 < self.layerwise.max_sparsity,
                     f"target_sparsity must be below layerwise.max_sparsity={self.layerwise.max_sparsity}", self.target_sparsity)
-        for section in (self.layerwise, self.metric, self.kv, self.allocator, self.calibration, self.validation):
+        for section in (self.layerwise, self.metric, self.kv, self.allocator, self.layer_drop, self.calibration,
+                        self.validation):
             section.validate()
 
     # ------------------------------------------------------------------ loading and identity
@@ -277,7 +298,7 @@ class StudySpec:
         unknown = _unknown_keys(data, names)
         _expect(not unknown, f"spec accepts keys {sorted(names)}", unknown)
         sections = {"layerwise": LayerwiseSpec, "metric": MetricSpec, "kv": KVSpec, "allocator": AllocatorSpec,
-                    "calibration": CalibrationSpec, "validation": ValidationSpec}
+                    "layer_drop": LayerDropSpec, "calibration": CalibrationSpec, "validation": ValidationSpec}
         kwargs = {k: v for k, v in data.items() if k not in sections}
         for key in ("space", "objectives", "warm_start"):
             if key in kwargs:
@@ -328,4 +349,6 @@ class StudySpec:
         data = self.to_dict()
         for key in ("name", "trials", "timeout", "device", "validation"):
             data.pop(key, None)
+        if "layer_drop" not in self.space:  # keeps the hashes of studies made before the section existed
+            data.pop("layer_drop", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

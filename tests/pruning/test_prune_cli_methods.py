@@ -70,3 +70,29 @@ def test_bad_allocator_flags(capsys, text_file, tmp_path, extra, fragment):
     extra = [arg.format(plan=plan) for arg in extra]
     code = main(["prune", "--model", "/nonexistent/model", "--calib-text", str(text_file), *extra])
     _assert_one_line_error(code, capsys, fragment)
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+def test_prune_drops_blocks_within_the_sparsity_budget(tiny_llama_dir, text_file, tmp_path, capsys, compensation):
+    out_dir = tmp_path / "dropped"
+    extra = [] if compensation else ["--no-compensation"]
+    code = main(["--quiet", "prune", *common_args(tiny_llama_dir, text_file), "--sparsity", "0.5",
+                 "--drop-blocks", "1", *extra, "--save", str(out_dir)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert float(fields(captured.out)["achieved_sparsity"]) == pytest.approx(0.5, abs=2e-3)
+    plan = AllocationPlan.load(out_dir / "plan.json")
+    assert len(plan.dropped_layers) == 1
+    (alpha,) = plan.provenance["layer_prune"]["compensation"].values()
+    assert (alpha != 1.0) == compensation
+    kept = [r for n, r in plan.sparsity.items() if not n.startswith(plan.dropped_layers[0] + ".")]
+    assert all(r < 0.5 for r in kept)  # the dropped block's weights pay part of the budget
+
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(out_dir).num_hidden_layers == 3
+
+
+def test_no_compensation_needs_drop_blocks(capsys, text_file):
+    code = main(["prune", "--model", "/nonexistent/model", "--calib-text", str(text_file), "--no-compensation"])
+    _assert_one_line_error(code, capsys, "--drop-blocks")

@@ -1,0 +1,212 @@
+"""Seed methods on SmolLM2: every metric × every allocator at 50/60/70%, and layer pruning.
+
+Part of ``benchmarks/baselines.py`` (``--part methods`` / ``--part layers``); runnable alone:
+
+    python benchmarks/methods.py --part methods    # → benchmarks/baselines_methods.md
+    python benchmarks/methods.py --part layers     # → benchmarks/baselines_layers.md
+
+Protocol: calibration 16×256 tokens of WikiText-2 valid (seed 0, one pass collecting the statistics
+every metric shares, Gram matrices included for SparseGPT and ACE); allocators are computed once per
+(allocator, sparsity) from those statistics and the dense weights; each (metric, allocator,
+sparsity) restores the dense weights and prunes. Evaluation: WikiText-2 test as one stream, the first
+``--eval-windows`` windows of 512 tokens (10 by default for this 126-run grid, half the engine
+table's 20: the dense PPL is reported at the same setting, so every ratio is like for like).
+Rows are appended to a CSV as they finish; ``--resume`` skips rows already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from _common import (EVAL_SEQ_LEN, ROOT, Timer, calib_windows, load_smollm2, machine, markdown_table,
+                     require_data, test_stream)
+
+METRICS = ("magnitude", "wanda", "stade", "stadew", "ria", "ace", "sparsegpt")
+ALLOCATORS = ("uniform", "owl", "alphapruning", "depth_ramp", "mrp", "dp")
+SPARSITIES = (0.5, 0.6, 0.7)
+DROPPED = (2, 4, 6)
+
+
+def _ppl(model, stream, windows: int) -> float:
+    from sparsealloc.pruning import perplexity
+
+    return perplexity(model, stream, EVAL_SEQ_LEN, windows)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _append(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _orders_apply(metric: str) -> bool:
+    """Whether ``prune_`` uses a cached row order for ``metric`` (no bias, no name, no update)."""
+    from sparsealloc.pruning.metrics import metric_traits
+
+    traits = metric_traits(metric)
+    return metric not in ("stade", "stadew") and traits.updater is None and not traits.needs_name
+
+
+def methods(args: argparse.Namespace) -> str:
+    """The metric × allocator × sparsity grid; returns the Markdown report."""
+    from tqdm.auto import tqdm
+
+    from sparsealloc.core import AllocationPlan, MetricChoice
+    from sparsealloc.pruning import collect_stats, model_layout, prune_
+    from sparsealloc.pruning.allocators import AllocationInputs, allocate
+    from sparsealloc.pruning.masks import row_order
+    from sparsealloc.pruning.metrics import score
+
+    model, tokenizer, _ = load_smollm2()
+    layout = model_layout(model)
+    stream = test_stream(tokenizer)
+    csv_path = Path(args.csv)
+    done = {(r["metric"], r["allocator"], float(r["sparsity"])) for r in _read_rows(csv_path)} if args.resume else set()
+    if not args.resume and csv_path.exists():
+        csv_path.unlink()
+    with Timer() as t_calib:
+        stats = collect_stats(model, calib_windows(tokenizer), layout=layout, gram=True)
+    modules = dict(model.named_modules())
+    pristine = {n: modules[n].weight.detach().clone() for n in layout.linears}
+    bias = {n: None if modules[n].bias is None else modules[n].bias.detach().clone() for n in layout.linears}
+
+    def restore() -> None:
+        for name, weight in pristine.items():
+            modules[name].weight.data.copy_(weight)
+            if bias[name] is None:
+                modules[name].bias = None
+            else:
+                modules[name].bias.data.copy_(bias[name])
+
+    dense = _ppl(model, stream, args.eval_windows)
+    inputs = AllocationInputs(layout, pristine, stats)
+    grid = [(m, s, a) for m in METRICS for s in SPARSITIES for a in ALLOCATORS
+            if (m, a, s) not in done and (m != "sparsegpt" or s == 0.6 or a == "uniform")]
+    allocations: dict[tuple[str, float], dict[str, float]] = {}
+    orders: dict[str, torch.Tensor] | None = None
+    orders_metric = None
+    for metric, sparsity, allocator in tqdm(grid, desc="metric × allocator × sparsity", unit="run"):
+        with Timer() as t_alloc:
+            if (allocator, sparsity) not in allocations:
+                allocations[(allocator, sparsity)] = allocate(allocator, inputs, sparsity)
+        ratios = allocations[(allocator, sparsity)]
+        with Timer() as t_score:
+            if metric != orders_metric:  # score and sort once per metric; prune_ slices the order
+                orders = None
+                if _orders_apply(metric):
+                    orders = {n: row_order(score(metric, w, stats[n], {})) for n, w in pristine.items()}
+                orders_metric = metric
+        restore()
+        plan = AllocationPlan(sparsity=ratios, metric=MetricChoice(metric))
+        with Timer() as t_prune:
+            report = prune_(model, plan, stats, layout=layout, orders=orders)
+        _append(csv_path, {"metric": metric, "allocator": allocator, "sparsity": sparsity,
+                           "ppl": _ppl(model, stream, args.eval_windows), "achieved": report.achieved_mean,
+                           "prune_s": round(t_prune.seconds + t_score.seconds, 2),
+                           "alloc_s": round(t_alloc.seconds, 2), "dense_ppl": dense})
+    restore()
+    frame = pd.DataFrame(_read_rows(csv_path)).astype({"sparsity": float, "ppl": float, "achieved": float,
+                                                       "prune_s": float, "alloc_s": float})
+    lines = ["# Seed methods: metric × allocator (benchmarks/methods.py, part of baselines.py)", "",
+             f"Machine: {machine()}. SmolLM2-135M-Instruct (embedded GGUF, fp32). Calibration 16×256 "
+             f"tokens of WikiText-2 valid (seed 0; one pass, {t_calib.seconds:.1f} s with Gram matrices). "
+             f"Evaluation: WikiText-2 test, first {args.eval_windows} windows of 512 tokens. "
+             f"Dense PPL at this setting: **{dense:.2f}**. Default allocator parameters "
+             "(owl m=5 λ=0.08, alphapruning ε=0.3, depth_ramp β=0.005, mrp m=5 step 0.01, "
+             "dp step 0.05 radius 0.2).", ""]
+    for sparsity in SPARSITIES:
+        part = frame[frame.sparsity == sparsity]
+        if part.empty:
+            continue
+        table = part.pivot_table(index="metric", columns="allocator", values="ppl")
+        table = table.reindex(index=[m for m in METRICS if m in table.index],
+                              columns=[a for a in ALLOCATORS if a in table.columns]).reset_index()
+        best = part.loc[part.ppl.idxmin()]
+        lines += [f"## {sparsity:.0%} mean sparsity: test PPL", "", markdown_table(table), "",
+                  f"Best: {best.metric} + {best.allocator}, PPL {best.ppl:.2f} "
+                  f"({best.ppl / dense:.2f}× dense).", ""]
+    lines += ["## Budget check", "",
+              f"Achieved parameter-weighted sparsity minus target over all {len(frame)} runs: "
+              f"max |Δ| = {(frame.achieved - frame.sparsity).abs().max():.2e}.", "",
+              "SparseGPT (sequential OBS with weight updates, ≈3 min per run here) runs with every "
+              "allocator at 60% and with uniform at 50% and 70%; the other cells of its row are empty.", "",
+              "Pruning time per run (scoring once per metric + masks), seconds, mean per metric; "
+              "allocation time per allocator (computed once per sparsity):", "",
+              markdown_table(frame.groupby("metric", sort=False).prune_s.mean().round(2).reset_index()), "",
+              markdown_table(frame[frame.alloc_s > 0].groupby("allocator", sort=False).alloc_s.max()
+                             .round(1).reset_index()), ""]
+    return "\n".join(lines)
+
+
+def layers(args: argparse.Namespace) -> str:
+    """Block Influence layer pruning of 2/4/6 blocks with and without Prune&Comp compensation."""
+    from sparsealloc.pruning.layer_prune import prune_layers_
+
+    rows = []
+    model = tokenizer = None
+    for n_blocks in DROPPED:
+        for compensate in (False, True):
+            model, tokenizer, _ = load_smollm2()  # dropping is structural: a fresh model each time
+            stream = test_stream(tokenizer)
+            windows = calib_windows(tokenizer)
+            if not rows:
+                rows.append({"blocks dropped": 0, "compensation": "-", "test PPL": _ppl(model, stream, args.eval_windows),
+                             "dropped": "-", "alphas": "-"})
+            with Timer() as t:
+                result = prune_layers_(model, windows, n_blocks, compensate=compensate)
+            rows.append({"blocks dropped": n_blocks, "compensation": "Prune&Comp" if compensate else "none",
+                         "test PPL": _ppl(model, stream, args.eval_windows),
+                         "dropped": " ".join(d.rsplit(".", 1)[-1] for d in result.dropped),
+                         "alphas": " ".join(f"{a:.3f}" for a in result.alphas), "seconds": round(t.seconds, 1)})
+            print(rows[-1], flush=True)
+    frame = pd.DataFrame(rows)
+    plain = frame[(frame["blocks dropped"] == 4) & (frame.compensation == "none")]["test PPL"].iloc[0]
+    comp = frame[(frame["blocks dropped"] == 4) & (frame.compensation == "Prune&Comp")]["test PPL"].iloc[0]
+    verdict = "lowers" if comp < plain else "does NOT lower"
+    return "\n".join([
+        "# Layer pruning: Block Influence ± Prune&Comp (benchmarks/methods.py, part of baselines.py)", "",
+        f"Machine: {machine()}. SmolLM2-135M-Instruct (30 blocks). Iterative BI (ShortGPT) on 16×256 "
+        "calibration tokens of WikiText-2 valid (seed 0); Prune&Comp α fused into the embeddings and "
+        "the earlier blocks' o_proj/down_proj after each removal. Evaluation: WikiText-2 test, first "
+        f"{args.eval_windows} windows of 512 tokens. 'dropped' lists block indices of the original model "
+        "in removal order.", "",
+        markdown_table(frame), "",
+        f"At 4 blocks, compensation {verdict} PPL: {comp:.2f} vs {plain:.2f} without "
+        f"({comp / plain:.3f}×).", ""])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("methods", "layers"), required=True)
+    parser.add_argument("--eval-windows", type=int, default=10)
+    parser.add_argument("--csv", default=str(ROOT / "benchmarks" / "baselines_methods.csv"))
+    parser.add_argument("--resume", action="store_true", help="keep the CSV's rows and run the rest")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    require_data()
+    from sparsealloc.core import progress
+
+    progress.set_mode("quiet")
+    text = methods(args) if args.part == "methods" else layers(args)
+    out = Path(args.out or ROOT / "benchmarks" / f"baselines_{args.part}.md")
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
