@@ -2,6 +2,9 @@
 
 * :func:`row_mask` — unstructured, per output row (Wanda's comparison group), with the total count
   exact to one weight: ``round(numel·s)`` weights are pruned in the layer.
+* :func:`row_rank` / :func:`masked_copy_` — the same masks from a cached per-row rank: a study with a
+  fixed metric scores and sorts once, and a trial then writes each pruned weight matrix from the
+  pristine one in a single fused pass (restore and prune together, no mask built by scatter).
 * :func:`nm_mask` — N:M semi-structured (keep N of every M consecutive inputs), e.g. 2:4, 4:8.
 """
 
@@ -44,19 +47,73 @@ def row_order(score: Tensor) -> Tensor:
     return order.to(torch.int16) if score.shape[1] <= torch.iinfo(torch.int16).max else order
 
 
-def row_mask_from_order(order: Tensor, sparsity: float) -> Tensor:
-    """The :func:`row_mask` of the scores whose :func:`row_order` is ``order``."""
+def row_groups(rows: int, cols: int, sparsity: float) -> list[tuple[int, int, int]]:
+    """How :func:`row_mask` splits the layer's pruned count over its rows.
+
+    Returns:
+        ``(start, stop, k)`` triples: rows ``start:stop`` prune their ``k`` lowest-scoring weights
+        (the first ``total % rows`` rows one more than the others). Empty row ranges are left out.
+    """
     if not 0.0 <= sparsity < 1.0:
         raise SpecError(f"sparsity must be in [0, 1), but got {sparsity}")
+    base, extra = divmod(pruned_count(rows * cols, sparsity), rows)
+    return [(start, stop, k) for start, stop, k in ((0, extra, base + 1), (extra, rows, base)) if stop > start]
+
+
+def row_mask_from_order(order: Tensor, sparsity: float) -> Tensor:
+    """The :func:`row_mask` of the scores whose :func:`row_order` is ``order``."""
     rows, cols = order.shape
-    total = pruned_count(order.numel(), sparsity)
-    base, extra = divmod(total, rows)
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=order.device)
-    for start, stop, k in ((0, extra, base + 1), (extra, rows, base)):
-        if k == 0 or start == stop:
-            continue
-        mask[start:stop].scatter_(1, order[start:stop, :k].long(), True)
+    for start, stop, k in row_groups(rows, cols, sparsity):
+        if k:
+            mask[start:stop].scatter_(1, order[start:stop, :k].long(), True)
     return mask
+
+
+def row_rank(score: Tensor) -> Tensor:
+    """Position of every weight in its row's :func:`row_order` (0 = pruned first), shape (out, in).
+
+    ``rank < k`` is then the row's mask at ``k`` pruned weights: one comparison instead of a
+    scatter. Stored as int16 where the width allows (2 bytes per weight, like the order).
+    """
+    order = torch.argsort(score, dim=1, stable=True)
+    rows, cols = order.shape
+    positions = torch.arange(cols, device=order.device).expand(rows, cols)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    return rank.to(torch.int16) if cols <= torch.iinfo(torch.int16).max else rank
+
+
+def row_mask_from_rank(rank: Tensor, sparsity: float) -> Tensor:
+    """The :func:`row_mask` of the scores whose :func:`row_rank` is ``rank``."""
+    rows, cols = rank.shape
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=rank.device)
+    for start, stop, k in row_groups(rows, cols, sparsity):
+        torch.lt(rank[start:stop], k, out=mask[start:stop])
+    return mask
+
+
+def masked_copy_(dst: Tensor, src: Tensor, rank: Tensor, sparsity: float) -> Tensor:
+    """``dst ← src`` with :func:`row_mask_from_rank` zeroed, in one fused pass per row group.
+
+    Restores and prunes at once (``src`` is the pristine weight): no separate copy, no boolean
+    mask built by scatter. ``src`` must be finite (a pruned NaN would stay NaN).
+
+    Returns:
+        ``dst``.
+    """
+    rows, cols = rank.shape
+    for start, stop, k in row_groups(rows, cols, sparsity):
+        torch.mul(src[start:stop], rank[start:stop] >= k, out=dst[start:stop])
+    return dst
+
+
+def pruned_part(src: Tensor, rank: Tensor, sparsity: float) -> Tensor:
+    """The weights :func:`masked_copy_` would zero, as a dense tensor (ΔW = W − W_pruned)."""
+    out = torch.empty_like(src)
+    rows, cols = rank.shape
+    for start, stop, k in row_groups(rows, cols, sparsity):
+        torch.mul(src[start:stop], rank[start:stop] < k, out=out[start:stop])
+    return out
 
 
 def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
