@@ -18,7 +18,8 @@ def register(sub) -> None:
     parser.add_argument("--storage", default=DEFAULT_STORAGE)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--artifact-dir", default=None, help="artifact folder (exported plans)")
+    parser.add_argument("--artifact-dir", default=None,
+                        help="artifact folder (exported plans; default: the one sparsealloc export uses)")
     parser.set_defaults(handler=run)
 
 
@@ -40,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
     open_storage(url)  # reachable, schema created
     if not 0 < args.port < 65536:
         raise SpecError(f"expected a port in 1..65535, but got {args.port}")
-    cmd = dashboard_command(url, args.host, args.port, args.artifact_dir)
+    from sparsealloc.storage.artifacts import default_artifact_dir
+
+    artifact_dir = args.artifact_dir or str(default_artifact_dir(url))
+    cmd = dashboard_command(url, args.host, args.port, artifact_dir)
     print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard  (Ctrl-C to stop)", flush=True)
     proc = subprocess.Popen(cmd)
     stopped: list[int] = []

@@ -13,6 +13,10 @@ def register(sub) -> None:
     parser.add_argument("--storage", default=DEFAULT_STORAGE)
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--pareto", action="store_true", help="write DIR/pareto/*.json (multi-objective)")
+    parser.add_argument("--artifact-dir", default=None, metavar="DIR",
+                        help="also attach the plans to the study as artifacts here (default: beside a SQLite "
+                             "store, STORE-artifacts/; ./sparsealloc-artifacts for a server store)")
+    parser.add_argument("--no-artifacts", action="store_true", help="only write the files")
     parser.set_defaults(handler=run)
 
 
@@ -27,4 +31,14 @@ def run(args: argparse.Namespace) -> int:
         paths = export_study(study, args.out, pareto=True if args.pareto else None)
     for path in paths:
         print(f"exported: {path}")
+    if not args.no_artifacts:
+        from sparsealloc.storage.artifacts import attach_files, default_artifact_dir
+
+        folder = args.artifact_dir or default_artifact_dir(args.storage)
+        with store_errors(args.storage), writing(f"the study artifacts to {str(folder)!r}"):
+            attach_files(study, paths, folder)
+        shown_by = f"sparsealloc dashboard --storage {args.storage}"
+        if args.artifact_dir:
+            shown_by += f" --artifact-dir {args.artifact_dir}"
+        print(f"attached to study {args.name!r} as artifacts in {folder} ({shown_by} shows them)")
     return 0

@@ -200,8 +200,11 @@ def _search(spec, args: argparse.Namespace, evaluator, storage_url: str, setup_s
     if export_dir:
         from sparsealloc.storage.export import plan_of
 
+        from sparsealloc.storage.artifacts import attach_files, default_artifact_dir
+
         with writing(f"the exported plans to {export_dir!r}"):
             paths = export_study(study, export_dir)
+            attach_files(study, paths, default_artifact_dir(storage_url))  # shown by sparsealloc dashboard
         for path in paths:
             print(f"exported: {path}")
         if len(paths) == 1:

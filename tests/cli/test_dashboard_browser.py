@@ -89,7 +89,7 @@ def test_dashboard_renders_in_chromium(tiny_llama_dir, text_file, tmp_path, tmp_
         code = main(["--quiet", "study", "run", "--name", STUDY, "--storage", url, "--model", str(tiny_llama_dir),
                      "--calib-text", str(text_file), "--calib-samples", "4", "--calib-seq-len", "16",
                      "--eval-text", str(text_file), "--eval-seq-len", "16", "--eval-windows", "2",
-                     "--target-sparsity", "0.5", "--trials", str(N_TRIALS)])
+                     "--target-sparsity", "0.5", "--trials", str(N_TRIALS), "--export", str(tmp_path / "out")])
     assert code == 0, err.getvalue()
 
     port = free_port()
@@ -113,6 +113,11 @@ def test_dashboard_renders_in_chromium(tiny_llama_dir, text_file, tmp_path, tmp_
         # the API calls the page makes answer with the study and its trials
         detail = get_json(f"{base}/api/studies/{study_id}")
         assert detail["name"] == STUDY and len(detail["trials"]) == N_TRIALS
+        # the exported plan is a study artifact the dashboard serves (default folder beside the db)
+        (artifact,) = detail["artifacts"]
+        assert artifact["filename"] == "best.json"
+        served = get_json(f"{base}/artifacts/{study_id}/{artifact['artifact_id']}")
+        assert served == json.loads((tmp_path / "out" / "best.json").read_text())
         page = f"{base}/dashboard/studies/{study_id}"
 
         run = chromium(["--dump-dom", page], tmp_path / "profile-dom")

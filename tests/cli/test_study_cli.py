@@ -415,3 +415,31 @@ def test_unknown_study_names_the_stored_ones(action, finished_study, tmp_path, c
 def test_resume_needs_a_positive_budget(finished_study, capsys):
     code = main(["study", "resume", "a", "--storage", finished_study["url"], "--trials", "0"])
     assert_one_line_error(code, capsys, "positive integer", "0")
+
+
+def test_exported_plans_are_study_artifacts(finished_study, tmp_path, capsys):
+    """``study run --export`` and ``export`` attach the plan to the study; the same bytes only once."""
+    from optuna.artifacts import get_all_artifact_meta
+
+    from sparsealloc.storage.artifacts import default_artifact_dir, fetch
+
+    url = finished_study["url"]
+    folder = default_artifact_dir(url)
+    assert folder == finished_study["db"].with_name("s-artifacts")
+    study = optuna.load_study(study_name="a", storage=url)
+    metas = get_all_artifact_meta(study)
+    assert [m.filename for m in metas] == ["best.json"]
+    copy = fetch(folder, metas[0].artifact_id, tmp_path / "fetched.json")
+    assert copy.read_bytes() == (finished_study["out_dir"] / "best.json").read_bytes()
+
+    # exporting the same result again adds nothing; another folder can be named
+    assert main(["--quiet", "export", "a", "--storage", url, "--out", str(tmp_path / "again")]) == 0
+    assert "as artifacts in" in capsys.readouterr().out
+    assert len(get_all_artifact_meta(study)) == 1
+    other = tmp_path / "elsewhere"
+    assert main(["--quiet", "export", "a", "--storage", url, "--out", str(tmp_path / "x"),
+                 "--artifact-dir", str(other)]) == 0
+    assert len(list(other.iterdir())) == 1
+    assert f"--artifact-dir {other}" in capsys.readouterr().out
+    assert main(["--quiet", "export", "a", "--storage", url, "--out", str(tmp_path / "y"), "--no-artifacts"]) == 0
+    assert "artifacts" not in capsys.readouterr().out
