@@ -9,7 +9,7 @@ Protocol: calibration 16×256 tokens of WikiText-2 valid (seed 0, one pass colle
 every metric shares, Gram matrices included for SparseGPT and ACE); allocators are computed once per
 (allocator, sparsity) from those statistics and the dense weights; each (metric, allocator,
 sparsity) restores the dense weights and prunes. Evaluation: WikiText-2 test as one stream, the first
-``--eval-windows`` windows of 512 tokens (10 by default for this 126-run grid, half the engine
+``--eval-windows`` windows of 512 tokens (6 in the committed run of this ~100-run grid, against the engine
 table's 20: the dense PPL is reported at the same setting, so every ratio is like for like).
 Rows are appended to a CSV as they finish; ``--resume`` skips rows already there.
 """
@@ -72,10 +72,12 @@ def methods(args: argparse.Namespace) -> str:
     from sparsealloc.pruning.masks import row_order
     from sparsealloc.pruning.metrics import score
 
+    csv_path = Path(args.csv)
+    if args.report_only:
+        return render_methods(csv_path, args.eval_windows, None)
     model, tokenizer, _ = load_smollm2()
     layout = model_layout(model)
     stream = test_stream(tokenizer)
-    csv_path = Path(args.csv)
     done = {(r["metric"], r["allocator"], float(r["sparsity"])) for r in _read_rows(csv_path)} if args.resume else set()
     if not args.resume and csv_path.exists():
         csv_path.unlink()
@@ -120,15 +122,24 @@ def methods(args: argparse.Namespace) -> str:
                            "prune_s": round(t_prune.seconds + t_score.seconds, 2),
                            "alloc_s": round(t_alloc.seconds, 2), "dense_ppl": dense})
     restore()
+    return render_methods(csv_path, args.eval_windows, t_calib.seconds)
+
+
+def render_methods(csv_path: Path, eval_windows: int, calib_seconds: float | None) -> str:
+    """The Markdown report of the grid from the CSV (complete or partial)."""
     frame = pd.DataFrame(_read_rows(csv_path)).astype({"sparsity": float, "ppl": float, "achieved": float,
-                                                       "prune_s": float, "alloc_s": float})
+                                                       "prune_s": float, "alloc_s": float, "dense_ppl": float})
+    dense = float(frame.dense_ppl.iloc[0])
+    calib = f"{calib_seconds:.1f} s with Gram matrices" if calib_seconds is not None else "with Gram matrices"
+    expected = len(METRICS[:-1]) * len(ALLOCATORS) * len(SPARSITIES) + len(ALLOCATORS) + len(SPARSITIES) - 1
     lines = ["# Seed methods: metric × allocator (benchmarks/methods.py, part of baselines.py)", "",
              f"Machine: {machine()}. SmolLM2-135M-Instruct (embedded GGUF, fp32). Calibration 16×256 "
-             f"tokens of WikiText-2 valid (seed 0; one pass, {t_calib.seconds:.1f} s with Gram matrices). "
-             f"Evaluation: WikiText-2 test, first {args.eval_windows} windows of 512 tokens. "
+             f"tokens of WikiText-2 valid (seed 0; one pass, {calib}). "
+             f"Evaluation: WikiText-2 test, first {eval_windows} windows of 512 tokens. "
              f"Dense PPL at this setting: **{dense:.2f}**. Default allocator parameters "
              "(owl m=5 λ=0.08, alphapruning ε=0.3, depth_ramp β=0.005, mrp m=5 step 0.01, "
-             "dp step 0.05 radius 0.2).", ""]
+             "dp step 0.05 radius 0.2). Runs measured: "
+             f"{len(frame)} of {expected} planned; cells shown as nan were not run.", ""]
     for sparsity in SPARSITIES:
         part = frame[frame.sparsity == sparsity]
         if part.empty:
@@ -157,16 +168,17 @@ def layers(args: argparse.Namespace) -> str:
     """Block Influence layer pruning of 2/4/6 blocks with and without Prune&Comp compensation."""
     from sparsealloc.pruning.layer_prune import prune_layers_
 
+    import copy
+
     rows = []
-    model = tokenizer = None
+    base, tokenizer, _ = load_smollm2()
+    stream = test_stream(tokenizer)
+    windows = calib_windows(tokenizer)
+    rows.append({"blocks dropped": 0, "compensation": "-", "test PPL": _ppl(base, stream, args.eval_windows),
+                 "dropped": "-", "alphas": "-", "seconds": 0.0})
     for n_blocks in DROPPED:
         for compensate in (False, True):
-            model, tokenizer, _ = load_smollm2()  # dropping is structural: a fresh model each time
-            stream = test_stream(tokenizer)
-            windows = calib_windows(tokenizer)
-            if not rows:
-                rows.append({"blocks dropped": 0, "compensation": "-", "test PPL": _ppl(model, stream, args.eval_windows),
-                             "dropped": "-", "alphas": "-"})
+            model = copy.deepcopy(base)  # dropping is structural: a fresh copy each time
             with Timer() as t:
                 result = prune_layers_(model, windows, n_blocks, compensate=compensate)
             rows.append({"blocks dropped": n_blocks, "compensation": "Prune&Comp" if compensate else "none",
@@ -174,6 +186,7 @@ def layers(args: argparse.Namespace) -> str:
                          "dropped": " ".join(d.rsplit(".", 1)[-1] for d in result.dropped),
                          "alphas": " ".join(f"{a:.3f}" for a in result.alphas), "seconds": round(t.seconds, 1)})
             print(rows[-1], flush=True)
+            del model
     frame = pd.DataFrame(rows)
     plain = frame[(frame["blocks dropped"] == 4) & (frame.compensation == "none")]["test PPL"].iloc[0]
     comp = frame[(frame["blocks dropped"] == 4) & (frame.compensation == "Prune&Comp")]["test PPL"].iloc[0]
@@ -196,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-windows", type=int, default=10)
     parser.add_argument("--csv", default=str(ROOT / "benchmarks" / "baselines_methods.csv"))
     parser.add_argument("--resume", action="store_true", help="keep the CSV's rows and run the rest")
+    parser.add_argument("--report-only", action="store_true", help="render the Markdown from the CSV, run nothing")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     require_data()
