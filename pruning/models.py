@@ -88,6 +88,9 @@ def resolve_source(name: str) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SpecError(f"expected an existing .gguf file, but {name!r} does not exist")
+        with path.open("rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise SpecError(f"expected a GGUF file, but {name!r} does not start with the GGUF magic bytes")
         return ModelSource(name, str(path.parent), path.name)
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():

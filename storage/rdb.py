@@ -8,9 +8,11 @@ the writer); PostgreSQL gets ``pool_pre_ping``. SQLAlchemy errors are translated
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sqlite3
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -109,6 +111,7 @@ class StoreInfo:
                 f"{optuna.__version__} does not know; upgrade Optuna: pip install -U optuna")
 
 
+@functools.lru_cache(maxsize=1)
 def _optuna_versions() -> tuple[str, tuple[str, ...]]:
     """(head revision, all revisions) of this Optuna's storage schema, from an in-memory store."""
     memory = optuna.storages.RDBStorage("sqlite:///:memory:")
@@ -119,7 +122,8 @@ def _optuna_versions() -> tuple[str, tuple[str, ...]]:
 
 
 def probe_storage(url: str, timeout: int = 10) -> StoreInfo:
-    """Reach the store at ``url`` and read its schema, writing nothing (no file, table or row).
+    """Reach the store at ``url`` and read its schema, writing nothing (no file, table or row;
+    for a new SQLite file, the folder is tested with a nameless temporary file).
 
     Args:
         url: Storage URL (see :func:`parse_storage_url`).
@@ -172,6 +176,12 @@ def _check_sqlite_folder(path: Path) -> None:
         raise StorageError(f"expected a directory for the SQLite store, but {str(folder)!r} is a file")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise StorageError(f"expected a writable directory for the SQLite store, but {str(folder)!r} is read-only")
+    try:  # permissions can lie (root, read-only mounts, /proc): try a nameless temporary file
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise StorageError(f"expected a writable directory for the SQLite store, but {str(folder)!r} "
+                           f"refused a new file: {exc.strerror}") from None
 
 
 def check_storage(url: str, create: bool = True) -> StoreInfo:
