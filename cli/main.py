@@ -92,6 +92,8 @@ def _quiet_libraries(debug: bool) -> None:
 
     if not debug:
         warnings.filterwarnings("ignore", message=r".*is experimental.*")
+        # Heartbeats are recorded under ask/tell on purpose (storage/coordination.py).
+        warnings.filterwarnings("ignore", message=r"Heartbeat of storage is supposed to be used with Study\.optimize")
         # huggingface_hub logs each failed download attempt; the error itself is reported on one line.
         # (The variable counts when the library configures its logger later; the level when it has.)
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")

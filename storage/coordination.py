@@ -14,12 +14,14 @@ budget nor leave trials RUNNING forever when one dies:
 
 from __future__ import annotations
 
+import datetime
 import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import optuna
+from optuna.trial import TrialState
 from sqlalchemy import text
 
 
@@ -94,6 +96,47 @@ class Heartbeat:
 
 
 def sweep_stale(study: optuna.Study) -> None:
-    """Fail trials whose heartbeat is older than the grace period (no-op without heartbeats)."""
-    if getattr(study._storage, "get_heartbeat_interval", lambda: None)():
+    """Fail trials whose heartbeat is older than the grace period (no-op without heartbeats).
+
+    Also fails trials that never recorded a heartbeat and started longer than the grace period
+    ago: an orchestrator killed between creating a trial and its first heartbeat leaves such a
+    trial, which Optuna alone never considers stale (and a resumed study would wait for forever).
+    """
+    interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    if interval:
         optuna.storages.fail_stale_trials(study)
+        fail_silent_trials(study, interval)
+
+
+def fail_silent_trials(study: optuna.Study, interval: float) -> list[int]:
+    """Fail RUNNING trials without any heartbeat that started more than the grace period ago and
+    re-queue their parameters (``retry_of``, as :func:`~sparsealloc.storage.rdb.recover_orphans`
+    does); returns their numbers."""
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    engine = getattr(backend, "engine", None)
+    if engine is None:
+        return []
+    grace = getattr(backend, "grace_period", None) or 2 * interval
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+    running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.datetime_start is not None and t.datetime_start < cutoff]
+    if not running:
+        return []
+    with engine.connect() as conn:
+        beating = {row[0] for row in conn.execute(text("SELECT trial_id FROM trial_heartbeats"))}
+    failed = []
+    for trial in running:
+        if trial._trial_id in beating:
+            continue  # Optuna's own sweep judges those
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+                                        "orphaned: its orchestrator stopped before the first heartbeat")
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another orchestrator finished it meanwhile
+            continue
+        failed.append(trial.number)
+        kept = {k: v for k, v in trial.user_attrs.items() if k in ("warm_start", "generation")}
+        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number, **kept})
+    return failed
