@@ -144,6 +144,7 @@ def probe_storage(url: str, timeout: int = 10) -> StoreInfo:
             return StoreInfo(shown, backend, exists=False)
         if not path.is_file():
             raise StorageError(f"expected a SQLite file for the study store, but {str(path)!r} is a directory")
+        _check_sqlite_folder(path)  # WAL keeps -wal and -shm files beside the store, readers too
         engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(f"file:{path}?mode=ro", uri=True))
     else:
         try:
@@ -175,7 +176,8 @@ def _check_sqlite_folder(path: Path) -> None:
     if not folder.is_dir():
         raise StorageError(f"expected a directory for the SQLite store, but {str(folder)!r} is a file")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise StorageError(f"expected a writable directory for the SQLite store, but {str(folder)!r} is read-only")
+        raise StorageError(f"expected a writable directory for the SQLite store, but {str(folder)!r} is read-only "
+                           f"(in WAL mode SQLite keeps -wal and -shm files beside the store, for readers too)")
     try:  # permissions can lie (root, read-only mounts, /proc): try a nameless temporary file
         with tempfile.TemporaryFile(dir=folder):
             pass
@@ -197,6 +199,8 @@ def check_storage(url: str, create: bool = True) -> StoreInfo:
     if not create and path is not None and not path.is_file():
         raise StorageError(f"expected an existing SQLite study store, but {str(path)!r} does not exist")
     info = probe_storage(url)
+    if create and path is not None and info.exists and not os.access(path, os.W_OK):
+        raise StorageError(f"expected a writable SQLite study store, but {str(path)!r} is read-only")
     if not create and not info.has_schema:
         raise StorageError(f"expected a study store, but {info.url} holds no Optuna tables")
     problem = info.schema_problem()

@@ -1,0 +1,318 @@
+"""Hostile surroundings: odd study names, read-only store folders, a full disk.
+
+* Study names with spaces, quotes, slashes, backslashes, unicode and 200 characters work end to end
+  (run, list, show, export, report, resume) on SQLite and PostgreSQL; export and report file names
+  never depend on the study name. Longer names, control characters and padding are one-line errors.
+* A read-only store folder (or store file) is a one-line error, exit 2, the store untouched. As root
+  (who ignores permission bits) the command runs without CAP_DAC_OVERRIDE via ``capsh``.
+* A full disk: SQLite hits RLIMIT_FSIZE in a subprocess mid-study → one line, exit 2, the store
+  passes its integrity check and ``study resume`` finishes it; a write that fails with ENOSPC
+  during export or report → one line, and an earlier ``best.json`` is left whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import shlex
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from sparsealloc.cli.main import main
+from sparsealloc.core.plan import AllocationPlan
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+ODD_NAMES = {
+    "spaces": "my study 50%",
+    "quotes": "it's a \"quoted\" name",
+    "slashes": "runs/2024\\jan/../s70",
+    "unicode": "稀疏-Sparsität-😀-ñ",
+    "shell": "$(rm -rf ~); `echo`; <b>&amp;</b> * ?",
+    "longest": "n" * 199 + "é",
+}
+
+
+def data_args(model_dir: Path, text: Path) -> list[str]:
+    return ["--model", str(model_dir), "--calib-text", str(text), "--calib-samples", "4", "--calib-seq-len", "16",
+            "--eval-text", str(text), "--eval-seq-len", "16", "--eval-windows", "2", "--device", "cpu"]
+
+
+def cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error_line(err: str, *fragments: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def sqlite_rows(db: Path) -> dict[str, list]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: sorted(con.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr) for t in tables}
+    finally:
+        con.close()
+
+
+def _pg_reason() -> str | None:
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"no PostgreSQL answers at {PG_URL}: {str(exc).strip().splitlines()[0]}"
+
+
+# --------------------------------------------------------------------------- odd names
+@pytest.fixture(scope="module")
+def odd_store(tmp_path_factory, tiny_llama_dir, text_file):
+    """One SQLite store holding a finished 3-trial study under each odd name (run by the CLI)."""
+    root = tmp_path_factory.mktemp("odd")
+    url = f"sqlite:///{root / 's.db'}"
+    for name in ODD_NAMES.values():
+        code, _, err = cli(["--quiet", "study", "run", "--name", name, "--storage", url,
+                            *data_args(tiny_llama_dir, text_file), "--trials", "3", "--validate-top", "2"])
+        assert code == 0, (name, err)
+    return url, root
+
+
+@pytest.mark.parametrize("kind", sorted(ODD_NAMES))
+def test_an_odd_study_name_works_end_to_end(kind, odd_store, tmp_path):
+    url, _ = odd_store
+    name = ODD_NAMES[kind]
+    code, out, err = cli(["--quiet", "study", "list", "--storage", url])
+    assert code == 0 and f"{name}  objectives=1  complete=3" in out.splitlines(), out
+
+    code, out, err = cli(["--quiet", "study", "show", name, "--storage", url])
+    assert code == 0 and out.startswith(f"study: {name}\n") and "complete=3" in out, err
+
+    out_dir = tmp_path / "export"
+    code, out, err = cli(["--quiet", "export", name, "--storage", url, "--out", str(out_dir)])
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["best.json"]  # the name is not a file name
+    assert AllocationPlan.load(out_dir / "best.json").provenance["study"] == name
+
+    report_dir = tmp_path / "report"
+    code, out, err = cli(["--quiet", "report", name, "--storage", url, "--out", str(report_dir), "--no-model"])
+    assert code == 0, err
+    assert {p.parent for p in report_dir.rglob("*")} == {report_dir}  # nothing outside the folder
+    assert name in (report_dir / "summary.md").read_text(encoding="utf-8")
+
+    code, out, err = cli(["--quiet", "study", "resume", name, "--storage", url, "--trials", "3", "--no-validate"])
+    assert code == 0 and "trials this run: {}" in out, err
+
+
+@pytest.mark.parametrize(("name", "fragment"), [
+    ("n" * 201, "(201 characters)"),
+    ("x" * 5000, "(5000 characters)"),
+    ("tab\there", "printable"),
+    ("new\nline", "printable"),
+    ("nul\x00byte", "printable"),
+    ("zero\u200bwidth", "printable"),
+    (" padded", "surrounding spaces"),
+])
+def test_an_unusable_study_name_is_one_clean_error(name, fragment, tiny_llama_dir, text_file, tmp_path, capsys):
+    db = tmp_path / "s.db"
+    code = main(["--quiet", "study", "run", "--name", name, "--storage", f"sqlite:///{db}",
+                 *data_args(tiny_llama_dir, text_file), "--trials", "2"])
+    line = one_error_line(capsys.readouterr().err, "name must be", fragment)
+    assert code == 2 and len(line) < 400
+    assert not db.exists()
+
+
+def test_odd_names_on_postgresql(tiny_llama_dir, text_file, tmp_path):
+    reason = _pg_reason()
+    if reason:
+        pytest.skip(reason)
+    tag = uuid.uuid4().hex[:8]
+    names = [f"{ODD_NAMES['quotes']} {tag}", f"{ODD_NAMES['unicode']} {tag}", f"{ODD_NAMES['shell']} {tag}"]
+    try:
+        for name in names:
+            code, _, err = cli(["--quiet", "study", "run", "--name", name, "--storage", PG_URL,
+                                *data_args(tiny_llama_dir, text_file), "--trials", "2", "--no-validate"])
+            assert code == 0, err
+            code, out, err = cli(["--quiet", "export", name, "--storage", PG_URL, "--out", str(tmp_path / tag)])
+            assert code == 0, err
+            assert AllocationPlan.load(tmp_path / tag / "best.json").provenance["study"] == name
+        code, out, _ = cli(["--quiet", "study", "list", "--storage", PG_URL])
+        listed = out.splitlines()
+        assert all(any(line.startswith(f"{name}  objectives=1  complete=2") for line in listed) for name in names)
+    finally:
+        for name in names:
+            with contextlib.suppress(Exception):
+                optuna.delete_study(study_name=name, storage=PG_URL)
+
+
+# --------------------------------------------------------------------------- read-only store folders
+def unprivileged(argv: list[str]) -> list[str]:
+    """``python -m sparsealloc.cli ARGV`` that honours permission bits, even when run as root."""
+    command = [sys.executable, "-P", "-m", "sparsealloc.cli", *argv]
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("capsh"):
+        return ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(command)]
+    if shutil.which("setpriv"):
+        return ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                "--inh-caps=-dac_override,-dac_read_search", *command]
+    pytest.skip("running as root without capsh or setpriv: permission bits cannot be enforced")
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    mode = path.stat().st_mode
+    path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        yield path
+    finally:
+        path.chmod(mode)
+
+
+@pytest.fixture
+def small_store(tmp_path, tiny_llama_dir, text_file):
+    folder = tmp_path / "store"
+    folder.mkdir()
+    db = folder / "s.db"
+    code, _, err = cli(["--quiet", "study", "run", "--name", "ro", "--storage", f"sqlite:///{db}",
+                        *data_args(tiny_llama_dir, text_file), "--trials", "2", "--no-validate"])
+    assert code == 0, err
+    return db
+
+
+def run_unprivileged(argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(unprivileged(argv), capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("action", ["run", "resume", "list", "export"])
+def test_a_read_only_store_folder_is_one_clean_error(action, small_store, tiny_llama_dir, text_file, tmp_path):
+    folder = small_store.parent
+    url = f"sqlite:///{small_store}"
+    argv = {"run": ["study", "run", "--name", "new", "--storage", f"sqlite:///{folder / 'new.db'}",
+                    *data_args(tiny_llama_dir, text_file), "--trials", "2"],
+            "resume": ["study", "resume", "ro", "--storage", url, "--trials", "4", "--no-validate"],
+            "list": ["study", "list", "--storage", url],
+            "export": ["export", "ro", "--storage", url, "--out", str(folder / "out")]}[action]
+    before = sqlite_rows(small_store)
+    files = sorted(p.name for p in folder.iterdir())
+    with read_only(folder):
+        result = run_unprivileged(["--quiet", *argv])
+        listing = sorted(p.name for p in folder.iterdir())
+    assert result.returncode == 2, result.stderr
+    one_error_line(result.stderr, "read-only", str(folder))
+    assert listing == files  # no new store, no export folder
+    assert sqlite_rows(small_store) == before
+
+
+def test_a_read_only_store_file_is_one_clean_error(small_store):
+    before = sqlite_rows(small_store)
+    with read_only(small_store):
+        result = run_unprivileged(["--quiet", "study", "resume", "ro", "--storage", f"sqlite:///{small_store}",
+                                   "--trials", "4", "--no-validate"])
+    assert result.returncode == 2, result.stderr
+    one_error_line(result.stderr, "expected a writable SQLite study store", "is read-only")
+    assert sqlite_rows(small_store) == before
+
+
+# --------------------------------------------------------------------------- a full disk
+FSIZE_RUNNER = """
+import resource, signal, sys
+limit = int(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from sparsealloc.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_full_disk_mid_study_is_one_line_and_the_store_survives(small_store, tmp_path):
+    """The store may not grow past its size + 16 KiB: the study stops at the first write that does
+    not fit, with one line; the store is intact and ``study resume`` finishes the study."""
+    url = f"sqlite:///{small_store}"
+    limit = small_store.stat().st_size + 16 * 1024
+    runner = tmp_path / "fsize_runner.py"
+    runner.write_text(FSIZE_RUNNER, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-P", str(runner), str(limit), "--quiet", "study", "resume", "ro",
+                             "--storage", url, "--trials", "60", "--no-validate"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    line = one_error_line(result.stderr, "the study store", "failed:", "study resume ro")
+    assert "disk I/O error" in line or "full" in line or "too large" in line.lower(), line
+    with sqlite3.connect(small_store) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    study = optuna.load_study(study_name="ro", storage=url)
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    assert 2 <= done < 60
+
+    code, out, err = cli(["--quiet", "study", "resume", "ro", "--storage", url, "--trials", "8", "--no-validate"])
+    assert code == 0, err
+    study = optuna.load_study(study_name="ro", storage=url)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(TrialState.COMPLETE) == max(8, done)
+    assert TrialState.RUNNING not in states
+
+
+def _fail_with_enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[0]) if args else None)
+
+
+def test_a_full_disk_during_export_keeps_the_old_plan_whole(small_store, tmp_path, monkeypatch, capsys):
+    url = f"sqlite:///{small_store}"
+    out_dir = tmp_path / "out"
+    assert main(["--quiet", "export", "ro", "--storage", url, "--out", str(out_dir)]) == 0
+    first = (out_dir / "best.json").read_text(encoding="utf-8")
+    capsys.readouterr()
+    monkeypatch.setattr(Path, "write_text", _fail_with_enospc)
+    code = main(["--quiet", "export", "ro", "--storage", url, "--out", str(out_dir)])
+    monkeypatch.undo()
+    assert code == 2
+    one_error_line(capsys.readouterr().err, "expected to write the exported plans", "No space left on device")
+    assert (out_dir / "best.json").read_text(encoding="utf-8") == first
+    assert sorted(p.name for p in out_dir.iterdir()) == ["best.json"]  # no partial file left behind
+
+
+def test_a_full_disk_during_report_is_one_line(small_store, tmp_path, monkeypatch, capsys):
+    url = f"sqlite:///{small_store}"
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _fail_with_enospc)
+    code = main(["--quiet", "report", "ro", "--storage", url, "--out", str(tmp_path / "r"), "--no-model"])
+    assert code == 2
+    one_error_line(capsys.readouterr().err, "expected to write the report", "No space left on device")
+
+
+def test_a_full_disk_while_saving_a_pruned_model_is_one_line(tiny_llama_dir, text_file, tmp_path, monkeypatch,
+                                                               capsys):
+    import transformers
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", _fail_with_enospc)
+    code = main(["--quiet", "prune", "--model", str(tiny_llama_dir), "--calib-text", str(text_file),
+                 "--calib-samples", "4", "--calib-seq-len", "16", "--no-eval", "--save", str(tmp_path / "m")])
+    assert code == 2
+    one_error_line(capsys.readouterr().err, "expected to write the pruned checkpoint", "No space left on device")
