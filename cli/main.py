@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from sparsealloc.core.errors import SparseAllocError, SpecError
 
-COMMAND_MODULES = ("prune", "apply", "evaluate", "study", "export", "report", "dashboard", "calib", "generate")
+COMMAND_MODULES = ("prune", "apply", "evaluate", "study", "export", "report", "dashboard", "calib", "generate", "doctor")
 
 
 class UsageError(SpecError):
