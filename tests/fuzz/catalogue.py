@@ -313,7 +313,7 @@ class Env:
     model_dir: Path
     text_file: Path
     store_url: str
-    fresh_path: Path
+    fresh_path: Path  # in an existing folder: a command that wrongly went ahead would create it
 
     @property
     def fresh_url(self) -> str:
@@ -346,7 +346,7 @@ def make_env(root: Path, model_dir: Path, text_file: Path) -> Env:
             values = tuple(0.1 * (i + 1) + k for k in range(len(objectives)))
             sampler.tell(proposal.trial_number, Outcome("complete", values, attrs={"plan": plan.to_dict()}))
     storage.engine.dispose()
-    return Env(root, Path(model_dir), Path(text_file), url, root / "fresh" / "never.db")
+    return Env(root, Path(model_dir), Path(text_file), url, root / "fresh-never.db")
 
 
 def old_schema_store(folder: Path, env: Env) -> None:
@@ -489,9 +489,11 @@ def run_case(case: Case, env: Env, folder: Path) -> Result:
         problems.append("a password was printed")
     if store_snapshot(env.store_url) != before:
         problems.append("the existing store changed")
-    if env.fresh_path.exists() or env.fresh_path.parent.exists():
+    created = [p for p in env.root.glob(f"{env.fresh_path.name}*")]
+    if created:
         problems.append("a new store was created")
-        shutil.rmtree(env.fresh_path.parent, ignore_errors=True)
+        for path in created:
+            path.unlink()
     if result.model_loads and not case.needs_model:
         problems.append(f"the model was loaded {result.model_loads} time(s) before the error")
     return result

@@ -58,6 +58,12 @@ def test_the_runner_catches_what_it_must_catch(env, tmp_path):
     result = catalogue.run_case(ok, env, tmp_path / "ok")
     assert "exit code 0, expected 2" in result.problems[0]
 
+    valid_run = catalogue.Case("valid-run", "cli", catalogue.RUN_FRESH)  # a study that really runs
+    result = catalogue.run_case(valid_run, env, tmp_path / "run")
+    assert "a new store was created" in result.problems
+    assert any(p.startswith("the model was loaded") for p in result.problems)
+    assert not env.fresh_path.exists()  # cleaned up for the other cases
+
     def boom(args):
         raise RuntimeError("boom")
 
