@@ -316,3 +316,39 @@ def test_a_full_disk_while_saving_a_pruned_model_is_one_line(tiny_llama_dir, tex
                  "--calib-samples", "4", "--calib-seq-len", "16", "--no-eval", "--save", str(tmp_path / "m")])
     assert code == 2
     one_error_line(capsys.readouterr().err, "expected to write the pruned checkpoint", "No space left on device")
+
+
+# --------------------------------------------------------------------------- the database goes away mid-study
+def test_a_store_that_dies_mid_study_is_one_line_with_the_resume_command(tiny_llama_dir, text_file, tmp_path,
+                                                                           monkeypatch, capsys):
+    """The server closes the connection at the 4th tell: one line naming the cause and the command
+    that continues; the trials told before are kept, and that command finishes the study."""
+    import sqlalchemy
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    real = optuna.storages.RDBStorage.set_trial_state_values
+    calls = []
+
+    def dying(self, trial_id, state, values=None):
+        calls.extend([state] if state == TrialState.COMPLETE else [])
+        if state == TrialState.COMPLETE and len(calls) == 4:
+            raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception(
+                "server closed the connection unexpectedly\n\tThis probably means the server terminated"))
+        return real(self, trial_id, state, values)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", dying)
+    argv = ["--quiet", "study", "run", "--name", "dies", "--storage", url, *data_args(tiny_llama_dir, text_file),
+            "--trials", "6", "--no-validate"]
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err, f"the study store {url} failed:",
+                          "server closed the connection unexpectedly",
+                          f"continue with: sparsealloc study resume dies --storage {url}")
+    assert "This probably means" not in line  # the driver's first line only
+    monkeypatch.undo()
+    study = optuna.load_study(study_name="dies", storage=url)
+    assert len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) == 3
+
+    code, out, err = cli(["--quiet", "study", "resume", "dies", "--storage", url, "--no-validate"])
+    assert code == 0, err
+    study = optuna.load_study(study_name="dies", storage=url)
+    assert len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) == 6
