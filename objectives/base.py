@@ -3,7 +3,7 @@
 An objective is a callable ``(ctx, trial) -> float`` where ``trial`` is the
 :class:`~sparsealloc.objectives.trial.TrialState` of the current candidate (the pruned model sits in
 ``ctx.model``). Objectives that need no forward pass (``kv_bytes``, ``remaining_weights``) are
-analytic.
+analytic; ``layer_local`` needs none either (per-layer Gram matrices).
 """
 
 from __future__ import annotations
@@ -33,6 +33,18 @@ def reconstruction(ctx: EvalContext, trial: TrialState) -> float:
 def kl(ctx: EvalContext, trial: TrialState) -> float:
     """Mean per-token KL divergence of next-token distributions, dense ‖ pruned."""
     return reconstruction_error(ctx, "kl", trial.report)
+
+
+@OBJECTIVES.register("hidden")
+def hidden(ctx: EvalContext, trial: TrialState) -> float:
+    """Relative squared error of the final hidden states, ‖h − h_dense‖² / ‖h_dense‖²."""
+    return reconstruction_error(ctx, "hidden", trial.report)
+
+
+@OBJECTIVES.register("layer_local")
+def layer_local(ctx: EvalContext, trial: TrialState) -> float:
+    """Summed layer-local output error Σ tr(ΔW·(H/N)·ΔWᵀ) from per-layer Gram matrices (no forward)."""
+    return ctx.layer_error()
 
 
 @OBJECTIVES.register("remaining_weights")

@@ -6,7 +6,12 @@ weights (trials restore them in place; the model is never copied) and the dense 
 The dense reference is memory-bounded: not the logits (N·L·vocab floats, 0.8 GB for SmolLM2 at
 16×256), but the final hidden states (N·L·d) plus the LM head's Gram matrix G = WᵀW (d×d). Because
 logits = h·Wᵀ (+ b), the logit difference of a pruned model is exactly ΔL = Δh·Wᵀ and
-‖ΔL‖²_F = Σ_t Δh_t·G·Δh_tᵀ, with no vocabulary-sized product per trial.
+‖ΔL‖²_F = Σ_t Δh_t·G·Δh_tᵀ, with no vocabulary-sized product per trial. The KL proxy keeps two
+numbers per token instead of the dense distribution (:mod:`sparsealloc.objectives.divergence`); the
+layer-local proxy keeps each Linear's H/N in bfloat16 (:mod:`sparsealloc.objectives.layer_local`).
+
+With a fixed metric, each Linear's per-row rank of the metric's scores is cached once, and a trial
+writes each pruned weight from the pristine one in one fused pass (no re-scoring or re-sorting).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 from torch import nn
 
 from sparsealloc.core.types import LayerStats
+from sparsealloc.objectives.divergence import CHUNK, kl_reference
+from sparsealloc.objectives.layer_local import compact_grams, summed_error
 from sparsealloc.pruning.calibration import collect_stats, decoder_trunk
 from sparsealloc.pruning.structure import ModelLayout, model_layout
 
@@ -49,17 +56,33 @@ class EvalContext:
     tokenizer: Any = None
     orders: dict[str, torch.Tensor] = field(default_factory=dict)
     orders_metric: Any = None
-    dense_logprobs: list[torch.Tensor] = field(default_factory=list)
+    ranks: dict[str, torch.Tensor] = field(default_factory=dict)
+    ranks_metric: Any = None
+    kl_terms: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
     drop_schedule: Any = None
     pristine_extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     @torch.inference_mode()
     def build(cls, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, gram: bool = False,
-              model_info: Mapping[str, Any] | None = None, tokenizer: Any = None) -> EvalContext:
-        """Collect statistics, the pristine weights and the dense reference in one place."""
+              model_info: Mapping[str, Any] | None = None, tokenizer: Any = None,
+              layer_grams: bool = False) -> EvalContext:
+        """Collect statistics, the pristine weights and the dense reference in one place.
+
+        Args:
+            model: The dense causal LM (pruned in place by trials, restored after each).
+            windows: Calibration token ids, shape (n, seq_len).
+            batch_size: Windows per forward call.
+            gram: Keep XᵀX in float32 in the statistics (metrics that need it: SparseGPT).
+            model_info: Goes into plans as ``model``.
+            tokenizer: Kept for validation.
+            layer_grams: Keep H/N per Linear in bfloat16 for the layer-local error (the zero-forward
+                rung and the ``layer_local`` proxy), collected in the same calibration pass.
+        """
         layout = model_layout(model)
-        stats = collect_stats(model, windows, batch_size=batch_size, gram=gram, layout=layout)
+        stats = collect_stats(model, windows, batch_size=batch_size, gram=gram or layer_grams, layout=layout)
+        grams = compact_grams(stats, drop=not gram) if layer_grams else {}
         modules = dict(model.named_modules())
         pristine_weight = {n: modules[n].weight.detach().clone() for n in layout.linears}
         pristine_bias = {n: None if modules[n].bias is None else modules[n].bias.detach().clone()
@@ -73,19 +96,24 @@ class EvalContext:
         for batch in windows.split(batch_size):
             h = trunk(input_ids=batch.to(device), use_cache=False).last_hidden_state.float()
             dense_hidden.append(h)
-            logits = head(h)
-            dense_sq.append(float(logits.double().pow(2).sum()))
+            dense_sq.append(sum(float(head(part).double().pow(2).sum()) for part in h.reshape(-1, h.shape[-1]).split(CHUNK)))
         info = {"n_layers": len(layout.blocks), **dict(model_info or {})}
         return cls(model, layout, windows, batch_size, stats, pristine_weight, pristine_bias,
-                   dense_hidden, head_gram, dense_sq, info, tokenizer)
+                   dense_hidden, head_gram, dense_sq, info, tokenizer, grams=grams)
 
     @torch.no_grad()
-    def restore_(self) -> None:
-        """Put the dense weights (and biases) back, in place."""
+    def restore_(self, weights: bool = True) -> None:
+        """Put the dense weights (and biases) back, in place.
+
+        Args:
+            weights: False restores everything but the prunable Linear weights (for
+                ``prune_(..., pristine=...)``, which writes those itself).
+        """
         modules = dict(self.model.named_modules())
         for name, weight in self.pristine_weight.items():
             module = modules[name]
-            module.weight.data.copy_(weight)
+            if weights:
+                module.weight.data.copy_(weight)
             bias = self.pristine_bias[name]
             if bias is None:
                 module.bias = None
@@ -129,12 +157,68 @@ class EvalContext:
                     self.pristine_extra[name] = module.weight.detach().clone()
 
     @torch.inference_mode()
-    def cache_dense_logprobs(self) -> None:
-        """Keep the dense next-token log-probabilities (fp16) for the KL proxy."""
-        if self.dense_logprobs:
+    def cache_ranks(self, metric) -> None:
+        """Score every prunable Linear once with ``metric`` (a MetricChoice) and keep its row ranks.
+
+        A trial's mask is then ``rank < k`` per row (:func:`~sparsealloc.pruning.masks.masked_copy_`):
+        no per-trial scoring or sorting (int16: 2 bytes per weight).
+        """
+        from sparsealloc.pruning.masks import row_rank
+        from sparsealloc.pruning.metrics import score
+
+        if self.ranks_metric == metric:
+            return
+        self.ranks = {n: row_rank(score(metric.name, w, self.stats[n], dict(metric.params)))
+                      for n, w in self.pristine_weight.items()}
+        self.ranks_metric = metric
+
+    def ranks_for(self, plan) -> dict[str, torch.Tensor] | None:
+        """The cached ranks when ``plan`` uses the cached metric, else None."""
+        return self.ranks if self.ranks and plan.metric == self.ranks_metric else None
+
+    @torch.inference_mode()
+    def cache_kl_reference(self) -> None:
+        """Keep the dense reference of the exact KL proxy: ``pᵀW`` and ``Σ p log p − p·b`` per token."""
+        if self.kl_terms:
             return
         head = lm_head_of(self.model)
-        self.dense_logprobs = [torch.log_softmax(head(h), dim=-1).half() for h in self.dense_hidden]
+        bias = getattr(head, "bias", None)
+        self.kl_terms = [kl_reference(h, head.weight, bias) for h in self.dense_hidden]
+
+    @torch.inference_mode()
+    def cache_layer_grams(self) -> None:
+        """Collect H/N per Linear (bfloat16) unless :meth:`build` did (one more calibration pass)."""
+        if self.grams:
+            return
+        self.restore_()
+        stats = collect_stats(self.model, self.windows, batch_size=self.batch_size, gram=True, layout=self.layout)
+        self.grams = compact_grams(stats, drop=True)
+
+    @torch.inference_mode()
+    def layer_error(self, ratios: Mapping[str, float] | None = None) -> float:
+        """Summed layer-local error Σ tr(ΔW·(H/N)·ΔWᵀ) (:mod:`~sparsealloc.objectives.layer_local`).
+
+        Args:
+            ratios: Ratio per Linear FQN, masked from the cached ranks without touching the model
+                (the zero-forward rung). None: ΔW = pristine − current weights (the model as pruned).
+        """
+        from sparsealloc.pruning.masks import pruned_part
+
+        if not self.grams:  # not collected here: that would restore the model under a pruned trial
+            raise ValueError("the layer-local error needs the Gram matrices: call cache_layer_grams() first")
+        modules = dict(self.model.named_modules())
+
+        def pairs():
+            for name, weight in self.pristine_weight.items():
+                if ratios is None:
+                    delta = weight - modules[name].weight.data
+                elif ratios.get(name, 0.0) > 0:
+                    delta = pruned_part(weight, self.ranks[name], ratios[name])
+                else:
+                    continue
+                yield delta, self.grams[name]
+
+        return summed_error(pairs())
 
     @property
     def device(self) -> torch.device:

@@ -1,62 +1,87 @@
 """Model-wise reconstruction-error proxies of a pruned model against the dense reference.
 
+All of them come from one forward pass of the pruned model over the calibration windows
+(:func:`forward_errors`), so several can be measured for the price of one:
+
 * ``logits`` — OptiShear's fitness (Liu et al. 2025, arXiv:2502.10735; soda-lsq/AdaPrune):
   ‖Logits_pruned − Logits_dense‖_F over all calibration windows, positions and vocabulary entries,
   reported relative to ‖Logits_dense‖_F (a constant factor: the ranking is OptiShear's). Computed
   exactly from final hidden states through the LM head's Gram matrix (see
-  :mod:`sparsealloc.objectives.context`).
-* ``kl`` — mean KL(p_dense ‖ p_pruned) of next-token distributions per token (EvoPress-style).
+  :mod:`sparsealloc.objectives.context`): no LM-head product per trial.
+* ``kl`` — mean KL(p_dense ‖ p_pruned) of next-token distributions per token (EvoPress, Sieberling
+  et al. 2024, arXiv:2410.14649), exact from a d-sized reference per token
+  (:mod:`sparsealloc.objectives.divergence`): one LM-head product and one log-sum-exp per token.
+* ``hidden`` — relative squared error of the final hidden states, ‖h − h_dense‖² / ‖h_dense‖² over
+  all calibration tokens (the decoder's output before the LM head).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from sparsealloc.objectives.context import EvalContext, lm_head_of
+from sparsealloc.objectives.divergence import kl_sum
 from sparsealloc.pruning.calibration import decoder_trunk
 
-Reporter = Callable[[int, float], None]
+#: ``report(batches_done, value_so_far)``; a True return asks the caller's loop to stop (early
+#: stopping is decided by the trial evaluator, which raises; the forward loop itself never stops).
+Reporter = Callable[[int, float], object]
+
+FORWARD_PROXIES = ("logits", "kl", "hidden")
 
 
 @torch.inference_mode()
-def reconstruction_error(ctx: EvalContext, kind: str = "logits", report: Reporter | None = None) -> float:
-    """Run the (pruned) model over the calibration windows and compare with the dense reference.
+def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | None = None) -> dict[str, float]:
+    """Run the (pruned) model once over the calibration windows and score it as ``kinds`` say.
 
     Args:
         ctx: The worker's context (the model in it is already pruned).
-        kind: "logits" (relative Frobenius error of logits) or "kl".
-        report: Called as ``report(step, value_so_far)`` after each batch (multi-fidelity).
+        kinds: Proxies among :data:`FORWARD_PROXIES`; the first one is reported.
+        report: Called as ``report(batches_done, value_so_far)`` after each batch, with the first
+            kind's value over the batches so far (multi-fidelity: the running estimate).
 
     Returns:
-        The proxy over all windows (lower is better).
+        Each kind's value over all windows (lower is better).
     """
+    unknown = [k for k in kinds if k not in FORWARD_PROXIES]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be among {list(FORWARD_PROXIES)}, but got {list(kinds)!r}")
+    if "kl" in kinds:
+        ctx.cache_kl_reference()
     trunk = decoder_trunk(ctx.model)
     head = lm_head_of(ctx.model)
+    bias = getattr(head, "bias", None)
     device = ctx.device
-    num = den = 0.0
-    tokens = 0
-    for step, (batch, dense_h) in enumerate(zip(ctx.windows.split(ctx.batch_size), ctx.dense_hidden)):
+    num = dict.fromkeys(kinds, 0.0)
+    den = dict.fromkeys(kinds, 0.0)
+    values: dict[str, float] = {}
+    batches = zip(ctx.windows.split(ctx.batch_size), ctx.dense_hidden)
+    for done, (batch, dense_h) in enumerate(batches, start=1):
         h = trunk(input_ids=batch.to(device), use_cache=False).last_hidden_state.float()
-        if kind == "logits":
+        if "logits" in kinds:
             delta = (h - dense_h).reshape(-1, h.shape[-1])  # (tokens, d)
-            num += float(((delta @ ctx.head_gram) * delta).sum(dtype=torch.float64))
-            den += ctx.dense_logit_sq[step]
-            value = math.sqrt(max(num, 0.0) / den) if den > 0 else float("nan")
-        elif kind == "kl":
-            if ctx.dense_logprobs:
-                logp_dense = ctx.dense_logprobs[step].float()
-            else:
-                logp_dense = F.log_softmax(head(dense_h), dim=-1)
-            logp = F.log_softmax(head(h), dim=-1)
-            num += float(F.kl_div(logp, logp_dense, log_target=True, reduction="sum"))
-            tokens += h.shape[0] * h.shape[1]
-            value = num / tokens
-        else:
-            raise ValueError(f"kind must be 'logits' or 'kl', but got {kind!r}")
+            num["logits"] += float(((delta @ ctx.head_gram) * delta).sum(dtype=torch.float64))
+            den["logits"] += ctx.dense_logit_sq[done - 1]
+            values["logits"] = math.sqrt(max(num["logits"], 0.0) / den["logits"]) if den["logits"] > 0 else math.nan
+        if "kl" in kinds:
+            m, c = ctx.kl_terms[done - 1]
+            num["kl"] += kl_sum(h, head.weight, bias, m, c)
+            den["kl"] += h.shape[0] * h.shape[1]
+            values["kl"] = num["kl"] / den["kl"]
+        if "hidden" in kinds:
+            num["hidden"] += float((h - dense_h).pow(2).sum(dtype=torch.float64))
+            den["hidden"] += float(dense_h.pow(2).sum(dtype=torch.float64))
+            values["hidden"] = num["hidden"] / den["hidden"] if den["hidden"] > 0 else math.nan
         if report is not None:
-            report(step, value)
-    return value
+            report(done, values[kinds[0]])
+    return values
+
+
+def reconstruction_error(ctx: EvalContext, kind: str = "logits", report: Reporter | None = None) -> float:
+    """One proxy of :func:`forward_errors` ("logits", "kl" or "hidden")."""
+    if kind not in FORWARD_PROXIES:
+        raise ValueError(f"kind must be one of {list(FORWARD_PROXIES)}, but got {kind!r}")
+    return forward_errors(ctx, (kind,), report)[kind]

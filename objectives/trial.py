@@ -1,9 +1,18 @@
 """TrialEvaluator: built once per worker, called once per trial with the sampler's values.
 
-Lifecycle per call: decode values → (allocator) → AllocationPlan → restore dense weights in place →
-``prune_`` → objectives (with the plan's KV bits fake-quantized in attention) →
+Lifecycle per call: decode values → (allocator) → AllocationPlan → [zero-forward rung] → restore
+and prune in place (one fused pass per Linear from the pristine weights when the metric's row ranks
+are cached) → objectives (with the plan's KV bits fake-quantized in attention) →
 :class:`~sparsealloc.core.types.Outcome`. Faults inside a trial (NaN,
 out-of-memory, an exception) become a failed Outcome with a reason; the study goes on.
+
+Multi-fidelity (the fidelity ladder). With a ``report`` callback, the first objective's running
+value is reported after every calibration batch, and a True answer stops the trial (Outcome
+"pruned", with its intermediate values). Steps are 1-based: step ``b`` holds the value after ``b``
+batches; with the zero-forward rung (``early_stopping.gram_rung``) step 1 holds the summed
+layer-local error Σ tr(ΔW·H·ΔWᵀ) — computed from the cached ranks before the model is touched,
+on its own scale — and step ``1 + b`` the value after ``b`` batches. The last step is never stopped
+(its work is done).
 """
 
 from __future__ import annotations
@@ -32,6 +41,14 @@ from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import StudySpec
 
 
+class StopTrial(Exception):
+    """Raised inside a trial when the pruner says stop (becomes Outcome "pruned")."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped at step {step}")
+        self.step = step
+
+
 @dataclass
 class TrialState:
     """The candidate being scored, handed to objectives."""
@@ -39,7 +56,7 @@ class TrialState:
     plan: AllocationPlan
     prune_report: PruneReport
     group_size: int = 32
-    report: Callable[[int, float], None] | None = None
+    report: Callable[[int, float], None] | None = None  # report(batches_done, value_so_far)
     intermediate: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -57,10 +74,13 @@ class TrialEvaluator:
         self.spec = spec
         self.space = space or SearchSpace(spec, ctx.layout)
         self.objectives = [OBJECTIVES.get(name) for name in spec.objectives]
+        if "kl" in spec.objectives:  # first: its temporaries come and go before the ranks exist
+            ctx.cache_kl_reference()
         if "metric" not in spec.space and spec.pattern == "unstructured":
-            ctx.cache_orders(MetricChoice(spec.metric.name, dict(spec.metric.params)))
-        if "kl" in spec.objectives:
-            ctx.cache_dense_logprobs()
+            ctx.cache_ranks(MetricChoice(spec.metric.name, dict(spec.metric.params)))
+        self.gram_rung = spec.early_stopping.uses_gram_rung
+        if "layer_local" in spec.objectives:
+            ctx.cache_layer_grams()
         if "layer_drop" in spec.space:
             ctx.cache_drop_schedule(min(spec.layer_drop.max_blocks, len(ctx.layout.blocks) - 1),
                                     spec.layer_drop.compensate)
@@ -105,13 +125,18 @@ class TrialEvaluator:
         blocks' Linears as fully sparse.
         """
         ctx = self.ctx
-        ctx.restore_()
         try:
             scales = plan.provenance.get("layer_prune", {}).get("compensation", {}) if plan.dropped_layers else {}
-            if scales:
+            ranks = ctx.ranks_for(plan)
+            undropped = plan.replace(dropped_layers=())
+            if scales:  # masks go onto the compensated weights
+                ctx.restore_()
                 compensate_(ctx.model, scales)
-            orders = ctx.orders if plan.metric == ctx.orders_metric else None
-            report = prune_(ctx.model, plan.replace(dropped_layers=()), ctx.stats, layout=ctx.layout, orders=orders)
+                report = prune_(ctx.model, undropped, ctx.stats, layout=ctx.layout, ranks=ranks)
+            else:  # prune_ writes every Linear from the pristine weights (fused with the masks)
+                ctx.restore_(weights=False)
+                report = prune_(ctx.model, undropped, ctx.stats, layout=ctx.layout, ranks=ranks,
+                                pristine=ctx.pristine_weight)
             dropped = set(plan.dropped_layers)
             for name in ctx.layout.linears:
                 if ctx.layout.block_of[name] in dropped:
@@ -122,32 +147,56 @@ class TrialEvaluator:
         finally:
             ctx.restore_()
 
-    def __call__(self, values: Mapping[str, Any], report: Callable[[int, float], None] | None = None) -> Outcome:
+    def rung_value(self, plan: AllocationPlan) -> float:
+        """The zero-forward rung: summed layer-local error of ``plan`` (from the cached ranks when
+        the plan's metric is the cached one, without touching the model; else from the pruned
+        weights, still without a forward pass)."""
+        self.ctx.cache_layer_grams()  # no-op when built with layer_grams; the model is dense here
+        if self.ctx.ranks_for(plan) is not None and not plan.dropped_layers:
+            return self.ctx.layer_error(plan.expand(self.ctx.layout.linears))
+        with self.applied(plan):
+            return self.ctx.layer_error()
+
+    def __call__(self, values: Mapping[str, Any], report: Callable[[int, float], object] | None = None) -> Outcome:
+        """Score one candidate.
+
+        Args:
+            values: The sampler's parameter values.
+            report: ``report(step, value)`` along the fidelity ladder (module docstring); a True
+                answer stops the trial, which then returns Outcome "pruned".
+        """
         start = time.perf_counter()
+        intermediate: list[tuple[int, float]] = []
+        offset = 1 if report is not None and self.gram_rung else 0
+        last = offset + len(self.ctx.dense_hidden)
+
+        def publish(step: int, value: float) -> None:
+            intermediate.append((step, float(value)))
+            if report is not None and report(step, float(value)) and step < last:
+                raise StopTrial(step)
+
+        plan = None
         try:
             plan = self.plan_for(values)
+            if offset:
+                publish(1, self.rung_value(plan))
             with self.applied(plan) as prune_report:
-                state = TrialState(plan, prune_report, self.spec.kv.group_size)
-
-                def record(step: int, value: float) -> None:
-                    state.intermediate.append((step, value))
-                    if report is not None:
-                        report(step, value)
-
-                state.report = record
+                state = TrialState(plan, prune_report, self.spec.kv.group_size, intermediate=intermediate)
+                state.report = lambda batches, value: publish(offset + batches, value)
                 values_out = tuple(float(fn(self.ctx, state)) for fn in self.objectives)
+        except StopTrial as stop:
+            attrs = {"plan": plan.to_dict(), "pruned_at_step": stop.step, "trial_seconds": time.perf_counter() - start}
+            return Outcome("pruned", attrs=attrs, intermediate=tuple(intermediate))
         except TrialFailed as exc:
             return Outcome("failed", reason=exc.reason)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             return Outcome("failed", reason=f"out of memory: {str(exc)[:200]}")
-        finally:
-            self.ctx.restore_()
         bad = [name for name, v in zip(self.spec.objectives, values_out) if not math.isfinite(v)]
         if bad:
-            return Outcome("failed", reason=f"objective {bad[0]} is not finite", intermediate=tuple(state.intermediate))
+            return Outcome("failed", reason=f"objective {bad[0]} is not finite", intermediate=tuple(intermediate))
         attrs = {
             "plan": plan.to_dict(),
             "achieved_sparsity": prune_report.achieved_mean,
             "trial_seconds": time.perf_counter() - start,
         }
-        return Outcome("complete", values_out, attrs=attrs, intermediate=tuple(state.intermediate))
+        return Outcome("complete", values_out, attrs=attrs, intermediate=tuple(intermediate))
