@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from functools import partial
 from dataclasses import dataclass, field
 
 import optuna
@@ -83,7 +84,8 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
                         for proposal in proposals:
                             heartbeat.add(_trial_id(study, proposal.trial_number))
             for proposal in proposals:
-                dispatcher.submit(proposal)
+                report = partial(sampler.report, proposal.trial_number) if sampler.prunes else None
+                dispatcher.submit(proposal, report)
             if dispatcher.in_flight == 0:
                 # Nothing of ours in flight: done, unless another orchestrator's RUNNING trials may
                 # still fail (and need redoing) before the budget is reached.

@@ -24,6 +24,7 @@ from sparsealloc.pruning.calibration_select import read_calibration_set
 from sparsealloc.pruning.evaluation import perplexity
 from sparsealloc.pruning.metrics import check_params
 from sparsealloc.pruning.models import load_model, resolve_device, resolve_source
+from sparsealloc.search.pruners import make_pruner
 from sparsealloc.search.samplers.base import SAMPLERS, Sampler
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import StudySpec
@@ -59,8 +60,9 @@ def build_evaluator(spec: StudySpec, model=None, tokenizer=None) -> TrialEvaluat
     else:
         windows = sample_windows(tokenize_stream(tokenizer, text), spec.calibration.samples,
                                  spec.calibration.seq_len, spec.calibration.seed)
-    ctx = EvalContext.build(model, windows, spec.calibration.batch_size,
-                            model_info={"name": spec.model}, tokenizer=tokenizer)
+    layer_grams = spec.early_stopping.uses_gram_rung or "layer_local" in spec.objectives
+    ctx = EvalContext.build(model, windows, spec.calibration.batch_size, model_info={"name": spec.model},
+                            tokenizer=tokenizer, layer_grams=layer_grams)
     return TrialEvaluator(ctx, spec)
 
 
@@ -90,7 +92,8 @@ def open_sampler(spec: StudySpec, storage: optuna.storages.BaseStorage, space: S
     cls = SAMPLERS.get(spec.sampler)
     directions = ["minimize"] * len(spec.objectives)
     optuna_sampler = cls.make_optuna_sampler(len(directions), spec.seed, spec.population_size)
-    study = create_or_load_study(storage, spec.name, directions, sampler=optuna_sampler)
+    study = create_or_load_study(storage, spec.name, directions, sampler=optuna_sampler,
+                                 pruner=make_pruner(spec.early_stopping))
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
         study.set_user_attr(SPEC_ATTR, spec.to_dict())

@@ -11,7 +11,8 @@ Example::
     kv: {bits: [2, 3, 4, 8, 16], group_size: 32, residual: 0}
     allocator: {name: owl}        # low-dimensional alternative to layerwise
     layer_drop: {max_blocks: 4, compensate: true}   # searched number of dropped blocks
-    objectives: [kl]              # first one is the error proxy (kl or reconstruction)
+    objectives: [kl]              # first one is the error proxy (kl, reconstruction, hidden, layer_local)
+    early_stopping: {pruner: successive_halving, reduction_factor: 3}   # multi-fidelity trials
     sampler: tpe
     trials: 40
     calibration: {text: null, samples: 16, seq_len: 256, seed: 0}
@@ -37,7 +38,11 @@ from sparsealloc.core.plan import parse_pattern
 SPACE_COMPONENTS = ("layerwise", "metric", "kv", "allocator", "layer_drop")
 GRANULARITIES = ("block", "bins", "projection", "module")
 SAMPLER_NAMES = ("tpe", "nsga3", "optuna-nsga3", "random")
-OBJECTIVE_NAMES = ("reconstruction", "kl", "remaining_weights", "kv_bytes")
+OBJECTIVE_NAMES = ("reconstruction", "kl", "hidden", "layer_local", "remaining_weights", "kv_bytes")
+#: Objectives that can come first (the error proxy); the forward ones report per calibration batch.
+ERROR_PROXIES = ("kl", "reconstruction", "hidden", "layer_local")
+FORWARD_PROXIES = ("kl", "reconstruction", "hidden")
+PRUNER_NAMES = ("none", "median", "successive_halving")
 ALLOCATOR_SPACES = ("owl", "depth_ramp")
 WARM_STARTS = ("uniform", "owl", "depth_ramp", "alphapruning", "mrp", "dp")
 
@@ -203,6 +208,50 @@ class LayerDropSpec:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingSpec:
+    """Multi-fidelity trials: the proxy is reported after every calibration batch and an Optuna
+    pruner stops trials that fall behind.
+
+    ``successive_halving`` (Jamieson & Talwalkar 2016; Optuna's ASHA-style SuccessiveHalvingPruner)
+    keeps the best ``1/reduction_factor`` of the trials at each rung; its first rung is, by default,
+    the zero-forward summed layer-local error (``gram_rung``). ``median`` (Optuna's MedianPruner)
+    stops a trial whose best value so far is worse than the median of the completed trials at the
+    same step, after ``startup_trials`` completed trials and ``warmup_steps`` steps; because it takes
+    a trial's best value over all steps, it cannot use the Gram rung, whose values have another scale.
+    """
+
+    pruner: str = "none"
+    gram_rung: bool | None = None
+    reduction_factor: int = 3
+    startup_trials: int = 5
+    warmup_steps: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.pruner != "none"
+
+    @property
+    def uses_gram_rung(self) -> bool:
+        """The zero-forward rung is on (default: with successive halving)."""
+        if not self.enabled:
+            return False
+        return self.pruner == "successive_halving" if self.gram_rung is None else bool(self.gram_rung)
+
+    def validate(self) -> None:
+        _expect(self.pruner in PRUNER_NAMES, f"early_stopping.pruner must be one of {list(PRUNER_NAMES)}", self.pruner)
+        _expect(self.gram_rung is None or isinstance(self.gram_rung, bool),
+                "early_stopping.gram_rung must be true, false or null", self.gram_rung)
+        _expect(_is_int(self.reduction_factor) and self.reduction_factor >= 2,
+                "early_stopping.reduction_factor must be an integer >= 2", self.reduction_factor)
+        for key in ("startup_trials", "warmup_steps"):
+            value = getattr(self, key)
+            _expect(_is_int(value) and value >= 0, f"early_stopping.{key} must be an integer >= 0", value)
+        _expect(not (self.pruner == "median" and self.gram_rung),
+                "early_stopping.gram_rung needs pruner successive_halving (the median pruner compares a trial's "
+                "best value over all steps, and the Gram rung's values have another scale)", self.gram_rung)
+
+
+@dataclass(frozen=True)
 class ValidationSpec:
     """Held-out perplexity of the top trials after a study (None text = built-in held-out text)."""
 
@@ -234,6 +283,7 @@ class StudySpec:
     allocator: AllocatorSpec = field(default_factory=AllocatorSpec)
     layer_drop: LayerDropSpec = field(default_factory=LayerDropSpec)
     objectives: tuple[str, ...] = ("kl",)
+    early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
     sampler: str = "tpe"
     population_size: int = 24
     trials: int = 40
@@ -270,7 +320,8 @@ class StudySpec:
         objectives = tuple(self.objectives)
         _expect(len(objectives) > 0 and all(o in OBJECTIVE_NAMES for o in objectives) and len(set(objectives)) == len(objectives),
                 f"objectives must be distinct names among {list(OBJECTIVE_NAMES)}", self.objectives)
-        _expect(objectives[0] in ("reconstruction", "kl"), "the first objective must be an error proxy (reconstruction or kl)", objectives[0])
+        _expect(objectives[0] in ERROR_PROXIES, f"the first objective must be an error proxy ({', '.join(ERROR_PROXIES)})",
+                objectives[0])
         _expect(self.sampler in SAMPLER_NAMES, f"sampler must be one of {list(SAMPLER_NAMES)}", self.sampler)
         for key in ("trials", "population_size"):
             value = getattr(self, key)
@@ -286,8 +337,14 @@ class StudySpec:
             _expect(self.target_sparsity + 1e-9 < self.layerwise.max_sparsity,
                     f"target_sparsity must be below layerwise.max_sparsity={self.layerwise.max_sparsity}", self.target_sparsity)
         for section in (self.layerwise, self.metric, self.kv, self.allocator, self.layer_drop, self.calibration,
-                        self.validation):
+                        self.validation, self.early_stopping):
             section.validate()
+        if self.early_stopping.enabled:
+            _expect(len(objectives) == 1, "early_stopping needs a single-objective study (Optuna's pruners do not "
+                    "support several objectives); set early_stopping.pruner to none", list(objectives))
+            _expect(objectives[0] in FORWARD_PROXIES, f"early_stopping needs a forward proxy ({', '.join(FORWARD_PROXIES)}) "
+                    "to report per calibration batch", objectives[0])
+            _expect(self.sampler in ("tpe", "random"), "early_stopping needs sampler tpe or random", self.sampler)
 
     # ------------------------------------------------------------------ loading and identity
     @classmethod
@@ -298,7 +355,8 @@ class StudySpec:
         unknown = _unknown_keys(data, names)
         _expect(not unknown, f"spec accepts keys {sorted(names)}", unknown)
         sections = {"layerwise": LayerwiseSpec, "metric": MetricSpec, "kv": KVSpec, "allocator": AllocatorSpec,
-                    "layer_drop": LayerDropSpec, "calibration": CalibrationSpec, "validation": ValidationSpec}
+                    "layer_drop": LayerDropSpec, "calibration": CalibrationSpec, "validation": ValidationSpec,
+                    "early_stopping": EarlyStoppingSpec}
         kwargs = {k: v for k, v in data.items() if k not in sections}
         for key in ("space", "objectives", "warm_start"):
             if key in kwargs:
@@ -351,4 +409,6 @@ class StudySpec:
             data.pop(key, None)
         if "layer_drop" not in self.space:  # keeps the hashes of studies made before the section existed
             data.pop("layer_drop", None)
+        if not self.early_stopping.enabled:  # likewise
+            data.pop("early_stopping", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

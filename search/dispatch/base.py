@@ -1,17 +1,23 @@
 """Dispatchers hand proposals to workers and collect outcomes. Registry ``DISPATCHERS``.
 
-Contract: ``submit(proposal)`` never blocks for long; ``wait(timeout)`` returns at least one
+Contract: ``submit(proposal, report)`` never blocks for long; ``wait(timeout)`` returns at least one
 finished ``(trial_number, Outcome)`` when anything is in flight (fewer only on timeout); a worker
 fault becomes a failed Outcome with its reason, never an exception; ``capacity`` is how many
-proposals may be in flight at once.
+proposals may be in flight at once. ``report`` (early stopping) is ``report(step, value) -> bool``;
+a dispatcher that can call it back from its worker passes it to the evaluator, the others ignore it
+and the trial runs to full fidelity.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 from sparsealloc.core.registry import Registry
 from sparsealloc.core.types import Outcome, Proposal
+
+#: ``report(step, value) -> bool``: records an intermediate value, True = stop the trial.
+Reporter = Callable[[int, float], bool]
 
 
 class Dispatcher(abc.ABC):
@@ -20,8 +26,8 @@ class Dispatcher(abc.ABC):
     capacity: int = 1
 
     @abc.abstractmethod
-    def submit(self, proposal: Proposal) -> None:
-        """Start scoring ``proposal``."""
+    def submit(self, proposal: Proposal, report: Reporter | None = None) -> None:
+        """Start scoring ``proposal``; ``report`` is the early-stopping callback, if any."""
 
     @abc.abstractmethod
     def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:

@@ -6,13 +6,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sparsealloc.core.types import Outcome, Proposal
-from sparsealloc.search.dispatch.base import Dispatcher, failure_reason
+from sparsealloc.search.dispatch.base import Dispatcher, Reporter, failure_reason
 
 Evaluator = Callable[[Mapping[str, Any]], Outcome]
 
 
 class LocalDispatcher(Dispatcher):
     """Runs ``evaluator(proposal.params)`` at submit time; :meth:`wait` returns the results.
+
+    With a ``report`` callback (early stopping) it runs ``evaluator(params, report=report)``, so the
+    evaluator can stop the trial when the study's pruner says so.
 
     Args:
         evaluator: Usually a :class:`~sparsealloc.objectives.TrialEvaluator`.
@@ -24,9 +27,12 @@ class LocalDispatcher(Dispatcher):
         self.evaluator = evaluator
         self._done: list[tuple[int, Outcome]] = []
 
-    def submit(self, proposal: Proposal) -> None:
+    def submit(self, proposal: Proposal, report: Reporter | None = None) -> None:
         try:
-            outcome = self.evaluator(proposal.params)
+            if report is None:
+                outcome = self.evaluator(proposal.params)
+            else:
+                outcome = self.evaluator(proposal.params, report=report)
         except Exception as exc:  # a trial's fault is data, not a crash of the study
             outcome = Outcome("failed", reason=failure_reason(exc))
         self._done.append((proposal.trial_number, outcome))

@@ -5,6 +5,10 @@ numpy array: zero-copy, read-only, no per-actor pickling), builds its own
 :class:`~sparsealloc.objectives.EvalContext` (statistics, pristine weights, dense reference) and
 then scores trials. Actors never touch the study store: the orchestrator stays the single writer.
 
+Early stopping is in process only: actors never call back to the orchestrator, so ``report`` is
+ignored here and every trial runs to full fidelity (its intermediate values are written after the
+fact, and the zero-forward rung is skipped). Use the local dispatcher for multi-fidelity studies.
+
 Faults: an actor that dies mid-trial (``RayActorError``) is restarted by Ray (``max_restarts``);
 its trial is retried once on a live actor, and recorded as failed with the reason if that fails too.
 """
@@ -100,7 +104,7 @@ class RayDispatcher(Dispatcher):
         self._idle = list(self.actors)
         self._inflight: dict[Any, tuple[Any, Proposal, int]] = {}
 
-    def submit(self, proposal: Proposal, attempt: int = 0) -> None:
+    def submit(self, proposal: Proposal, report=None, attempt: int = 0) -> None:
         if not self._idle:
             raise RuntimeError("submit() called with no idle worker; respect capacity")
         actor = self._idle.pop(0)

@@ -70,8 +70,16 @@ class Sampler(abc.ABC):
         clipped = {p.name: p.clip(values[p.name]) for p in self.space.params if p.name in values}
         self.study.enqueue_trial(clipped, user_attrs={"warm_start": name}, skip_if_exists=True)
 
+    @property
+    def prunes(self) -> bool:
+        """Whether :meth:`report` may stop trials (the study has a pruner). Default: no."""
+        return False
+
     def report(self, trial_number: int, step: int, value: float) -> bool:
-        """Record an intermediate value; True if the trial should stop (pruners). Default: never."""
+        """Record an intermediate value; True if the trial should stop (pruners). Default: never.
+
+        Samplers that do not prune record intermediate values only at :meth:`finish`.
+        """
         return False
 
     @staticmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import optuna
 
 from sparsealloc.core.types import Outcome, Proposal
@@ -35,6 +37,22 @@ class OptunaSampler(Sampler):
             self._pending[trial.number] = trial
             out.append(Proposal(trial.number, dict(trial.params), dict(trial.user_attrs)))
         return out
+
+    @property
+    def prunes(self) -> bool:
+        """True when the study has a pruner other than Optuna's NopPruner (early stopping)."""
+        return not isinstance(self.study.pruner, optuna.pruners.NopPruner)
+
+    def report(self, trial_number: int, step: int, value: float) -> bool:
+        """``trial.report(value, step)`` then ``trial.should_prune()`` (the study's pruner).
+
+        Non-finite values are not recorded and never stop a trial (it fails at the end instead).
+        """
+        trial = self._pending.get(trial_number)
+        if trial is None or not math.isfinite(value):
+            return False
+        trial.report(value, step)
+        return trial.should_prune()
 
     def tell(self, trial_number: int, outcome: Outcome) -> None:
         trial = self._pending.pop(trial_number, None)
