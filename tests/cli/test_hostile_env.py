@@ -116,6 +116,10 @@ def test_an_odd_study_name_works_end_to_end(kind, odd_store, tmp_path):
     assert code == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == ["best.json"]  # the name is not a file name
     assert AllocationPlan.load(out_dir / "best.json").provenance["study"] == name
+    from optuna.artifacts import get_all_artifact_meta  # the export is attached as a study artifact
+
+    study = optuna.load_study(study_name=name, storage=url)
+    assert [m.filename for m in get_all_artifact_meta(study)] == ["best.json"]
 
     report_dir = tmp_path / "report"
     code, out, err = cli(["--quiet", "report", name, "--storage", url, "--out", str(report_dir), "--no-model"])
