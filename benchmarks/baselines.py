@@ -1,10 +1,16 @@
 """Engine baselines on SmolLM2: dense, magnitude, Wanda, STADE, RIA at 50/60/70% uniform, and 2:4.
 
+Also the seed-methods tables (``--part methods``: every metric × every allocator at 50/60/70%;
+``--part layers``: Block-Influence layer pruning of 2/4/6 blocks with and without Prune&Comp),
+implemented in ``benchmarks/methods.py``.
+
 Protocol of the engine issue: calibration 16×256 of WikiText-2 valid (seed 0, one dense forward pass
 collecting the statistics every metric shares), evaluation = WikiText-2 test as one stream, the first
 20 non-overlapping windows of 512 tokens. Prints and writes a Markdown table.
 
-    python benchmarks/baselines.py
+    python benchmarks/baselines.py                   # engine table → baselines.md
+    python benchmarks/baselines.py --part methods    # → baselines_methods.md
+    python benchmarks/baselines.py --part layers     # → baselines_layers.md
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ SPARSITIES = (0.5, 0.6, 0.7)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "baselines.md"))
-    args = parser.parse_args()
+    parser.add_argument("--part", choices=("engine", "methods", "layers"), default="engine")
+    args, rest = parser.parse_known_args()
+    if args.part != "engine":
+        import methods
+
+        methods.main(["--part", args.part, *rest])
+        return
     require_data()
     from sparsealloc.core import AllocationPlan, MetricChoice, progress
     from sparsealloc.pruning import collect_stats, model_layout, prune_
