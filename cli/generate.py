@@ -27,6 +27,8 @@ def register(sub) -> None:
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is often fastest on a busy machine)")
     kv = parser.add_argument_group("KV cache")
     kv.add_argument("--kv-bits", type=kv_bits_arg, default=None, metavar="BITS[,V_BITS]",
                     help="the same bits for every layer (e.g. 4 or 2,4), replacing the plan's")
@@ -87,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         calib = calibration_source(args)
         calib_text = calib.read()
     group, residual = kv_settings(args, plan)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tokenizer, _ = load(args)
     layout = model_layout(model)
     kv_bits = dict(plan.kv_bits) if plan is not None else {}

@@ -28,7 +28,7 @@ def test_generate_with_a_plan_prunes_and_uses_the_plans_bits(tiny_llama_dir, tex
     plan = AllocationPlan(sparsity={"*": 0.5}, kv_bits=kv_bits,
                           provenance={"kv": {"group_size": 4, "residual": 2}}).save(tmp_path / "plan.json")
     code, out, err = run(capsys, "--model", str(tiny_llama_dir), "--plan", str(plan), "--prompt", "the quick brown",
-                         "--max-new-tokens", "12", "--ignore-eos", "--calib-text", str(text_file),
+                         "--max-new-tokens", "12", "--ignore-eos", "--threads", "1", "--calib-text", str(text_file),
                          "--calib-samples", "4", "--calib-seq-len", "16")
     assert code == 0, err
     assert out.startswith("the quick brown ")
