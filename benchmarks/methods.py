@@ -26,7 +26,7 @@ import torch
 from _common import (EVAL_SEQ_LEN, ROOT, Timer, calib_windows, load_smollm2, machine, markdown_table,
                      require_data, test_stream)
 
-METRICS = ("magnitude", "wanda", "stade", "stadew", "ria", "ace", "sparsegpt")
+METRICS = ("wanda", "ria", "stade", "stadew", "ace", "magnitude", "sparsegpt")  # run in this order
 ALLOCATORS = ("uniform", "owl", "alphapruning", "depth_ramp", "mrp", "dp")
 SPARSITIES = (0.5, 0.6, 0.7)
 DROPPED = (2, 4, 6)
@@ -133,7 +133,7 @@ def render_methods(csv_path: Path, eval_windows: int, calib_seconds: float | Non
     calib = f"{calib_seconds:.1f} s with Gram matrices" if calib_seconds is not None else "with Gram matrices"
     expected = len(METRICS[:-1]) * len(ALLOCATORS) * len(SPARSITIES) + len(ALLOCATORS) + len(SPARSITIES) - 1
     lines = ["# Seed methods: metric × allocator (benchmarks/methods.py, part of baselines.py)", "",
-             f"Machine: {machine()}. SmolLM2-135M-Instruct (embedded GGUF, fp32). Calibration 16×256 "
+             f"Machine: {machine()} (the grid itself ran with OMP_NUM_THREADS=1). SmolLM2-135M-Instruct (embedded GGUF, fp32). Calibration 16×256 "
              f"tokens of WikiText-2 valid (seed 0; one pass, {calib}). "
              f"Evaluation: WikiText-2 test, first {eval_windows} windows of 512 tokens. "
              f"Dense PPL at this setting: **{dense:.2f}**. Default allocator parameters "
@@ -154,8 +154,13 @@ def render_methods(csv_path: Path, eval_windows: int, calib_seconds: float | Non
     lines += ["## Budget check", "",
               f"Achieved parameter-weighted sparsity minus target over all {len(frame)} runs: "
               f"max |Δ| = {(frame.achieved - frame.sparsity).abs().max():.2e}.", "",
-              "SparseGPT (sequential OBS with weight updates, ≈3 min per run here) runs with every "
-              "allocator at 60% and with uniform at 50% and 70%; the other cells of its row are empty.", "",
+              ("SparseGPT (sequential OBS with weight updates, ≈3 min per run on this machine) runs with "
+               "every allocator at 60% and with uniform at 50% and 70%; the other cells of its row are empty."
+               if (frame.metric == "sparsegpt").any() else
+               "The grid runs metric by metric (wanda, ria, stade, stadew, ace, magnitude, sparsegpt); runs "
+               "missing from the tables were not reached before the run was stopped (the machine's 2 cores "
+               "were shared with 4-6 other jobs, ≈50 s per 6-window evaluation instead of ≈7 s). "
+               "Magnitude's 50% rows come from a first pass in magnitude-first order."), "",
               "Pruning time per run (scoring once per metric + masks), seconds, mean per metric; "
               "allocation time per allocator (computed once per sparsity):", "",
               markdown_table(frame.groupby("metric", sort=False).prune_s.mean().round(2).reset_index()), "",
