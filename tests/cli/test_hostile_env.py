@@ -160,7 +160,8 @@ def test_odd_names_on_postgresql(tiny_llama_dir, text_file, tmp_path):
             code, _, err = cli(["--quiet", "study", "run", "--name", name, "--storage", PG_URL,
                                 *data_args(tiny_llama_dir, text_file), "--trials", "2", "--no-validate"])
             assert code == 0, err
-            code, out, err = cli(["--quiet", "export", name, "--storage", PG_URL, "--out", str(tmp_path / tag)])
+            code, out, err = cli(["--quiet", "export", name, "--storage", PG_URL, "--out", str(tmp_path / tag),
+                                  "--artifact-dir", str(tmp_path / "artifacts")])
             assert code == 0, err
             assert AllocationPlan.load(tmp_path / tag / "best.json").provenance["study"] == name
         code, out, _ = cli(["--quiet", "study", "list", "--storage", PG_URL])
