@@ -30,7 +30,10 @@ def register(sub) -> None:
     run.add_argument("--granularity", default=None, help="block, bins, projection or module")
     run.add_argument("--radius", type=fraction, default=None, help="ratio window around the target")
     run.add_argument("--metric", default=None, help="fixed pruning metric (default wanda)")
-    run.add_argument("--objectives", default=None, help="comma list: reconstruction|kl[,remaining_weights][,kv_bytes]")
+    run.add_argument("--objectives", default=None,
+                     help="comma list: kl|reconstruction|hidden|layer_local[,remaining_weights][,kv_bytes]")
+    run.add_argument("--early-stopping", default=None, metavar="PRUNER",
+                     help="none, median or successive_halving (stop bad trials after a batch or at the Gram rung)")
     run.add_argument("--sampler", default=None, help="tpe, nsga3, optuna-nsga3 or random")
     run.add_argument("--population-size", type=positive_int, default=None)
     run.add_argument("--trials", type=positive_int, default=None, help="COMPLETE trials to reach")
@@ -94,6 +97,8 @@ def make_dispatcher(args: argparse.Namespace, spec, evaluator):
         return LocalDispatcher(evaluator)
     from sparsealloc.search.dispatch.ray_pool import RayDispatcher
 
+    if spec.early_stopping.enabled:
+        print("note: early stopping runs in process only; Ray workers score every trial to full fidelity")
     return RayDispatcher(spec, evaluator.ctx.windows, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                          gpus_per_worker=args.gpus_per_worker, address=args.ray_address)
 
@@ -118,6 +123,7 @@ def spec_from_args(args: argparse.Namespace):
                         "seq_len": args.calib_seq_len, "windows_file": args.calib_windows},
         "validation": {"text": args.eval_text, "windows": args.eval_windows, "seq_len": args.eval_seq_len,
                        "top_k": args.validate_top},
+        "early_stopping": {"pruner": args.early_stopping},
     }
     for key, values in sections.items():
         given = {k: v for k, v in values.items() if v is not None}

@@ -44,7 +44,8 @@ def hidden(ctx: EvalContext, trial: TrialState) -> float:
 @OBJECTIVES.register("layer_local")
 def layer_local(ctx: EvalContext, trial: TrialState) -> float:
     """Summed layer-local output error Σ tr(ΔW·(H/N)·ΔWᵀ) from per-layer Gram matrices (no forward)."""
-    return ctx.layer_error()
+    report = trial.prune_report
+    return ctx.layer_error(None if report.in_place else report.requested)
 
 
 @OBJECTIVES.register("remaining_weights")

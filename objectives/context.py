@@ -1,7 +1,11 @@
 """EvalContext: everything a worker builds once and every trial reuses.
 
 Holds the model, the calibration windows, the statistics, one pristine copy of the prunable
-weights (trials restore them in place; the model is never copied) and the dense reference.
+weights (trials that prune in place restore them from it; the model is never copied) and the dense
+reference. With ``lazy_pristine`` the copy is only taken the first time something is about to prune
+in place (the first :meth:`EvalContext.restore_`): trials whose masks come from cached ranks run the
+model through :func:`~sparsealloc.pruning.masked.masked_forward` and never write a weight, so a
+study worker with a fixed metric holds no copy at all (430 MB less for SmolLM2).
 
 The dense reference is memory-bounded: not the logits (N·L·vocab floats, 0.8 GB for SmolLM2 at
 16×256), but the final hidden states (N·L·d) plus the LM head's Gram matrix G = WᵀW (d×d). Because
@@ -10,8 +14,11 @@ logits = h·Wᵀ (+ b), the logit difference of a pruned model is exactly ΔL = 
 numbers per token instead of the dense distribution (:mod:`sparsealloc.objectives.divergence`); the
 layer-local proxy keeps each Linear's H/N in bfloat16 (:mod:`sparsealloc.objectives.layer_local`).
 
-With a fixed metric, each Linear's per-row rank of the metric's scores is cached once, and a trial
-writes each pruned weight from the pristine one in one fused pass (no re-scoring or re-sorting).
+With a fixed metric, each Linear's per-row rank of the metric's scores is cached once, and a trial's
+masks are ``rank < k`` per row (no re-scoring or re-sorting).
+
+Contract for code that prunes ``ctx.model`` in place: call :meth:`EvalContext.restore_` first (it
+takes the lazy copy while the model is still dense) and again when done.
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ class EvalContext:
     @torch.inference_mode()
     def build(cls, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, gram: bool = False,
               model_info: Mapping[str, Any] | None = None, tokenizer: Any = None,
-              layer_grams: bool = False) -> EvalContext:
+              layer_grams: bool = False, lazy_pristine: bool = False) -> EvalContext:
         """Collect statistics, the pristine weights and the dense reference in one place.
 
         Args:
@@ -79,12 +86,13 @@ class EvalContext:
             tokenizer: Kept for validation.
             layer_grams: Keep H/N per Linear in bfloat16 for the layer-local error (the zero-forward
                 rung and the ``layer_local`` proxy), collected in the same calibration pass.
+            lazy_pristine: Copy the prunable weights only when first needed (module docstring).
         """
         layout = model_layout(model)
         stats = collect_stats(model, windows, batch_size=batch_size, gram=gram or layer_grams, layout=layout)
         grams = compact_grams(stats, drop=not gram) if layer_grams else {}
         modules = dict(model.named_modules())
-        pristine_weight = {n: modules[n].weight.detach().clone() for n in layout.linears}
+        pristine_weight = {} if lazy_pristine else {n: modules[n].weight.detach().clone() for n in layout.linears}
         pristine_bias = {n: None if modules[n].bias is None else modules[n].bias.detach().clone()
                          for n in layout.linears}
         head = lm_head_of(model)
@@ -96,7 +104,8 @@ class EvalContext:
         for batch in windows.split(batch_size):
             h = trunk(input_ids=batch.to(device), use_cache=False).last_hidden_state.float()
             dense_hidden.append(h)
-            dense_sq.append(sum(float(head(part).double().pow(2).sum()) for part in h.reshape(-1, h.shape[-1]).split(CHUNK)))
+            dense_sq.append(sum(float(head(part).square_().sum(dtype=torch.float64))
+                                for part in h.reshape(-1, h.shape[-1]).split(CHUNK)))
         info = {"n_layers": len(layout.blocks), **dict(model_info or {})}
         return cls(model, layout, windows, batch_size, stats, pristine_weight, pristine_bias,
                    dense_hidden, head_gram, dense_sq, info, tokenizer, grams=grams)
@@ -110,15 +119,16 @@ class EvalContext:
                 ``prune_(..., pristine=...)``, which writes those itself).
         """
         modules = dict(self.model.named_modules())
+        if not self.pristine_weight:  # lazy: nothing was pruned in place yet; keep a copy from now on
+            self.pristine_weight = {n: modules[n].weight.detach().clone() for n in self.layout.linears}
         for name, weight in self.pristine_weight.items():
-            module = modules[name]
             if weights:
-                module.weight.data.copy_(weight)
-            bias = self.pristine_bias[name]
+                modules[name].weight.data.copy_(weight)
+        for name, bias in self.pristine_bias.items():
             if bias is None:
-                module.bias = None
+                modules[name].bias = None
             else:
-                module.bias.data.copy_(bias)
+                modules[name].bias.data.copy_(bias)
         for name, weight in self.pristine_extra.items():
             modules[name].weight.data.copy_(weight)
 
@@ -135,7 +145,7 @@ class EvalContext:
         if self.orders_metric == metric:
             return
         self.orders = {n: row_order(score(metric.name, w, self.stats[n], dict(metric.params)))
-                       for n, w in self.pristine_weight.items()}
+                       for n, w in self.weights().items()}
         self.orders_metric = metric
 
     def cache_drop_schedule(self, max_blocks: int, compensate: bool = True) -> None:
@@ -169,7 +179,7 @@ class EvalContext:
         if self.ranks_metric == metric:
             return
         self.ranks = {n: row_rank(score(metric.name, w, self.stats[n], dict(metric.params)))
-                      for n, w in self.pristine_weight.items()}
+                      for n, w in self.weights().items()}
         self.ranks_metric = metric
 
     def ranks_for(self, plan) -> dict[str, torch.Tensor] | None:
@@ -190,7 +200,8 @@ class EvalContext:
         """Collect H/N per Linear (bfloat16) unless :meth:`build` did (one more calibration pass)."""
         if self.grams:
             return
-        self.restore_()
+        if self.pristine_weight:
+            self.restore_()
         stats = collect_stats(self.model, self.windows, batch_size=self.batch_size, gram=True, layout=self.layout)
         self.grams = compact_grams(stats, drop=True)
 
@@ -200,7 +211,8 @@ class EvalContext:
 
         Args:
             ratios: Ratio per Linear FQN, masked from the cached ranks without touching the model
-                (the zero-forward rung). None: ΔW = pristine − current weights (the model as pruned).
+                (the zero-forward rung, and trials run by masked_forward). None: ΔW = pristine −
+                current weights (the model as pruned in place; 0 while no pristine copy was needed).
         """
         from sparsealloc.pruning.masks import pruned_part
 
@@ -209,7 +221,7 @@ class EvalContext:
         modules = dict(self.model.named_modules())
 
         def pairs():
-            for name, weight in self.pristine_weight.items():
+            for name, weight in (self.pristine_weight if ratios is None else self.weights()).items():
                 if ratios is None:
                     delta = weight - modules[name].weight.data
                 elif ratios.get(name, 0.0) > 0:
@@ -229,5 +241,9 @@ class EvalContext:
         return int(self.windows.numel())
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Dense weights per Linear FQN (for allocators)."""
-        return self.pristine_weight
+        """Dense weights per Linear FQN (for allocators): the pristine copy, or the model's own
+        weights while no copy was needed (they are dense then)."""
+        if self.pristine_weight:
+            return self.pristine_weight
+        modules = dict(self.model.named_modules())
+        return {n: modules[n].weight.detach() for n in self.layout.linears}

@@ -1,8 +1,8 @@
 """TrialEvaluator: built once per worker, called once per trial with the sampler's values.
 
-Lifecycle per call: decode values → (allocator) → AllocationPlan → [zero-forward rung] → restore
-and prune in place (one fused pass per Linear from the pristine weights when the metric's row ranks
-are cached) → objectives (with the plan's KV bits fake-quantized in attention) →
+Lifecycle per call: decode values → (allocator) → AllocationPlan → [zero-forward rung] → the model
+as pruned (masks from the cached row ranks applied on the fly when the metric is fixed, else pruned
+in place and restored after) → objectives (with the plan's KV bits fake-quantized in attention) →
 :class:`~sparsealloc.core.types.Outcome`. Faults inside a trial (NaN,
 out-of-memory, an exception) become a failed Outcome with a reason; the study goes on.
 
@@ -32,10 +32,11 @@ from sparsealloc.core.types import Outcome
 from sparsealloc.objectives.base import OBJECTIVES
 from sparsealloc.objectives.context import EvalContext
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
-from sparsealloc.pruning.apply import PruneReport, prune_
+from sparsealloc.pruning.apply import PruneReport, prune_, rank_maskable, resolve_plan
 from sparsealloc.pruning.kv_quant import kv_fake_quant
 from sparsealloc.pruning.layer_drop import blocks_removed
 from sparsealloc.pruning.layer_prune import compensate_, first_dropped
+from sparsealloc.pruning.masked import mask_report, masked_forward
 from sparsealloc.spaces.budget import budget_with_removed
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import StudySpec
@@ -115,16 +116,35 @@ class TrialEvaluator:
         plan = decoded.to_plan(self.spec.pattern, self.ctx.model_info, sparsity=sparsity, provenance=provenance or None)
         return plan.replace(dropped_layers=tuple(dropped)) if dropped else plan
 
+    def cached_ratios(self, plan: AllocationPlan) -> dict[str, float] | None:
+        """Ratio per Linear when every mask of ``plan`` is a cut of the cached ranks (fixed metric,
+        plain per-row masks, no dropped blocks), else None."""
+        ranks = self.ctx.ranks_for(plan)
+        if ranks is None or plan.dropped_layers:
+            return None
+        ratios = resolve_plan(plan, self.ctx.layout)
+        if not all(rank_maskable(plan, name) for name, ratio in ratios.items() if ratio > 0):
+            return None
+        return ratios
+
     @contextmanager
     def applied(self, plan: AllocationPlan) -> Iterator[PruneReport]:
         """The worker's model compressed as ``plan`` says, for as long as the block runs.
 
-        Restores the dense weights, fuses the Prune&Comp scales of dropped blocks, prunes (slicing
-        cached row orders when the metric is the cached one), takes the dropped blocks out and
-        fake-quantizes the KV bits; on exit everything is put back. The report counts the dropped
-        blocks' Linears as fully sparse.
+        When every mask is a cut of the cached ranks (:meth:`cached_ratios`), the model runs through
+        :func:`~sparsealloc.pruning.masked.masked_forward`: no weight is written, nothing is restored
+        and no pristine copy is needed. Otherwise it restores the dense weights, fuses the Prune&Comp
+        scales of dropped blocks, prunes in place (restore and masks fused per Linear where the
+        ranks allow), takes the dropped blocks out, and puts everything back on exit. Either way the
+        plan's KV bits are fake-quantized; the report counts dropped blocks' Linears as fully sparse.
         """
         ctx = self.ctx
+        kv = (plan.kv_bits, self.spec.kv.group_size, self.spec.kv.residual)
+        ratios = self.cached_ratios(plan)
+        if ratios is not None:
+            with masked_forward(ctx.model, ratios, ctx.ranks), kv_fake_quant(ctx.model, *kv):
+                yield mask_report(ratios, ctx.layout)
+            return
         try:
             scales = plan.provenance.get("layer_prune", {}).get("compensation", {}) if plan.dropped_layers else {}
             ranks = ctx.ranks_for(plan)
@@ -141,8 +161,7 @@ class TrialEvaluator:
             for name in ctx.layout.linears:
                 if ctx.layout.block_of[name] in dropped:
                     report.requested[name] = report.achieved[name] = 1.0
-            with kv_fake_quant(ctx.model, plan.kv_bits, self.spec.kv.group_size, self.spec.kv.residual), \
-                    blocks_removed(ctx.model, list(plan.dropped_layers)):
+            with kv_fake_quant(ctx.model, *kv), blocks_removed(ctx.model, list(plan.dropped_layers)):
                 yield report
         finally:
             ctx.restore_()
@@ -152,8 +171,9 @@ class TrialEvaluator:
         the plan's metric is the cached one, without touching the model; else from the pruned
         weights, still without a forward pass)."""
         self.ctx.cache_layer_grams()  # no-op when built with layer_grams; the model is dense here
-        if self.ctx.ranks_for(plan) is not None and not plan.dropped_layers:
-            return self.ctx.layer_error(plan.expand(self.ctx.layout.linears))
+        ratios = self.cached_ratios(plan)
+        if ratios is not None:
+            return self.ctx.layer_error(ratios)
         with self.applied(plan):
             return self.ctx.layer_error()
 

@@ -32,6 +32,7 @@ class PruneReport:
     numels: dict[str, int] = field(default_factory=dict)
     dropped_blocks: list[int] = field(default_factory=list)
     biased: list[str] = field(default_factory=list)
+    in_place: bool = True  # False: masks applied on the fly (pruning.masked), weights untouched
 
     @property
     def requested_mean(self) -> float:
@@ -53,6 +54,15 @@ def resolve_plan(plan: AllocationPlan, layout: ModelLayout) -> dict[str, float]:
             f"plan was made for a model with {n_layers} layers, but this model has {len(layout.blocks)}"
         )
     return plan.expand(layout.linears)
+
+
+def rank_maskable(plan: AllocationPlan, name: str) -> bool:
+    """Whether ``plan``'s mask of Linear ``name`` is a plain per-row cut of the metric's score order
+    (unstructured, no weight update, no bias compensation, no per-module rule), so that cached row
+    orders or ranks give it without scoring again."""
+    traits = metric_traits(plan.metric.name)
+    return (parse_pattern(plan.pattern) is None and traits.updater is None and not traits.needs_name
+            and not metric_uses_bias(plan.metric.name, dict(plan.metric.params), name))
 
 
 def _check_stats(metric: str, need_gram: bool, stats: Mapping[str, LayerStats] | None,
@@ -132,8 +142,7 @@ def prune_(
     report = PruneReport(numels=dict(layout.numels))
     work = [name for name in layout.linears if ratios[name] > 0]
     _check_stats(plan.metric.name, traits.gram == "required", stats, work)
-    plain = {name: nm is None and traits.updater is None and not traits.needs_name
-             and not metric_uses_bias(plan.metric.name, params, name) for name in work}
+    plain = {name: rank_maskable(plan, name) for name in work}
     fused = {name for name in work if plain[name] and ranks is not None and name in ranks}
     if pristine is not None:
         for name in layout.linears:

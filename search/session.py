@@ -62,7 +62,7 @@ def build_evaluator(spec: StudySpec, model=None, tokenizer=None) -> TrialEvaluat
                                  spec.calibration.seq_len, spec.calibration.seed)
     layer_grams = spec.early_stopping.uses_gram_rung or "layer_local" in spec.objectives
     ctx = EvalContext.build(model, windows, spec.calibration.batch_size, model_info={"name": spec.model},
-                            tokenizer=tokenizer, layer_grams=layer_grams)
+                            tokenizer=tokenizer, layer_grams=layer_grams, lazy_pristine=True)
     return TrialEvaluator(ctx, spec)
 
 

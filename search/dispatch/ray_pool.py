@@ -51,7 +51,7 @@ class ScorerActor:
         windows = torch.from_numpy(np.array(ray.get(windows_holder[0])))  # small: (n, seq_len) ids
         model, tokenizer, _ = load_model(spec.model, device=spec.device)
         ctx = EvalContext.build(model, windows, spec.calibration.batch_size,
-                                model_info={"name": spec.model}, tokenizer=tokenizer)
+                                model_info={"name": spec.model}, tokenizer=tokenizer, lazy_pristine=True)
         self.evaluator = TrialEvaluator(ctx, spec)
         self.pid = os.getpid()
 

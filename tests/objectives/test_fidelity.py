@@ -181,3 +181,44 @@ def test_layer_error_without_grams_is_a_clear_error(model_builder, windows_build
     context = EvalContext.build(model_builder("llama"), windows_builder(2, 8), batch_size=2)
     with pytest.raises(ValueError, match="Gram"):
         context.layer_error()
+
+
+# ----------------------------------------------------------------------------- masks on the fly, no pristine copy
+def test_masked_forward_trial_equals_in_place_pruning(model_builder, windows_builder):
+    """A lazy worker scores trials with masks applied on the fly: same values as pruning in place,
+    no weight written, no pristine copy taken."""
+    windows = windows_builder(6, 16, seed=1)
+    spec = StudySpec(target_sparsity=0.5, objectives=("kl",), warm_start=())
+    lazy = EvalContext.build(model_builder("llama"), windows, batch_size=2, lazy_pristine=True, layer_grams=True)
+    eager = EvalContext.build(model_builder("llama"), windows, batch_size=2, layer_grams=True)
+    fast, slow = TrialEvaluator(lazy, spec), TrialEvaluator(eager, spec)
+    dense = {n: w.clone() for n, w in lazy.weights().items()}
+    values = fast.space.encode_sparsity(_ratios(lazy.layout, 7, 0.3, 0.7))
+    plan = fast.plan_for(values)
+    assert fast.cached_ratios(plan) is not None
+    with fast.applied(plan) as report:
+        assert not report.in_place
+        on_the_fly = forward_errors(lazy, ("kl", "logits", "hidden"))
+        layer = lazy.layer_error(report.requested)
+    eager.cache_ranks(MetricChoice("wanda"))
+    eager.restore_()
+    prune_(eager.model, plan, eager.stats, layout=eager.layout)
+    in_place = forward_errors(eager, ("kl", "logits", "hidden"))
+    assert eager.layer_error() == pytest.approx(layer, rel=1e-6)
+    eager.restore_()
+    assert on_the_fly == pytest.approx(in_place, rel=1e-5)
+    assert fast(values).values == pytest.approx(slow(values).values, rel=1e-5)
+    assert lazy.pristine_weight == {}  # never needed
+    assert all(torch.equal(w, dense[n]) for n, w in lazy.weights().items())
+    assert all("forward" not in m.__dict__ for m in lazy.model.modules())  # instance forwards removed
+
+
+def test_lazy_context_takes_its_copy_before_pruning_in_place(model_builder, windows_builder):
+    ctx = EvalContext.build(model_builder("llama"), windows_builder(4, 8), batch_size=2, lazy_pristine=True)
+    dense = {n: w.clone() for n, w in ctx.weights().items()}
+    ctx.restore_()  # the contract: restore_ before pruning in place
+    prune_(ctx.model, AllocationPlan.uniform(ctx.layout.linears, 0.5), ctx.stats, layout=ctx.layout)
+    assert ctx.pristine_weight
+    ctx.restore_()
+    assert all(torch.equal(w, dense[n]) for n, w in ctx.weights().items())
+    assert all(torch.equal(ctx.model.get_submodule(n).weight, w) for n, w in dense.items())

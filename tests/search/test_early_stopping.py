@@ -140,3 +140,31 @@ def test_early_stopping_off_keeps_old_spec_hashes():
     off = StudySpec.from_dict({"early_stopping": {"pruner": "none"}})
     assert off.spec_hash() == StudySpec().spec_hash()
     assert StudySpec.from_dict({"early_stopping": {"pruner": "median"}}).spec_hash() != StudySpec().spec_hash()
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from sparsealloc.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_study_cli_with_early_stopping(tiny_llama_dir, text_file, tmp_path):
+    store = f"sqlite:///{tmp_path / 'cli.db'}"
+    data = ["--model", str(tiny_llama_dir), "--calib-text", str(text_file), "--calib-samples", "6",
+            "--calib-seq-len", "16", "--storage", store, "--no-validate", "--quiet"]
+    code, out, err = _cli(["study", "run", "--name", "es", "--trials", "3", "--early-stopping", "successive_halving",
+                           *data])
+    assert code == 0, err
+    study = optuna.load_study(study_name="es", storage=store)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 3
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert all(sorted(t.intermediate_values) == [1, 2, 3] for t in complete)  # rung + 2 batches of 4 windows
+    code, out, err = _cli(["study", "run", "--name", "bad", "--early-stopping", "medain", *data])
+    assert code == 2 and err.count("\n") == 1 and "early_stopping.pruner must be one of" in err
