@@ -33,7 +33,9 @@ def register(sub) -> None:
     run.add_argument("--objectives", default=None,
                      help="comma list: kl|reconstruction|hidden|layer_local[,remaining_weights][,kv_bytes]")
     run.add_argument("--early-stopping", default=None, metavar="PRUNER",
-                     help="none, median or successive_halving (stop bad trials after a batch or at the Gram rung)")
+                     help="none, median or successive_halving (stop bad trials after a calibration batch)")
+    run.add_argument("--gram-rung", action="store_true", default=None,
+                     help="with successive_halving: a zero-forward first rung from per-layer Gram matrices")
     run.add_argument("--sampler", default=None, help="tpe, nsga3, optuna-nsga3 or random")
     run.add_argument("--population-size", type=positive_int, default=None)
     run.add_argument("--trials", type=positive_int, default=None, help="COMPLETE trials to reach")
@@ -123,7 +125,7 @@ def spec_from_args(args: argparse.Namespace):
                         "seq_len": args.calib_seq_len, "windows_file": args.calib_windows},
         "validation": {"text": args.eval_text, "windows": args.eval_windows, "seq_len": args.eval_seq_len,
                        "top_k": args.validate_top},
-        "early_stopping": {"pruner": args.early_stopping},
+        "early_stopping": {"pruner": args.early_stopping, "gram_rung": args.gram_rung},
     }
     for key, values in sections.items():
         given = {k: v for k, v in values.items() if v is not None}

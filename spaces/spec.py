@@ -11,7 +11,7 @@ Example::
     kv: {bits: [2, 3, 4, 8, 16], group_size: 32, residual: 0}
     allocator: {name: owl}        # low-dimensional alternative to layerwise
     layer_drop: {max_blocks: 4, compensate: true}   # searched number of dropped blocks
-    objectives: [kl]              # first one is the error proxy (kl, reconstruction, hidden, layer_local)
+    objectives: [hidden]          # first one is the error proxy (hidden, kl, reconstruction, layer_local)
     early_stopping: {pruner: successive_halving, reduction_factor: 3}   # multi-fidelity trials
     sampler: tpe
     trials: 40
@@ -213,8 +213,11 @@ class EarlyStoppingSpec:
     pruner stops trials that fall behind.
 
     ``successive_halving`` (Jamieson & Talwalkar 2016; Optuna's ASHA-style SuccessiveHalvingPruner)
-    keeps the best ``1/reduction_factor`` of the trials at each rung; its first rung is, by default,
-    the zero-forward summed layer-local error (``gram_rung``). ``median`` (Optuna's MedianPruner)
+    keeps the best ``1/reduction_factor`` of the trials at each rung; with ``gram_rung: true`` its
+    first rung is the zero-forward summed layer-local error. The Gram rung is off by default: on
+    SmolLM2 the layer-local sum ranks allocations of one budget backwards (Spearman ρ −0.6 with
+    perplexity, benchmarks/proxy_choice.md), and in benchmarks/trial_cost.md it stopped the best warm
+    start (depth ramp) at step 1. ``median`` (Optuna's MedianPruner)
     stops a trial whose best value so far is worse than the median of the completed trials at the
     same step, after ``startup_trials`` completed trials and ``warmup_steps`` steps; because it takes
     a trial's best value over all steps, it cannot use the Gram rung, whose values have another scale.
@@ -232,10 +235,8 @@ class EarlyStoppingSpec:
 
     @property
     def uses_gram_rung(self) -> bool:
-        """The zero-forward rung is on (default: with successive halving)."""
-        if not self.enabled:
-            return False
-        return self.pruner == "successive_halving" if self.gram_rung is None else bool(self.gram_rung)
+        """The zero-forward rung is on (only when asked for, with successive halving)."""
+        return self.enabled and bool(self.gram_rung)
 
     def validate(self) -> None:
         _expect(self.pruner in PRUNER_NAMES, f"early_stopping.pruner must be one of {list(PRUNER_NAMES)}", self.pruner)
@@ -282,7 +283,7 @@ class StudySpec:
     kv: KVSpec = field(default_factory=KVSpec)
     allocator: AllocatorSpec = field(default_factory=AllocatorSpec)
     layer_drop: LayerDropSpec = field(default_factory=LayerDropSpec)
-    objectives: tuple[str, ...] = ("kl",)
+    objectives: tuple[str, ...] = ("hidden",)  # chosen by benchmarks/proxy_choice.py
     early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
     sampler: str = "tpe"
     population_size: int = 24

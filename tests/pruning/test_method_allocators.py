@@ -206,6 +206,21 @@ def test_layer_error_by_hand():
     assert layer_error(w, stats, [0.0, 0.5]) == pytest.approx([0.0, 10.0])
     stats.gram = x.T @ x
     assert layer_error(w, stats, [0.5]) == pytest.approx([10.0])
+    # relative: (1 + 9)·2 over the dense output energy (1 + 4 + 9 + 16)·2 — the token count cancels
+    assert layer_error(w, stats, [0.0, 0.5], relative=True) == pytest.approx([0.0, 1 / 3])
+
+
+def test_dp_relative_ignores_activation_scale(tiny_models):
+    """Scaling one block's inputs changes absolute errors 10⁴× but no relative error: same allocation."""
+    inputs = inputs_of(tiny_models["qwen2"], random_stats(model_layout(tiny_models["qwen2"]), 3, False))
+    plain = allocate("dp", inputs, 0.5, step=0.05, radius=0.1, relative=True)
+    stats = dict(inputs.stats)
+    for n in inputs.layout.block_linears(inputs.layout.blocks[0]):
+        s = stats[n]
+        stats[n] = LayerStats(s.sum_sq * 1e4, s.sum * 1e2, s.count)
+    inputs.stats = stats
+    assert allocate("dp", inputs, 0.5, step=0.05, radius=0.1, relative=True) == pytest.approx(plain)
+    assert allocate("dp", inputs, 0.5, step=0.05, radius=0.1, relative=False) != pytest.approx(plain)
 
 
 def test_dp_prefers_cheap_blocks(tiny_models):
@@ -216,5 +231,5 @@ def test_dp_prefers_cheap_blocks(tiny_models):
         s = stats[n]
         stats[n] = LayerStats(s.sum_sq * 1e4, s.sum * 1e2, s.count)
     inputs.stats = stats
-    ratios = allocate("dp", inputs, 0.5, step=0.05, radius=0.1)
+    ratios = allocate("dp", inputs, 0.5, step=0.05, radius=0.1, relative=False)
     assert ratios[inputs.layout.block_linears(costly)[0]] == pytest.approx(0.4)

@@ -55,7 +55,7 @@ def _run(ctx, spec: StudySpec, first: dict, second: dict, store: str, n_trials: 
 
 
 def test_successive_halving_stops_a_bad_trial_at_the_gram_rung(ctx, tmp_path):
-    spec = _spec("sh", pruner="successive_halving", reduction_factor=3)
+    spec = _spec("sh", pruner="successive_halving", reduction_factor=3, gram_rung=True)
     evaluator = TrialEvaluator(ctx, spec)
     rungs = [(evaluator.rung_value(evaluator.plan_for(v)), i) for i, v in enumerate(_candidates(evaluator))]
     (good_value, good), (bad_value, bad) = min(rungs), max(rungs)
@@ -97,7 +97,7 @@ def test_median_pruner_stops_a_bad_trial_after_a_batch(ctx, tmp_path):
 
 
 def test_rung_stop_touches_no_weight_and_runs_no_forward(ctx, monkeypatch):
-    evaluator = TrialEvaluator(ctx, _spec("rung", pruner="successive_halving"))
+    evaluator = TrialEvaluator(ctx, _spec("rung", pruner="successive_halving", gram_rung=True))
     calls = []
     monkeypatch.setattr(type(ctx.model), "forward", lambda *a, **k: calls.append(1))
     outcome = evaluator(evaluator.space.defaults(), report=lambda step, value: True)
@@ -165,6 +165,19 @@ def test_study_cli_with_early_stopping(tiny_llama_dir, text_file, tmp_path):
     states = [t.state for t in study.trials]
     assert states.count(TrialState.COMPLETE) == 3
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert all(sorted(t.intermediate_values) == [1, 2, 3] for t in complete)  # rung + 2 batches of 4 windows
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in complete)  # 2 batches of 4 windows
+    code, out, err = _cli(["study", "run", "--name", "es-rung", "--trials", "3", "--early-stopping",
+                           "successive_halving", "--gram-rung", *data])
+    assert code == 0, err
+    complete = optuna.load_study(study_name="es-rung", storage=store).get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 3 and all(sorted(t.intermediate_values) == [1, 2, 3] for t in complete)  # + rung
     code, out, err = _cli(["study", "run", "--name", "bad", "--early-stopping", "medain", *data])
     assert code == 2 and err.count("\n") == 1 and "early_stopping.pruner must be one of" in err
+
+
+def test_gram_rung_is_opt_in():
+    """Successive halving alone stops on calibration batches; the Gram rung only when asked for."""
+    assert not StudySpec.from_dict({"early_stopping": {"pruner": "successive_halving"}}).early_stopping.uses_gram_rung
+    spec = StudySpec.from_dict({"early_stopping": {"pruner": "successive_halving", "gram_rung": True}})
+    assert spec.early_stopping.uses_gram_rung
+    assert not StudySpec.from_dict({"early_stopping": {"pruner": "none", "gram_rung": True}}).early_stopping.uses_gram_rung
