@@ -110,13 +110,8 @@ def eval_source(path: str | None):
 
 def load(args: argparse.Namespace):
     """Load the model named by ``--model`` on ``--device``."""
-    from sparsealloc.core import progress
     from sparsealloc.pruning.models import load_model
 
-    if progress.get_mode() != "bar":  # --quiet / --log-format json: no transformers loading bars
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     if args.device is not None:
         import torch
 

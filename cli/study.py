@@ -153,7 +153,6 @@ def _execute(spec, args: argparse.Namespace, validate: bool, export_dir: str | N
     from sparsealloc.search.samplers.base import SAMPLERS
     from sparsealloc.storage.rdb import check_storage, parse_storage_url, redact, store_errors
 
-    from sparsealloc.core import progress
     from sparsealloc.core.errors import check_output_dir
 
     storage_url = parse_storage_url(args.storage)
@@ -164,10 +163,6 @@ def _execute(spec, args: argparse.Namespace, validate: bool, export_dir: str | N
     # Nothing is loaded or written before the inputs, the store and the model have been checked.
     preflight(spec, validate)
     check_storage(storage_url)
-    if progress.get_mode() != "bar":  # --quiet / --log-format json: no transformers loading bars
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     start = time.perf_counter()
     evaluator = build_evaluator(spec)
     setup_s = time.perf_counter() - start

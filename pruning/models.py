@@ -7,8 +7,11 @@ with ``importlib.util.find_spec`` without importing the package.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +121,56 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
+@contextlib.contextmanager
+def library_bars_follow_progress_mode() -> Iterator[None]:
+    """Silence transformers' own loading bars unless progress is shown as bars.
+
+    "Loading weights" uses transformers' switchable tqdm; the GGUF de-quantization bar uses plain
+    ``tqdm.auto`` in ``transformers.modeling_gguf_pytorch_utils`` and is swapped for a disabled one
+    for the duration of the load only. In "bar" mode nothing changes.
+    """
+    from sparsealloc.core import progress
+
+    if progress.get_mode() == "bar":
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    plain_tqdm = gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(plain_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = plain_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def forget_gguf_quantization_(model) -> bool:
+    """Mark a model loaded from a GGUF file as the plain float model it is; True if it was marked.
+
+    transformers de-quantizes GGUF tensors at load time but keeps a ``GgufHfQuantizer`` on the
+    model, and ``save_pretrained`` then refuses with "quantized with gguf and is not serializable".
+    The weights are ordinary float tensors, so dropping the quantizer, the ``is_quantized`` flag and
+    the config's ``quantization_config`` makes the model save and reload as a plain checkpoint.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf":
+        return False
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    return True
+
+
 def load_model(
     name: str,
     device: str | torch.device | None = None,
@@ -140,7 +193,9 @@ def load_model(
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     target = resolve_device(device)
-    model = _call_loader(AutoModelForCausalLM.from_pretrained, source, **kwargs)
+    with library_bars_follow_progress_mode():
+        model = _call_loader(AutoModelForCausalLM.from_pretrained, source, **kwargs)
+    forget_gguf_quantization_(model)  # GGUF tensors are already de-quantized to ``dtype``
     try:
         model.to(target).eval()
     except (RuntimeError, AssertionError) as exc:  # a backend torch was not built with (mps, xpu...)

@@ -116,7 +116,8 @@ def test_report_single_objective(store, tmp_path):
     assert "**trials**: 6 complete of 6" in summary
     assert "![Per-layer sparsity](per_layer_sparsity.png)" in summary
     study = load(store["url"], "single")
-    assert f"trial {study.best_trial.number} (best kl)" in summary
+    assert f"trial {study.best_trial.number} (best {study.metric_names[0]})" in summary
+    assert study.metric_names[0] == "hidden"  # the default proxy
     assert "spearman(proxy, PPL)" in summary
     html = (out / "summary.html").read_text(encoding="utf-8")
     assert "Study report: single" in html and html.count("data:image/png;base64,") == 3

@@ -100,3 +100,58 @@ def test_load_model_with_broken_directory(tmp_path):
     (tmp_path / "config.json").write_text("{}", encoding="utf-8")
     with pytest.raises(SpecError, match="could not load model"):
         load_model(str(tmp_path), device="cpu")
+
+
+def _mark_as_gguf(model) -> None:
+    """What transformers leaves on a model loaded with ``gguf_file=`` (weights de-quantized)."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    config = GgufConfig()
+    model.hf_quantizer = GgufHfQuantizer(quantization_config=config)
+    model.is_quantized = True
+    model.config.quantization_config = config
+
+
+def test_gguf_loaded_model_saves_as_plain_checkpoint(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sparsealloc.pruning.apply import save_pruned
+
+    model, _, _ = load_model(str(tiny_llama_dir), device="cpu")
+    _mark_as_gguf(model)
+    with pytest.raises(ValueError, match="not serializable"):  # what save_pretrained alone does
+        model.save_pretrained(tmp_path / "refused")
+    save_pruned(model, None, tmp_path / "saved")
+    assert "quantization_config" not in (tmp_path / "saved" / "config.json").read_text(encoding="utf-8")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    assert getattr(reloaded, "hf_quantizer", None) is None
+    ids = torch.tensor([[4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert models.forget_gguf_quantization_(reloaded) is False  # nothing to forget on a plain model
+
+
+@pytest.mark.parametrize("mode, shown", [("quiet", False), ("json", False), ("bar", True)])
+def test_loading_bars_follow_the_progress_mode(tiny_llama_dir, capfd, mode, shown):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from sparsealloc.core import progress
+
+    from transformers.utils import logging as hf_logging
+
+    plain_tqdm = gguf_utils.tqdm
+    previous, bars_were_on = progress.get_mode(), hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as a fresh process has it
+    progress.set_mode(mode)
+    try:
+        with models.library_bars_follow_progress_mode():
+            assert (gguf_utils.tqdm is plain_tqdm) == shown
+        assert gguf_utils.tqdm is plain_tqdm  # restored
+        load_model(str(tiny_llama_dir), device="cpu")
+        assert hf_logging.is_progress_bar_enabled()  # restored after the load, not switched off for good
+    finally:
+        progress.set_mode(previous)
+        if not bars_were_on:
+            hf_logging.disable_progress_bar()
+    assert ("Loading weights" in capfd.readouterr().err) == shown

@@ -45,8 +45,8 @@ def crashing_objective(ctx, state):
 
 
 FAULTS = {
-    "nan": (nan_objective, "objective kl is not finite"),
-    "inf": (inf_objective, "objective kl is not finite"),
+    "nan": (nan_objective, "objective hidden is not finite"),
+    "inf": (inf_objective, "objective hidden is not finite"),
     "oom": (oom_objective, "out of memory: CUDA out of memory"),
     "host-oom": (host_oom_objective, "out of memory: cannot allocate"),
     "exception": (crashing_objective, "RuntimeError: shape mismatch in layer 3 second line of the message"),
@@ -124,12 +124,12 @@ def test_a_study_where_every_trial_fails_stops_with_one_clear_line(tiny_llama_di
     argv = ["--quiet", "study", "run", "--name", "doomed", "--storage", url, "--model", str(tiny_llama_dir),
             "--calib-text", str(text_file), "--calib-samples", "4", "--calib-seq-len", "16", "--trials", "20",
             "--no-validate"]
-    with mock.patch.dict(OBJECTIVES._eager, {"kl": nan_objective}):
+    with mock.patch.dict(OBJECTIVES._eager, {"hidden": nan_objective}):
         code = main(argv)
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2 and len(lines) == 1, captured.err
-    assert lines[0] == "error: 5 trials in a row failed; last reason: objective kl is not finite"
+    assert lines[0] == "error: 5 trials in a row failed; last reason: objective hidden is not finite"
     assert "Traceback" not in captured.err + captured.out
     study = optuna.load_study(study_name="doomed", storage=url)
     states = [t.state for t in study.get_trials(deepcopy=False)]
@@ -138,4 +138,4 @@ def test_a_study_where_every_trial_fails_stops_with_one_clear_line(tiny_llama_di
     # the failures are visible afterwards, with their reasons
     assert main(["--quiet", "study", "show", "doomed", "--storage", url]) == 0
     out = capsys.readouterr().out
-    assert "fail=5" in out and out.count("failed trial") == 5 and "objective kl is not finite" in out
+    assert "fail=5" in out and out.count("failed trial") == 5 and "objective hidden is not finite" in out

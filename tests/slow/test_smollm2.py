@@ -76,3 +76,38 @@ def test_magnitude_half_is_much_worse(pristine):
     model, layout, stats, stream = pristine
     prune_(model, AllocationPlan.uniform(layout.linears, 0.5, MetricChoice("magnitude")), stats, layout=layout)
     assert _ppl(model, stream) > 150
+
+
+def test_apply_save_of_the_gguf_model_reloads_in_plain_transformers(smollm2, tmp_path):
+    """`apply --save` on the embedded GGUF model writes a checkpoint plain transformers loads:
+    no GGUF quantizer left on it, the plan's zeros in every Linear, the same logits as in memory."""
+    import contextlib
+    import io
+
+    from transformers import AutoModelForCausalLM
+
+    from sparsealloc.cli.main import main
+
+    _, layout, _, stream = smollm2
+    plan = AllocationPlan.uniform(layout.linears, 0.5, MetricChoice("wanda"))
+    plan_path = tmp_path / "plan.json"
+    plan.save(plan_path)
+    save = tmp_path / "pruned"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["--quiet", "apply", "--plan", str(plan_path), "--model", "smollm2-135m", "--device", "cpu",
+                     "--calib-text", str(WIKITEXT / "valid.txt"), "--calib-samples", "4", "--save", str(save)])
+    assert code == 0, err.getvalue()
+    assert "gguf" not in (save / "config.json").read_text(encoding="utf-8").lower()
+    reloaded = AutoModelForCausalLM.from_pretrained(save, dtype=torch.float32).eval()
+    assert getattr(reloaded, "hf_quantizer", None) is None
+    modules = dict(reloaded.named_modules())
+    for name in layout.linears:
+        weight = modules[name].weight
+        zeros = (weight == 0).sum().item()
+        assert abs(zeros - 0.5 * weight.numel()) <= weight.shape[0], name
+    ids = stream[:128].unsqueeze(0)
+    with torch.no_grad():
+        logits = reloaded(ids).logits
+    assert torch.isfinite(logits).all()
+    assert perplexity(reloaded, stream, EVAL_SEQ_LEN, 2) < 200  # a working 50% Wanda model, not noise
