@@ -272,8 +272,9 @@ def report(cache: dict, args) -> None:
         f"Dense PPL {cache['dense']:.2f}. The 20 allocations range from {oracle:.1f} "
         f"({min(reference, key=reference.get)}) to {max(reference.values()):.1f} "
         f"({max(reference, key=reference.get)}); uniform {reference['uniform']:.1f}. One trial over all "
-        f"{int(union.n)} windows of the union took {np.mean(list(trial_s.values())):.1f} s on the shared "
-        f"machine; over them the proxy's ρ is {union.rho:.3f}. Uniform's PPL recomputed at the end of the run: "
+        f"{int(union.n)} windows of the union took {np.median(list(trial_s.values())):.1f} s (median of the 20; "
+        "the first ones ran beside other jobs)"
+        f"; over them the proxy's ρ is {union.rho:.3f}. Uniform's PPL recomputed at the end of the run: "
         f"{cache.get('uniform_again', float('nan')):.2f}.", "",
         "## Conclusion", "", *_conclusion(family[family.method != "union"], sets), "",
         "## Per method and size", "", markdown_table(_pretty(family[family.method != "union"])), "",
