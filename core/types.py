@@ -87,6 +87,8 @@ class Outcome:
         reason: Short reason for a failure ("objective is NaN", "worker died").
         attrs: Extra per-trial results (e.g. achieved sparsity), stored as user attrs.
         intermediate: (step, value) pairs reported along the way (multi-fidelity).
+        retry: The failure was the worker's (it died mid-trial), not the plan's: the orchestrator
+            records the trial as failed and queues the same parameters once more.
     """
 
     state: Literal["complete", "failed", "pruned"]
@@ -94,3 +96,4 @@ class Outcome:
     reason: str = ""
     attrs: Mapping[str, Any] = field(default_factory=dict)
     intermediate: tuple[tuple[int, float], ...] = ()
+    retry: bool = False

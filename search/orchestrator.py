@@ -18,7 +18,7 @@ from sparsealloc.core.errors import SparseAllocError
 from sparsealloc.core.progress import get_mode, log_event
 from sparsealloc.search.dispatch.base import Dispatcher
 from sparsealloc.search.samplers.base import Sampler
-from sparsealloc.storage.coordination import BudgetLock, Heartbeat, sweep_stale
+from sparsealloc.storage.coordination import BudgetLock, Heartbeat, requeue, sweep_stale
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class StudyRun:
     told: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     last_failure: str = ""
+    retried: int = 0  # failed trials whose parameters were queued again (a worker died)
 
 
 def complete_count(study: optuna.Study) -> int:
@@ -61,7 +62,8 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
     The budget counts the whole study: COMPLETE trials plus RUNNING ones (of this or another
     orchestrator), decided under :class:`~sparsealloc.storage.coordination.BudgetLock`, so several
     orchestrators on one PostgreSQL study neither overshoot nor duplicate. Failed trials are recorded
-    and the loop goes on; if ``max_failures_in_a_row`` trials fail with none completing in between,
+    and the loop goes on; a trial whose worker died (``Outcome.retry``) is recorded as failed with the
+    reason and its parameters are queued once more (``retry_of``), for the next free worker; if ``max_failures_in_a_row`` trials fail with none completing in between,
     it stops with :class:`AllTrialsFailed`.
     """
     study = sampler.study
@@ -96,6 +98,10 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
             for number, outcome in dispatcher.wait():
                 sampler.tell(number, outcome)
                 heartbeat.discard(_trial_id(study, number))
+                if outcome.state == "failed" and outcome.retry:
+                    trial = study._storage.get_trial(_trial_id(study, number))
+                    if requeue(study, trial, once=True) is not None:
+                        run.retried += 1
                 run.told[outcome.state] += 1
                 log_event("trial", number=number, state=outcome.state, values=outcome.values, reason=outcome.reason)
                 if outcome.state == "failed":

@@ -137,6 +137,25 @@ def fail_silent_trials(study: optuna.Study, interval: float) -> list[int]:
         except optuna.exceptions.UpdateFinishedTrialError:  # another orchestrator finished it meanwhile
             continue
         failed.append(trial.number)
-        kept = {k: v for k, v in trial.user_attrs.items() if k in ("warm_start", "generation")}
-        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number, **kept})
+        requeue(study, trial)
     return failed
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, once: bool = False) -> int | None:
+    """Queue ``trial``'s parameters as a new WAITING trial marked ``retry_of`` (its warm-start name
+    and generation kept).
+
+    Args:
+        study: The study.
+        trial: The failed trial.
+        once: Do not re-queue a trial that is itself a retry (a worker that died twice on the same
+            parameters). Trials orphaned by a stopped orchestrator are always re-queued.
+
+    Returns:
+        The number of the trial retried, or None when it was not re-queued.
+    """
+    if once and "retry_of" in trial.user_attrs:
+        return None
+    kept = {k: v for k, v in trial.user_attrs.items() if k in ("warm_start", "generation")}
+    study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number, **kept})
+    return trial.number

@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from sparsealloc.core.errors import SpecError, StorageError
+from sparsealloc.storage.coordination import requeue
 
 DEFAULT_STORAGE = "sqlite:///sparsealloc.db"
 DRIVER_HINTS = {
@@ -361,7 +362,6 @@ def recover_orphans(study: optuna.Study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "orphaned: orchestrator stopped mid-trial")
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number, **{
-            k: v for k, v in trial.user_attrs.items() if k in ("warm_start", "generation")}})
+        requeue(study, trial)
         failed.append(trial.number)
     return failed

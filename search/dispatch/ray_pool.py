@@ -10,7 +10,8 @@ ignored here and every trial runs to full fidelity (its intermediate values are 
 fact, and the zero-forward rung is skipped). Use the local dispatcher for multi-fidelity studies.
 
 Faults: an actor that dies mid-trial (``RayActorError``) is restarted by Ray (``max_restarts``);
-its trial is retried once on a live actor, and recorded as failed with the reason if that fails too.
+its trial comes back as a failed outcome with the reason and ``retry=True``, so the orchestrator
+records it and queues its parameters once more for the next free (live or restarted) actor.
 """
 
 from __future__ import annotations
@@ -102,14 +103,14 @@ class RayDispatcher(Dispatcher):
         ray.get([a.ping.remote() for a in self.actors])  # surface start-up errors now
         self.capacity = workers
         self._idle = list(self.actors)
-        self._inflight: dict[Any, tuple[Any, Proposal, int]] = {}
+        self._inflight: dict[Any, tuple[Any, Proposal]] = {}
 
-    def submit(self, proposal: Proposal, report=None, attempt: int = 0) -> None:
+    def submit(self, proposal: Proposal, report=None) -> None:
         if not self._idle:
             raise RuntimeError("submit() called with no idle worker; respect capacity")
         actor = self._idle.pop(0)
         ref = actor.score.remote(dict(proposal.params))
-        self._inflight[ref] = (actor, proposal, attempt)
+        self._inflight[ref] = (actor, proposal)
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:
         if not self._inflight:
@@ -117,15 +118,13 @@ class RayDispatcher(Dispatcher):
         ready, _ = self.ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
         finished = []
         for ref in ready:
-            actor, proposal, attempt = self._inflight.pop(ref)
+            actor, proposal = self._inflight.pop(ref)
             self._idle.append(actor)  # a restarted actor is usable again; a dead one fails fast
             try:
                 finished.append((proposal.trial_number, self.ray.get(ref)))
             except self.ray.exceptions.RayActorError as exc:
-                if attempt == 0:
-                    self.submit(proposal, attempt=1)
-                else:
-                    finished.append((proposal.trial_number, Outcome("failed", reason=f"worker died twice: {failure_reason(exc)}")))
+                reason = f"worker died: {failure_reason(exc)}"
+                finished.append((proposal.trial_number, Outcome("failed", reason=reason, retry=True)))
             except self.ray.exceptions.RayError as exc:
                 finished.append((proposal.trial_number, Outcome("failed", reason=failure_reason(exc))))
         return finished

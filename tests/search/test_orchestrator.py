@@ -40,8 +40,8 @@ def weighted_mean(ratios, numels) -> float:
 
 class Evaluator:
     """Variance of the decoded ratios plus a KV-bits term; ``script`` decides what each call does:
-    "ok", "fail" (a failed outcome), "raise" (ValueError) or "crash" (a BaseException that kills
-    the orchestrator, as a SIGKILL would)."""
+    "ok", "fail" (a failed outcome), "died" (the failed outcome of a dead worker, ``retry=True``),
+    "raise" (ValueError) or "crash" (a BaseException that kills the orchestrator, as a SIGKILL would)."""
 
     def __init__(self, space: SearchSpace, script=(), default: str = "ok") -> None:
         self.space, self.script, self.default = space, list(script), default
@@ -56,6 +56,8 @@ class Evaluator:
             raise ValueError(f"bad shape {self.calls}")
         if action == "fail":
             return Outcome("failed", reason="objective is NaN")
+        if action == "died":
+            return Outcome("failed", reason="worker died: the actor was killed", retry=True)
         decoded = self.space.decode(params)
         ratios = decoded.sparsity
         mean = weighted_mean(ratios, self.space.layout.numels)
@@ -107,6 +109,24 @@ def test_an_exception_fails_that_trial_and_the_study_completes(store_url, sample
     reasons = [t.user_attrs["fail_reason"] for t in sampler.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
     assert reasons == ["ValueError: bad shape 2", "ValueError: bad shape 3"]
     assert run.last_failure == "ValueError: bad shape 3"
+
+
+@pytest.mark.parametrize("sampler_name", ["tpe", "nsga3"])
+def test_a_dead_worker_fails_its_trial_and_the_parameters_run_once_more(store_url, sampler_name, request):
+    _, space, sampler = new_study(store_url, request.node.name, sampler_name)
+    # trial 1's worker dies; its retry dies too (not queued a third time); trial 3's retry completes
+    script = ["ok", "died", "died", "died", "ok", "ok", "ok"]
+    run = run_study(sampler, LocalDispatcher(Evaluator(space, script=script)), n_trials=5)
+    assert run.retried == 2 and run.told == {"complete": 5, "failed": 3}
+    trials = sampler.study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.user_attrs["fail_reason"] for t in failed] == ["worker died: the actor was killed"] * 3
+    retries = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
+    first, second, third = failed
+    assert set(retries) == {first.number, third.number}  # the retry that died is not retried again
+    assert retries[first.number] is second and second.params == first.params
+    assert retries[third.number].state == TrialState.COMPLETE and retries[third.number].params == third.params
+    assert states(sampler.study) == {"COMPLETE": 5, "FAIL": 3}
 
 
 def test_failures_in_a_row_reset_after_a_success(store_url, request):
