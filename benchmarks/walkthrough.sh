@@ -60,7 +60,7 @@ cp "$WORK"/report-kv/summary.md "$OUT"/kv-summary.md
 
 step "4. Apply" sparsealloc --quiet apply --plan "$WORK/s60/best.json" --model smollm2-135m --save "$WORK/ckpt"
 
-step "5. Check the checkpoint and the recipe" python3 - "$WORK" <<'PY'
+step "5. Check the checkpoint and the recipe" env HF_HUB_DISABLE_PROGRESS_BARS=1 python3 - "$WORK" <<'PY'
 import sys
 from pathlib import Path
 

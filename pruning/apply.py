@@ -222,13 +222,14 @@ def _make_biases_representable(model: nn.Module) -> None:
 
 def save_pruned(model: nn.Module, tokenizer, directory: str | Path, plan: AllocationPlan | None = None) -> Path:
     """Save a pruned model as a plain Hugging Face checkpoint (safetensors), plus ``plan.json``."""
-    from sparsealloc.pruning.models import forget_gguf_quantization_
+    from sparsealloc.pruning.models import forget_gguf_quantization_, library_bars_follow_progress_mode
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     forget_gguf_quantization_(model)  # a model loaded from GGUF holds de-quantized float weights
     _make_biases_representable(model)
-    model.save_pretrained(directory)
+    with library_bars_follow_progress_mode():  # "Writing model shards"
+        model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if plan is not None:

@@ -123,9 +123,9 @@ def load_tokenizer(source: ModelSource):
 
 @contextlib.contextmanager
 def library_bars_follow_progress_mode() -> Iterator[None]:
-    """Silence transformers' own loading bars unless progress is shown as bars.
+    """Silence transformers' own loading and saving bars unless progress is shown as bars.
 
-    "Loading weights" uses transformers' switchable tqdm; the GGUF de-quantization bar uses plain
+    "Loading weights" and "Writing model shards" use transformers' switchable tqdm; the GGUF de-quantization bar uses plain
     ``tqdm.auto`` in ``transformers.modeling_gguf_pytorch_utils`` and is swapped for a disabled one
     for the duration of the load only. In "bar" mode nothing changes.
     """

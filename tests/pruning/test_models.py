@@ -133,8 +133,10 @@ def test_gguf_loaded_model_saves_as_plain_checkpoint(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("mode, shown", [("quiet", False), ("json", False), ("bar", True)])
-def test_loading_bars_follow_the_progress_mode(tiny_llama_dir, capfd, mode, shown):
+def test_loading_bars_follow_the_progress_mode(tiny_llama_dir, capfd, tmp_path, mode, shown):
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from sparsealloc.pruning.apply import save_pruned
 
     from sparsealloc.core import progress
 
@@ -148,10 +150,12 @@ def test_loading_bars_follow_the_progress_mode(tiny_llama_dir, capfd, mode, show
         with models.library_bars_follow_progress_mode():
             assert (gguf_utils.tqdm is plain_tqdm) == shown
         assert gguf_utils.tqdm is plain_tqdm  # restored
-        load_model(str(tiny_llama_dir), device="cpu")
+        model, _, _ = load_model(str(tiny_llama_dir), device="cpu")
+        save_pruned(model, None, tmp_path / mode)
         assert hf_logging.is_progress_bar_enabled()  # restored after the load, not switched off for good
     finally:
         progress.set_mode(previous)
         if not bars_were_on:
             hf_logging.disable_progress_bar()
-    assert ("Loading weights" in capfd.readouterr().err) == shown
+    err = capfd.readouterr().err
+    assert ("Loading weights" in err) == shown and ("Writing model shards" in err) == shown
