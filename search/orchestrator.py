@@ -27,6 +27,10 @@ class AllTrialsFailed(SparseAllocError):
     """Every trial of a study failed; the message carries the last reason."""
 
 
+class NoWorkersLeft(SparseAllocError):
+    """Every worker of the dispatcher died for good; the message carries the last reason."""
+
+
 @dataclass
 class StudyRun:
     """Counts of what one run did."""
@@ -64,7 +68,8 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
     orchestrators on one PostgreSQL study neither overshoot nor duplicate. Failed trials are recorded
     and the loop goes on; a trial whose worker died (``Outcome.retry``) is recorded as failed with the
     reason and its parameters are queued once more (``retry_of``), for the next free worker; if ``max_failures_in_a_row`` trials fail with none completing in between,
-    it stops with :class:`AllTrialsFailed`.
+    it stops with :class:`AllTrialsFailed`; once the dispatcher has no worker left (``capacity`` 0)
+    it stops with :class:`NoWorkersLeft`.
     """
     study = sampler.study
     run = StudyRun()
@@ -114,6 +119,8 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
                     bar.n = min(complete_count(study), n_trials)
                     bar.set_postfix_str(f"best={best_value_text(study)} failed={run.told['failed']}")
                     bar.refresh()
+            if dispatcher.capacity == 0:
+                raise NoWorkersLeft(f"no worker is left to score trials; last reason: {run.last_failure}")
             if failures_in_a_row >= max_failures_in_a_row:
                 raise AllTrialsFailed(
                     f"{failures_in_a_row} trials in a row failed; last reason: {run.last_failure}")

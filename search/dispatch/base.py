@@ -1,7 +1,8 @@
 """Dispatchers hand proposals to workers and collect outcomes. Registry ``DISPATCHERS``.
 
 Contract: ``submit(proposal, report)`` never blocks for long; ``wait(timeout)`` returns at least one
-finished ``(trial_number, Outcome)`` when anything is in flight (fewer only on timeout); a worker
+finished ``(trial_number, Outcome)`` when a trial is in flight (fewer only on timeout, or when a
+restarting worker became free again); a worker
 fault becomes a failed Outcome with its reason, never an exception; ``capacity`` is how many
 proposals may be in flight at once. ``report`` (early stopping) is ``report(step, value) -> bool``;
 a dispatcher that can call it back from its worker passes it to the evaluator, the others ignore it

@@ -11,12 +11,16 @@ fact, and the zero-forward rung is skipped). Use the local dispatcher for multi-
 
 Faults: an actor that dies mid-trial (``RayActorError``) is restarted by Ray (``max_restarts``);
 its trial comes back as a failed outcome with the reason and ``retry=True``, so the orchestrator
-records it and queues its parameters once more for the next free (live or restarted) actor.
+records it and queues its parameters once more for the next free (live or restarted) actor. A
+restarting actor counts as busy until a ping (retried by Ray through the restart) gets through, so
+no trial is handed to it while it reloads the model. An actor that is dead for good (restarts used up, or its restart failed: ``ActorDiedError``) leaves
+the pool, so it cannot fail every later trial at once; with no actor left the study stops.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,10 +81,13 @@ class RayDispatcher(Dispatcher):
         gpus_per_worker: ``num_gpus`` of each actor (fractional allowed).
         address: Ray cluster address ("auto", "HOST:PORT") or None for a local cluster.
         max_restarts: Ray restarts of a dead actor.
+        actor_body: The actor's class: :class:`ScorerActor` or a subclass of it (instrumented
+            scorers, e.g. in tests).
     """
 
     def __init__(self, spec, windows, workers: int = 2, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
-                 address: str | None = None, max_restarts: int = 1) -> None:
+                 address: str | None = None, max_restarts: int = 1,
+                 actor_body: type[ScorerActor] = ScorerActor) -> None:
         import numpy as np
 
         ray = _require_ray()
@@ -95,8 +102,10 @@ class RayDispatcher(Dispatcher):
             ray.init(address=address, **kwargs)
         spec_dict = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
         array = windows.numpy() if hasattr(windows, "numpy") else np.asarray(windows)
-        windows_ref = ray.put(array)
-        actor_cls = ray.remote(ScorerActor).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+        # Held for the pool's lifetime: an actor restarted after a crash re-runs __init__ and fetches
+        # the windows again, which fails once the driver has dropped its last reference.
+        self._windows_ref = windows_ref = ray.put(array)
+        actor_cls = ray.remote(actor_body).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                                     max_restarts=max_restarts, max_task_retries=0)
         self.actors = [actor_cls.remote(spec_dict, [windows_ref], int(max(1, cpus_per_worker)))
                        for _ in range(workers)]
@@ -104,6 +113,7 @@ class RayDispatcher(Dispatcher):
         self.capacity = workers
         self._idle = list(self.actors)
         self._inflight: dict[Any, tuple[Any, Proposal]] = {}
+        self._waking: dict[Any, Any] = {}  # ping ref -> actor that Ray is restarting
 
     def submit(self, proposal: Proposal, report=None) -> None:
         if not self._idle:
@@ -113,27 +123,61 @@ class RayDispatcher(Dispatcher):
         self._inflight[ref] = (actor, proposal)
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:
-        if not self._inflight:
-            return []
-        ready, _ = self.ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
-        finished = []
-        for ref in ready:
-            actor, proposal = self._inflight.pop(ref)
-            self._idle.append(actor)  # a restarted actor is usable again; a dead one fails fast
-            try:
-                finished.append((proposal.trial_number, self.ray.get(ref)))
-            except self.ray.exceptions.RayActorError as exc:
-                reason = f"worker died: {failure_reason(exc)}"
-                finished.append((proposal.trial_number, Outcome("failed", reason=reason, retry=True)))
-            except self.ray.exceptions.RayError as exc:
-                finished.append((proposal.trial_number, Outcome("failed", reason=failure_reason(exc))))
+        """Finished trials; also returns (maybe empty) when a restarting worker is free again."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        finished: list[tuple[int, Outcome]] = []
+        woke = False
+        while (self._inflight or self._waking) and not finished and not woke:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = self.ray.wait([*self._inflight, *self._waking], num_returns=1, timeout=left)
+            if not ready:
+                break  # timeout
+            for ref in ready:
+                if ref in self._waking:
+                    woke |= self._woken(self._waking.pop(ref), ref)
+                else:
+                    finished.append(self._collect(ref))
         return finished
+
+    def _collect(self, ref) -> tuple[int, Outcome]:
+        actor, proposal = self._inflight.pop(ref)
+        try:
+            outcome = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as exc:
+            reason = f"worker died: {failure_reason(exc)}"
+            if isinstance(exc, self.ray.exceptions.ActorDiedError):
+                self._retire(actor)  # restarts used up, or its restart failed
+            else:  # ActorUnavailableError: Ray is restarting it; busy until a ping gets through
+                self._waking[actor.ping.options(max_task_retries=-1).remote()] = actor
+            return proposal.trial_number, Outcome("failed", reason=reason, retry=True)
+        except self.ray.exceptions.RayError as exc:
+            self._idle.append(actor)
+            return proposal.trial_number, Outcome("failed", reason=failure_reason(exc))
+        self._idle.append(actor)
+        return proposal.trial_number, outcome
+
+    def _woken(self, actor, ping_ref) -> bool:
+        """A restarting actor answered (back to idle, True) or died for good (retired, False)."""
+        try:
+            self.ray.get(ping_ref)
+        except self.ray.exceptions.RayActorError:
+            self._retire(actor)
+            return False
+        self._idle.append(actor)
+        return True
+
+    def _retire(self, actor) -> None:
+        """Take a permanently dead actor out of the pool (its trial was already failed and re-queued)."""
+        self.actors = [a for a in self.actors if a is not actor]
+        self._idle = [a for a in self._idle if a is not actor]
+        self.capacity = len(self.actors)  # the orchestrator stops once this reaches 0
 
     @property
     def in_flight(self) -> int:
-        return len(self._inflight)
+        """Trials being scored plus restarting workers (busy until they answer a ping)."""
+        return len(self._inflight) + len(self._waking)
 
     def close(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor)
-        self.actors, self._idle, self._inflight = [], [], {}
+        self.actors, self._idle, self._inflight, self._waking = [], [], {}, {}

@@ -10,7 +10,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from sparsealloc.core.types import Proposal  # noqa: E402
-from sparsealloc.search.dispatch.ray_pool import RayDispatcher  # noqa: E402
+from sparsealloc.search.dispatch.ray_pool import RayDispatcher, ScorerActor  # noqa: E402
 from sparsealloc.search.orchestrator import run_study  # noqa: E402
 from sparsealloc.search.session import build_evaluator, open_sampler  # noqa: E402
 from sparsealloc.spaces.spec import StudySpec  # noqa: E402
@@ -87,6 +87,87 @@ def test_killed_worker_mid_study_every_trial_accounted(ray_runtime, tiny_llama_d
         if t.state.name == "FAIL":
             assert t.user_attrs["fail_reason"].startswith("worker died: "), t.user_attrs["fail_reason"]
             assert t.number in retried and retried[t.number].params == t.params
+
+
+def _slow_scorer(seconds: float) -> type:
+    """A ScorerActor whose trials take ``seconds`` longer: a kill then lands mid-trial for sure.
+
+    Defined in a function so that Ray pickles it by value (test modules are not importable on workers).
+    """
+
+    class SlowScorer(ScorerActor):
+        def score(self, params):
+            time.sleep(seconds)
+            return super().score(params)
+
+    return SlowScorer
+
+
+@pytest.mark.parametrize("restarts", [1, 0], ids=["restarted", "dead-for-good"])
+def test_worker_killed_mid_trial_fails_it_and_retries_once(ray_runtime, tiny_llama_dir, text_file, tmp_path,
+                                                           restarts):
+    spec = _spec(tiny_llama_dir, text_file, f"ray-kill-mid-{restarts}", 20)
+    evaluator = build_evaluator(spec)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    sampler = open_sampler(spec, storage, evaluator.space)
+    dispatcher = RayDispatcher(spec, evaluator.ctx.windows, workers=2, max_restarts=restarts,
+                               actor_body=_slow_scorer(0.6))
+    victim = dispatcher.actors[0]
+    killed: list[int] = []  # trial numbers in flight on the victim when it was killed
+
+    def kill_mid_trial() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            done = [t for t in sampler.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+            on_victim = [p.trial_number for a, p in list(dispatcher._inflight.values()) if a is victim]
+            if len(done) >= 4 and on_victim:
+                time.sleep(0.2)  # well inside the 0.6 s trial
+                killed.extend(on_victim)
+                ray.kill(victim, no_restart=restarts == 0)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_mid_trial, daemon=True)
+    killer.start()
+    try:
+        run = run_study(sampler, dispatcher, spec.trials)
+        # A restarted victim stays in the pool; one dead for good leaves it, and the other worker
+        # finishes the study (before the fix it stayed and failed every trial handed to it).
+        assert dispatcher.capacity == (2 if restarts else 1)
+    finally:
+        killer.join(timeout=5)
+        dispatcher.close()
+    trials = {t.number: t for t in sampler.study.trials}
+    assert len(killed) == 1, "the killer never found a trial in flight on the victim"
+    dead = trials[killed[0]]
+    assert dead.state.name == "FAIL" and dead.user_attrs["fail_reason"].startswith("worker died: ")
+    retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == dead.number]
+    assert len(retries) == 1 and retries[0].params == dead.params and retries[0].state.name == "COMPLETE"
+    assert run.retried == 1
+    states = [t.state.name for t in trials.values()]
+    assert states.count("COMPLETE") == 20 and states.count("FAIL") == 1
+    assert "RUNNING" not in states and "WAITING" not in states
+
+
+def test_study_stops_when_no_worker_is_left(ray_runtime, tiny_llama_dir, text_file, tmp_path):
+    from sparsealloc.search.orchestrator import NoWorkersLeft
+
+    spec = _spec(tiny_llama_dir, text_file, "ray-none-left", 10)
+    evaluator = build_evaluator(spec)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    sampler = open_sampler(spec, storage, evaluator.space)
+    dispatcher = RayDispatcher(spec, evaluator.ctx.windows, workers=1, max_restarts=0,
+                               actor_body=_slow_scorer(0.6))
+    victim = dispatcher.actors[0]
+    threading.Timer(1.5, lambda: ray.kill(victim, no_restart=True)).start()
+    try:
+        with pytest.raises(NoWorkersLeft, match="no worker is left to score trials; last reason: worker died: "):
+            run_study(sampler, dispatcher, spec.trials)
+    finally:
+        dispatcher.close()
+    states = [t.state.name for t in sampler.study.trials]
+    assert states.count("FAIL") == 1 and "RUNNING" not in states
+    assert states.count("WAITING") == 1  # the dead trial's parameters, queued for a resume
 
 
 def test_worker_fault_is_a_failed_outcome(ray_runtime, tiny_llama_dir, text_file):
