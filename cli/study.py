@@ -36,7 +36,7 @@ def register(sub) -> None:
                      help="none, median or successive_halving (stop bad trials after a calibration batch)")
     run.add_argument("--gram-rung", action="store_true", default=None,
                      help="with successive_halving: a zero-forward first rung from per-layer Gram matrices")
-    run.add_argument("--sampler", default=None, help="tpe, nsga3, optuna-nsga3 or random")
+    run.add_argument("--sampler", default=None, help="tpe, cmaes, nsga3, optuna-nsga3 or random")
     run.add_argument("--population-size", type=positive_int, default=None)
     run.add_argument("--trials", type=positive_int, default=None, help="COMPLETE trials to reach")
     run.add_argument("--timeout", type=float, default=None, help="seconds")

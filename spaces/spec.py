@@ -37,7 +37,8 @@ from sparsealloc.core.plan import parse_pattern
 
 SPACE_COMPONENTS = ("layerwise", "metric", "kv", "allocator", "layer_drop")
 GRANULARITIES = ("block", "bins", "projection", "module")
-SAMPLER_NAMES = ("tpe", "nsga3", "optuna-nsga3", "random")
+SAMPLER_NAMES = ("tpe", "nsga3", "optuna-nsga3", "random", "cmaes")
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
 OBJECTIVE_NAMES = ("reconstruction", "kl", "hidden", "layer_local", "remaining_weights", "kv_bytes")
 #: Objectives that can come first (the error proxy); the forward ones report per calibration batch.
 ERROR_PROXIES = ("kl", "reconstruction", "hidden", "layer_local")
@@ -324,6 +325,9 @@ class StudySpec:
         _expect(objectives[0] in ERROR_PROXIES, f"the first objective must be an error proxy ({', '.join(ERROR_PROXIES)})",
                 objectives[0])
         _expect(self.sampler in SAMPLER_NAMES, f"sampler must be one of {list(SAMPLER_NAMES)}", self.sampler)
+        if self.sampler in SINGLE_OBJECTIVE_SAMPLERS:
+            _expect(len(objectives) == 1, f"sampler {self.sampler} optimises one objective; use nsga3 or "
+                    "optuna-nsga3 for several", list(objectives))
         for key in ("trials", "population_size"):
             value = getattr(self, key)
             _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{key} must be a positive integer", value)

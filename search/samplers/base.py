@@ -102,6 +102,7 @@ class Sampler(abc.ABC):
 
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
 SAMPLERS.register_lazy("tpe", "sparsealloc.search.samplers.optuna_samplers:TPESampler")
+SAMPLERS.register_lazy("cmaes", "sparsealloc.search.samplers.optuna_samplers:CmaEsSampler")
 SAMPLERS.register_lazy("random", "sparsealloc.search.samplers.optuna_samplers:RandomSampler")
 SAMPLERS.register_lazy("optuna-nsga3", "sparsealloc.search.samplers.optuna_samplers:OptunaNSGA3Sampler")
 SAMPLERS.register_lazy("nsga3", "sparsealloc.search.samplers.pymoo_nsga3:PymooNSGA3Sampler")

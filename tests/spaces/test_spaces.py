@@ -160,7 +160,9 @@ def test_decode_rejects_unknown_parameters():
     ({"target_sparsity": 1.2}, "1.2"),
     ({"target_sparsity": "half"}, "'half'"),
     ({"target_sparsity": 0.97}, "0.97"),  # above layerwise.max_sparsity
-    ({"sampler": "cmaes"}, "'cmaes'"),
+    ({"sampler": "hyperband"}, "'hyperband'"),
+    ({"sampler": "cmaes", "space": ["layerwise", "kv"], "objectives": ["hidden", "kv_bytes"]},
+     "sampler cmaes optimises one objective"),
     ({"population_size": 0}, "but got 0"),
     ({"trials": True}, "True"),
     ({"trials": "ten"}, "'ten'"),
