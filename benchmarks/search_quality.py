@@ -37,6 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     require_data()
     from sparsealloc.core import progress
+    from sparsealloc.core.plan import AllocationPlan
     from sparsealloc.objectives import EvalContext, TrialEvaluator
     from sparsealloc.pruning import prune_
     from sparsealloc.pruning.allocators import AllocationInputs, allocate
@@ -109,8 +110,6 @@ def main() -> None:
                 study = sampler.study
                 search_min, note = run.seconds / 60, ""
             best_path = export_study(study, store_dir / spec.name)[0]
-            from sparsealloc.core.plan import AllocationPlan
-
             best_plan = AllocationPlan.load(best_path)
             found_ppl = ppl_of(best_plan)
             complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -136,7 +135,7 @@ def main() -> None:
         "# Search quality (benchmarks/search_quality.py)", "",
         f"Machine: {machine()}. Model: SmolLM2-135M-Instruct (embedded GGUF). Calibration 16×256 of "
         "WikiText-2 valid (seed 0); evaluation WikiText-2 test, first 20 windows of 512. Metric: Wanda. "
-        f"Proxy: `{StudySpec(name='x', target_sparsity=0.5).objectives[0]}` (the default) on the calibration windows; "
+        f"Proxy: `{spec.objectives[0]}` (the default) on the calibration windows; "
         f"samplers: {', '.join(args.samplers)} (seed 0, warm starts uniform, OWL, depth ramp enqueued first). "
         "Space: one ratio per block in [target−0.3, target+0.3], exact budget by projection.", "",
         f"Dense PPL {dense_ppl:.2f}; setup (calibration + dense reference) {t_setup.seconds:.1f} s; "

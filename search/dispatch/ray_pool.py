@@ -13,8 +13,9 @@ Faults: an actor that dies mid-trial (``RayActorError``) is restarted by Ray (``
 its trial comes back as a failed outcome with the reason and ``retry=True``, so the orchestrator
 records it and queues its parameters once more for the next free (live or restarted) actor. A
 restarting actor counts as busy until a ping (retried by Ray through the restart) gets through, so
-no trial is handed to it while it reloads the model. An actor that is dead for good (restarts used up, or its restart failed: ``ActorDiedError``) leaves
-the pool, so it cannot fail every later trial at once; with no actor left the study stops.
+no trial is handed to it while it reloads the model. An actor that is dead for good (restarts used
+up, or its restart failed: ``ActorDiedError``) leaves the pool, so it cannot fail every later trial
+at once; with no actor left (``capacity`` 0) the study stops.
 """
 
 from __future__ import annotations
@@ -110,7 +111,6 @@ class RayDispatcher(Dispatcher):
         self.actors = [actor_cls.remote(spec_dict, [windows_ref], int(max(1, cpus_per_worker)))
                        for _ in range(workers)]
         ray.get([a.ping.remote() for a in self.actors])  # surface start-up errors now
-        self.capacity = workers
         self._idle = list(self.actors)
         self._inflight: dict[Any, tuple[Any, Proposal]] = {}
         self._waking: dict[Any, Any] = {}  # ping ref -> actor that Ray is restarting
@@ -170,7 +170,11 @@ class RayDispatcher(Dispatcher):
         """Take a permanently dead actor out of the pool (its trial was already failed and re-queued)."""
         self.actors = [a for a in self.actors if a is not actor]
         self._idle = [a for a in self._idle if a is not actor]
-        self.capacity = len(self.actors)  # the orchestrator stops once this reaches 0
+
+    @property
+    def capacity(self) -> int:
+        """Live actors (restarting ones included); the orchestrator stops once this reaches 0."""
+        return len(self.actors)
 
     @property
     def in_flight(self) -> int:

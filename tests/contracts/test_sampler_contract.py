@@ -23,7 +23,7 @@ from sparsealloc.search.samplers.base import SAMPLERS, Sampler
 from sparsealloc.search.session import open_sampler
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
 from sparsealloc.spaces.space import SearchSpace
-from sparsealloc.spaces.spec import KVSpec, StudySpec
+from sparsealloc.spaces.spec import SINGLE_OBJECTIVE_SAMPLERS, KVSpec, StudySpec
 from sparsealloc.storage.export import export_study
 from sparsealloc.storage.rdb import open_storage
 
@@ -32,8 +32,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 TARGET = 0.5
 POPULATION = 6
 OBJECTIVES = {1: ("reconstruction",), 2: ("reconstruction", "kv_bytes")}
-SINGLE_OBJECTIVE = {"cmaes"}
-CASES = [(name, n_obj) for name in SAMPLERS.names() for n_obj in (1, 2) if n_obj == 1 or name not in SINGLE_OBJECTIVE]
+CASES = [(name, n_obj) for name in SAMPLERS.names() for n_obj in (1, 2)
+         if n_obj == 1 or name not in SINGLE_OBJECTIVE_SAMPLERS]
 
 
 # ----------------------------------------------------------------------------------- fixtures
