@@ -1,19 +1,28 @@
-"""Search quality on SmolLM2: the exported plan of each sampler against uniform, OWL and depth ramp.
+"""Search quality on SmolLM2: each sampler's exported plan against the best hand rules, in one run.
 
-All numbers come from one run: one calibration pass, one dense reference, then for each target the
-hand-made allocations (uniform Wanda, OWL at the paper's M=5/λ=0.08 and a λ grid, ATP's depth ramp
-over a β grid) and one study per sampler (TPE, CMA-ES, ...) limited by wall time; every plan is
-scored by WikiText-2 test perplexity (engine protocol). The exported plan is the study's best trial
-by the proxy: no test perplexity is used to pick it.
+Protocol (one process, one model load, per setting one calibration pass shared by every plan):
 
-    python benchmarks/search_quality.py --targets 0.7 0.5 --minutes 20 6
-    python benchmarks/search_quality.py --targets 0.6 --minutes 8 --samplers tpe cmaes \
-        --out benchmarks/search_samplers.md
+* text: WikiText-2 ``valid.txt`` split by lines, the first 70% for calibration (a pool of
+  ``--calib-samples`` windows × 256 tokens, seed 0) and the last 30% for the studies' validation
+  (8 windows × 512, the text that picks the exported plan); evaluation on two held-out texts that
+  neither the search nor its validation saw: WikiText-2 ``test.txt`` (first 20 windows × 512) and
+  the built-in Python-docs evaluation split (first 20 windows × 512; another domain);
+* hand rules: uniform, OWL (M=5, λ grid) and ATP's depth ramp (β grid), each grid point measured
+  (so "best" uses the test text: it favours the hand rules);
+* each sampler: one study limited by wall time (``--minutes``), warm starts uniform / OWL /
+  depth ramp (each the best of its grid by the proxy), validated and exported as ``study run``
+  does (the exported plan is the best validated one); its plan and its lowest-proxy plan are
+  measured on both held-out texts.
+
+    python benchmarks/search_quality.py --settings wanda:0.7 --samplers evo --minutes 25
+    python benchmarks/search_quality.py --settings wanda:0.7 sparsegpt:0.7 wanda:0.5 \
+        --samplers evo tpe cmaes --minutes 30
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,146 +30,220 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from _common import (ROOT, Timer, calib_windows, load_smollm2, machine, markdown_table, require_data,
-                     test_ppl, test_stream)
+from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table, require_data
+
+OWL_LAMBDAS = (0.04, 0.08, 0.12, 0.16)
+RAMP_BETAS = (0.002, 0.004, 0.006, 0.008, 0.010, 0.012, 0.014)
+EVAL_SEQ_LEN, EVAL_WINDOWS = 512, 20
+
+
+def split_valid(folder: Path) -> tuple[Path, Path]:
+    lines = (WIKITEXT / "valid.txt").read_text().splitlines(keepends=True)
+    cut = int(len(lines) * 0.7)
+    calib, val = folder / "calib.txt", folder / "validation.txt"
+    calib.write_text("".join(lines[:cut]))
+    val.write_text("".join(lines[cut:]))
+    return calib, val
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5])
-    parser.add_argument("--minutes", type=float, nargs="+", default=[20, 6], help="TPE wall time per target")
-    parser.add_argument("--samplers", nargs="+", default=["tpe"], help="one study per sampler and target")
+    parser.add_argument("--settings", nargs="+", default=["wanda:0.7"], help="metric:target pairs")
+    parser.add_argument("--samplers", nargs="+", default=["evo"])
+    parser.add_argument("--minutes", type=float, default=25.0, help="wall time of each study")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration pool (windows × 256)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "search_quality.md"))
-    parser.add_argument("--reuse-store", default=None, metavar="DB",
-                        help="SQLite file of an earlier run: a finished study 'tpe-<pct>-*' there is reloaded "
-                             "instead of searched again (its plan is still re-scored in this run)")
+    parser.add_argument("--store", default=None, help="SQLite file for the studies (default: a temp folder)")
     args = parser.parse_args()
     require_data()
     from sparsealloc.core import progress
     from sparsealloc.core.plan import AllocationPlan
-    from sparsealloc.objectives import EvalContext, TrialEvaluator
-    from sparsealloc.pruning import prune_
+    from sparsealloc.objectives import TrialEvaluator
+    from sparsealloc.pruning import TextSource, perplexity, tokenize_stream
     from sparsealloc.pruning.allocators import AllocationInputs, allocate
-    from sparsealloc.search.dispatch.local import LocalDispatcher
-    from sparsealloc.search.orchestrator import run_study
-    from sparsealloc.search.session import enqueue_warm_starts, open_sampler
-    from sparsealloc.spaces.spec import StudySpec
-    from sparsealloc.storage import export_study, open_storage
+    from sparsealloc.search.session import build_evaluator
+    from sparsealloc.search.study import run
+    from sparsealloc.spaces.spec import CalibrationSpec, MetricSpec, StudySpec, ValidationSpec
 
     progress.set_mode("quiet")
+    work = Path(tempfile.mkdtemp(prefix="sparsealloc-quality-"))
+    calib_text, val_text = split_valid(work)
+    store = f"sqlite:///{Path(args.store) if args.store else work / 'studies.db'}"
     model, tokenizer, _ = load_smollm2()
-    windows = calib_windows(tokenizer)
-    stream = test_stream(tokenizer)
-    with Timer() as t_setup:
-        ctx = EvalContext.build(model, windows, 4, model_info={"name": "smollm2-135m"}, tokenizer=tokenizer)
-    with Timer() as t_dense, torch.inference_mode():
-        for batch in windows.split(4):
-            model(input_ids=batch, use_cache=False)
-    inputs = AllocationInputs(ctx.layout, ctx.weights(), ctx.stats)
-    dense_ppl = test_ppl(model, stream)
-    store_dir = Path(tempfile.mkdtemp(prefix="sparsealloc-bench-"))
-    store_file = Path(args.reuse_store) if args.reuse_store else store_dir / "studies.db"
-    storage = open_storage(f"sqlite:///{store_file}")
-    import optuna
+    streams = {"wikitext2-test": tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text()),
+               "python-docs": tokenize_stream(tokenizer, TextSource("builtin", "eval").read())}
+    val_stream = tokenize_stream(tokenizer, val_text.read_text())
+    with Timer() as t_dense:
+        dense = {k: perplexity(model, s, EVAL_SEQ_LEN, EVAL_WINDOWS) for k, s in streams.items()}
+    rows, lines, curves, winners = [], [], {}, {}
 
-    stored = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    rows, shapes, lines = [], {}, []
+    def measure(evaluator, plan) -> dict[str, float]:
+        with evaluator.applied(plan):
+            return {k: perplexity(model, s, EVAL_SEQ_LEN, EVAL_WINDOWS) for k, s in streams.items()}
 
-    def ppl_of(plan) -> float:
-        ctx.restore_()
-        prune_(ctx.model, plan, ctx.stats, layout=ctx.layout)
-        value = test_ppl(ctx.model, stream)
-        ctx.restore_()
-        return value
-
-    for target, minutes in zip(args.targets, args.minutes):
-        evaluator = TrialEvaluator(ctx, StudySpec(name="baselines", target_sparsity=target, seed=0))
-        baselines = {"uniform": ("uniform", {})}
-        for lam in (0.04, 0.08, 0.12):
-            baselines[f"owl λ={lam}"] = ("owl", {"m": 5.0, "lam": lam})
-        for beta in (0.002, 0.004, 0.006, 0.008, 0.010, 0.012):
-            baselines[f"depth ramp β={beta}"] = ("depth_ramp", {"beta": beta})
+    for setting in args.settings:
+        metric, target = setting.split(":")
+        target = float(target)
+        label = f"{metric} {int(round(target * 100))}%"
+        base = StudySpec(name="base", target_sparsity=target, metric=MetricSpec(name=metric), trials=10**6,
+                         timeout=args.minutes * 60, seed=0,
+                         calibration=CalibrationSpec(text=str(calib_text), samples=args.calib_samples, seq_len=256),
+                         validation=ValidationSpec(text=str(val_text), seq_len=512, windows=8, top_k=5))
+        with Timer() as t_setup:
+            shared = build_evaluator(base.override(sampler="evo"), model, tokenizer)
+        ctx = shared.ctx
+        db_note = ""
+        # Hand rules, every grid point measured on the held-out texts.
+        inputs = AllocationInputs(ctx.layout, ctx.weights(), ctx.stats)
+        hand = {"uniform": allocate("uniform", inputs, target)}
+        hand |= {f"owl λ={lam}": allocate("owl", inputs, target, m=5.0, lam=lam) for lam in OWL_LAMBDAS}
+        hand |= {f"depth ramp β={b}": allocate("depth_ramp", inputs, target, beta=b) for b in RAMP_BETAS}
         results = {}
-        for label, (name, params) in baselines.items():
-            ratios = allocate(name, inputs, target, **params)
-            plan = evaluator.space.decode({}).to_plan(sparsity=ratios)
-            results[label] = ppl_of(plan)
-            if name == "uniform":
-                proxy = evaluator(evaluator.space.encode_sparsity(ratios)).values[0]
-            rows.append({"target": target, "allocation": label, "test PPL": results[label]})
-            shapes.setdefault(target, {})[label] = [ratios[ctx.layout.block_linears(b)[0]] for b in ctx.layout.blocks]
-        owl_best = min(v for k, v in results.items() if k.startswith("owl"))
-        ramp_best = min(v for k, v in results.items() if k.startswith("depth"))
-        for sampler_name in args.samplers:
-            prefix = f"{sampler_name}-{int(target * 100)}-"
-            reused = [n for n in stored if n.startswith(prefix)]
-            study_name = reused[0] if reused else f"{prefix}{int(time.time())}"
-            spec = StudySpec(name=study_name, target_sparsity=target, trials=100_000, timeout=minutes * 60, seed=0,
-                             sampler=sampler_name)
+        with Timer() as t_hand:
+            for name, ratios in hand.items():
+                plan = shared.space.decode({}).to_plan(sparsity=ratios)
+                results[name] = measure(shared, plan)
+                rows.append({"setting": label, "allocation": name, **results[name]})
+        uniform = results["uniform"]
+        best_owl = min((k for k in results if k.startswith("owl")), key=lambda k: results[k]["wikitext2-test"])
+        best_ramp = min((k for k in results if k.startswith("depth")), key=lambda k: results[k]["wikitext2-test"])
+        for sampler in args.samplers:
+            spec = base.override(name=f"{sampler}-{metric}-{int(target * 100)}-{int(time.time())}", sampler=sampler)
+            spec = StudySpec.from_dict({**spec.to_dict(), "objectives": None,
+                                        "layerwise": {**spec.to_dict()["layerwise"], "granularity": None}})
             evaluator = TrialEvaluator(ctx, spec)
-            sampler = open_sampler(spec, storage, evaluator.space)
-            if reused:
-                study = sampler.study
-                complete_s = [t.datetime_complete.timestamp() for t in study.trials if t.datetime_complete]
-                search_min = (max(complete_s) - min(t.datetime_start.timestamp() for t in study.trials)) / 60
-                note = " (study searched by an earlier invocation, reloaded from its store)"
-            else:
-                enqueue_warm_starts(sampler, evaluator)
-                run = run_study(sampler, LocalDispatcher(evaluator), spec.trials, spec.timeout)
-                study = sampler.study
-                search_min, note = run.seconds / 60, ""
-            best_path = export_study(study, store_dir / spec.name)[0]
-            best_plan = AllocationPlan.load(best_path)
-            found_ppl = ppl_of(best_plan)
+            result = run(spec, store, evaluator=evaluator, validate=True, export_dir=work / spec.name)
+            study = result.study
+            exported = AllocationPlan.load(result.exported[0])
+            lowest = study.best_trial
+            chosen = exported.provenance["trial"]
+            found = measure(evaluator, exported)
+            lowest_ppl = found if lowest.number == chosen else measure(
+                evaluator, AllocationPlan.from_dict(lowest.user_attrs["plan"]))
             complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-            trial_s = sum(t.user_attrs["trial_seconds"] for t in complete) / len(complete)
-            best = study.best_trial
-            origin = f"warm start {best.user_attrs['warm_start']}, " if best.user_attrs.get("warm_start") else ""
-            label = f"{sampler_name.upper()} best"
-            rows.append({"target": target,
-                         "allocation": f"{label} ({origin}trial {best.number} of {len(complete)})",
-                         "test PPL": found_ppl})
-            shapes[target][label] = [best_plan.sparsity[ctx.layout.block_linears(b)[0]] for b in ctx.layout.blocks]
+            pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+            trial_s = sum(t.user_attrs["trial_seconds"] for t in complete + pruned) / max(1, len(complete + pruned))
+            built = sum(t.user_attrs.get("database_build_seconds", 0.0) for t in study.trials)
+            if evaluator.database is not None:
+                db_note = f"; level database: {evaluator.database.stats_summary().describe()}"
+            rows.append({"setting": label, "allocation": f"{sampler} exported (trial {chosen})", **found})
+            if lowest.number != chosen:
+                rows.append({"setting": label, "allocation": f"{sampler} lowest proxy (trial {lowest.number})",
+                             **lowest_ppl})
+            curves[(label, sampler)] = _curve(study, evaluator, val_stream, perplexity, result.seconds)
+            winners[(label, sampler)] = (exported, found["wikitext2-test"])
+            rho = (result.validation.spearman if result.validation else None)
+            ratio = lowest_ppl["wikitext2-test"] / found["wikitext2-test"]
+            gain = "changes nothing" if lowest.number == chosen else f"divides test PPL by {ratio:.3f}"
             lines.append(
-                f"- **{int(target * 100)}%, {sampler_name}**: {found_ppl:.1f} vs uniform {results['uniform']:.1f} "
-                f"(ratio **{found_ppl / results['uniform']:.3f}**), best OWL {owl_best:.1f}, best depth ramp "
-                f"{ramp_best:.1f} (ratio to the better of the two **{found_ppl / min(owl_best, ramp_best):.3f}**); "
-                f"{len(complete)} trials in {search_min:.1f} min{note}, mean trial {trial_s:.2f} s = "
-                f"{trial_s / t_dense.seconds:.2f}× a dense forward over the calibration tokens; "
-                f"proxy of the uniform warm start {proxy:.4f}, best proxy {study.best_value:.4f}"
-                f"{' (' + origin.rstrip(', ') + ')' if origin else ''}.")
+                f"- **{label}, {sampler}** ({len(complete)} complete + {len(pruned)} pruned trials in "
+                f"{result.seconds / 60:.1f} min; mean trial {trial_s:.2f} s"
+                f"{f', database build {built:.0f} s inside trials' if built else ''}): WikiText-2 test "
+                f"**{found['wikitext2-test']:.1f}** = **{found['wikitext2-test'] / uniform['wikitext2-test']:.3f}× uniform** "
+                f"({uniform['wikitext2-test']:.1f}) and **{found['wikitext2-test'] / results[best_ramp]['wikitext2-test']:.3f}× "
+                f"the best depth ramp** ({best_ramp}: {results[best_ramp]['wikitext2-test']:.1f}); best OWL "
+                f"{results[best_owl]['wikitext2-test']:.1f}. Python docs {found['python-docs']:.1f} vs uniform "
+                f"{uniform['python-docs']:.1f} ({found['python-docs'] / uniform['python-docs']:.3f}×) and depth ramp "
+                f"{results[best_ramp]['python-docs']:.1f} ({found['python-docs'] / results[best_ramp]['python-docs']:.3f}×). "
+                f"Within-study Spearman ρ(proxy, validation PPL) = {'n/a' if rho is None else f'{rho:.2f}'}; the "
+                f"lowest-proxy plan (trial {lowest.number}) scores {lowest_ppl['wikitext2-test']:.1f} on WikiText-2 test, "
+                f"so exporting the best validated plan {gain}.")
+        lines.append(f"- {label}: setup {t_setup.seconds:.0f} s (calibration statistics and dense reference over "
+                     f"{args.calib_samples}×256 tokens); hand rules measured in {t_hand.seconds / 60:.1f} min{db_note}.")
     frame = pd.DataFrame(rows)
-    plot = _plot(shapes, Path(args.out).with_suffix(".png"))
+    for col in streams:
+        frame[col] = frame[col].astype(float)
+    out = Path(args.out)
+    plot_curve = _plot_curves(curves, out.with_name(out.stem + "_curve.png"))
+    plot_shape = _plot_winner(winners, out.with_name(out.stem + "_winner.png"))
     text = [
         "# Search quality (benchmarks/search_quality.py)", "",
-        f"Machine: {machine()}. Model: SmolLM2-135M-Instruct (embedded GGUF). Calibration 16×256 of "
-        "WikiText-2 valid (seed 0); evaluation WikiText-2 test, first 20 windows of 512. Metric: Wanda. "
-        f"Proxy: `{spec.objectives[0]}` (the default) on the calibration windows; "
-        f"samplers: {', '.join(args.samplers)} (seed 0, warm starts uniform, OWL, depth ramp enqueued first). "
-        "Space: one ratio per block in [target−0.3, target+0.3], exact budget by projection.", "",
-        f"Dense PPL {dense_ppl:.2f}; setup (calibration + dense reference) {t_setup.seconds:.1f} s; "
-        f"one dense forward over the calibration tokens {t_dense.seconds:.2f} s.", "",
-        *lines, "", markdown_table(frame), "", f"![per-block sparsity]({plot.name})", "",
+        f"Machine: {machine()}. Model: SmolLM2-135M-Instruct (embedded GGUF, fp32). Calibration: a pool of "
+        f"{args.calib_samples}×256 tokens from the first 70% of WikiText-2 valid; validation (picks the exported "
+        "plan): 8×512 from its last 30%; held-out evaluation: WikiText-2 test and the built-in Python-docs "
+        f"evaluation text, 20×512 each. Dense PPL {dense['wikitext2-test']:.2f} / {dense['python-docs']:.2f}. "
+        f"Studies: {', '.join(args.samplers)}, {args.minutes:g} min each, sampler defaults (evo: KL proxy, one "
+        "level per Linear; tpe/cmaes: hidden-state proxy, one ratio per block).", "",
+        f"Command: `python benchmarks/search_quality.py --settings {' '.join(args.settings)} --samplers "
+        f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples}`", "",
+        *lines, "", markdown_table(frame), "",
+        f"![validation PPL of the incumbent against wall-clock]({plot_curve.name})", "",
+        f"![per-Linear sparsity of the winners]({plot_shape.name})", "",
     ]
-    Path(args.out).write_text("\n".join(text))
+    out.write_text("\n".join(text))
+    (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
     print("\n".join(text))
 
 
-def _plot(shapes, path: Path) -> Path:
+def _curve(study, evaluator, stream, perplexity, seconds: float, points: int = 4) -> list[tuple[float, float]]:
+    """Validation PPL (8×512) of the incumbent at a few moments of the study: the evo parent, or
+    the lowest proxy so far for the other samplers."""
+    from sparsealloc.core.plan import AllocationPlan
+    from sparsealloc.search.samplers.evo import PARENT_ATTR
+
+    trials = [t for t in study.trials if t.state.name == "COMPLETE" and t.datetime_complete]
+    if not trials:
+        return []
+    start = min(t.datetime_start for t in study.trials).timestamp()
+    history = (study.user_attrs.get(PARENT_ATTR) or {}).get("history", [])
+    out = []
+    for i in range(1, points + 1):
+        cutoff = start + seconds * i / points
+        done = [t for t in trials if t.datetime_complete.timestamp() <= cutoff]
+        if not done:
+            continue
+        numbers = {t.number for t in done}
+        parents = [n for n in history if n in numbers]
+        incumbent = study.trials[parents[-1]] if parents else min(done, key=lambda t: t.values[0])
+        with evaluator.applied(AllocationPlan.from_dict(incumbent.user_attrs["plan"])):
+            out.append(((cutoff - start) / 60, perplexity(evaluator.ctx.model, stream, 512, 8)))
+    return out
+
+
+def _plot_curves(curves, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
-    for ax, (target, curves) in zip(axes[0], shapes.items()):
-        for label in ("uniform", "owl λ=0.08", "depth ramp β=0.008", *[k for k in curves if k.endswith(" best")]):
-            if label in curves:
-                ax.plot(curves[label], marker="o" if label.endswith(" best") else None, label=label)
-        ax.set_title(f"target {target:.0%}")
+    settings = sorted({label for label, _ in curves})
+    fig, axes = plt.subplots(1, max(1, len(settings)), figsize=(6 * max(1, len(settings)), 4), squeeze=False)
+    for ax, label in zip(axes[0], settings):
+        for (lab, sampler), points in curves.items():
+            if lab == label and points:
+                ax.plot(*zip(*points), marker="o", label=sampler)
+        ax.set_title(label)
+        ax.set_xlabel("wall-clock (min)")
+        ax.set_ylabel("validation PPL of the incumbent")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _plot_winner(winners, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_setting: dict[str, tuple] = {}
+    for (label, sampler), (plan, ppl) in winners.items():
+        if label not in by_setting or ppl < by_setting[label][2]:
+            by_setting[label] = (sampler, plan, ppl)
+    fig, axes = plt.subplots(1, max(1, len(by_setting)), figsize=(7 * max(1, len(by_setting)), 4), squeeze=False)
+    for ax, (label, (sampler, plan, ppl)) in zip(axes[0], by_setting.items()):
+        kinds: dict[str, list[tuple[int, float]]] = {}
+        for name, ratio in plan.sparsity.items():
+            block = int(name.split(".layers.")[1].split(".")[0])
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append((block, ratio))
+        for kind, points in sorted(kinds.items()):
+            ax.plot(*zip(*sorted(points)), marker=".", label=kind)
+        ax.set_title(f"{label}: {sampler} (test PPL {ppl:.1f})")
         ax.set_xlabel("block")
         ax.set_ylabel("sparsity")
-        ax.legend()
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path

@@ -87,43 +87,26 @@ def spec_for(model: str, name: str, trials: int, samples: int, seq_len: int):
 
 
 def run_one(spec, workers: int, storage_url: str, evaluator=None) -> dict:
-    """One study; returns the measured row."""
+    """One study through :func:`sparsealloc.search.study.run`, ask and tell timed; returns the measured row."""
     import optuna
 
-    from sparsealloc.search.orchestrator import run_study
-    from sparsealloc.search.session import build_evaluator, open_sampler
-    from sparsealloc.storage.rdb import open_storage
+    from sparsealloc.search.study import run
 
-    start = time.perf_counter()
-    if workers == 0:
-        from sparsealloc.search.dispatch.local import LocalDispatcher
+    timed: list[Timed] = []
 
-        evaluator = evaluator or build_evaluator(spec)
-        dispatcher = LocalDispatcher(evaluator)
-        space = evaluator.space
-    else:
-        from sparsealloc.pruning import load_model, model_layout, sample_windows, tokenize_stream
-        from sparsealloc.search.dispatch.ray_pool import RayDispatcher
-        from sparsealloc.spaces.space import SearchSpace
+    def timing(sampler) -> Timed:
+        timed.append(Timed(sampler))
+        return timed[-1]
 
-        model, tokenizer, _ = load_model(spec.model, device="cpu")
-        space = SearchSpace(spec, model_layout(model))
-        windows = sample_windows(tokenize_stream(tokenizer, Path(spec.calibration.text).read_text()),
-                                 spec.calibration.samples, spec.calibration.seq_len, spec.calibration.seed)
-        del model
-        dispatcher = RayDispatcher(spec, windows, workers=workers, cpus_per_worker=1)
-    startup = time.perf_counter() - start
-    storage = open_storage(storage_url)
-    sampler = Timed(open_sampler(spec, storage, space))
     try:
-        start = time.perf_counter()
-        run_study(sampler, dispatcher, spec.trials)
-        wall = time.perf_counter() - start
+        result = run(spec, storage_url, dispatcher="ray" if workers else "local",
+                     dispatcher_options={"workers": workers, "cpus_per_worker": 1} if workers else None,
+                     validate=False, evaluator=evaluator, sampler_hook=timing)
     finally:
-        if workers:
-            dispatcher.close()
         if storage_url.startswith("postgresql"):
-            optuna.delete_study(study_name=spec.name, storage=storage)
+            optuna.delete_study(study_name=spec.name, storage=storage_url)
+    sampler, wall = timed[0], result.seconds
+    startup = result.setup_seconds + result.dispatcher_seconds
     n = len(sampler.busy_s)
     mean_trial = sum(sampler.busy_s) / n
     orchestrator = (sampler.ask_s + sampler.tell_s) / n
@@ -183,8 +166,8 @@ def main() -> None:
         name = f"throughput-{uuid.uuid4().hex[:8]}"
         spec = spec_for(model, name, trials, samples, seq_len)
         url = PG_URL if store == "pg" else f"sqlite:///{tmp / (name + '.db')}"
-        evaluator = evaluators.get(model) if workers == 0 else None
-        if workers == 0 and evaluator is None:
+        evaluator = evaluators.get(model)
+        if evaluator is None:  # built once per model; Ray workers get its calibration windows
             evaluator = evaluators[model] = build_evaluator(spec)
         row = {"model": label, **run_one(spec, workers, url, evaluator)}
         rows.append(row)

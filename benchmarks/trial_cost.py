@@ -91,25 +91,43 @@ def worker_rss(samples: int, early: bool, trials: int) -> dict:
             "trial_s": seconds, "proxy": spec.objectives[0]}
 
 
-def run_in_chunks(sampler, evaluator, model, windows, total: int, every: int, dense: list[float]) -> float:
-    """Run the study until it holds ``total`` finished trials, a dense forward before and after every
-    ``every`` trials; returns the study's wall time (orchestrator included)."""
-    from optuna.trial import TrialState
+class DenseBetweenChunks:
+    """Sampler wrapper (``run(sampler_hook=chunks.wrap)``): a dense forward at the start and after every
+    ``every`` finished trials, timed apart from the study; no more trials once ``total`` are finished."""
 
-    from sparsealloc.search.dispatch.local import LocalDispatcher
-    from sparsealloc.search.orchestrator import complete_count, run_study
+    def __init__(self, model, windows, total: int, every: int) -> None:
+        self.model, self.windows, self.total, self.every = model, windows, total, every
+        self.sampler = None
+        self.dense: list[float] = []
+        self.next_dense = 0
 
-    study = sampler.study
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    wall = 0.0
-    dense.append(dense_forward_seconds(model, windows))
-    while len(study.get_trials(deepcopy=False, states=finished)) < total:
-        before = len(study.get_trials(deepcopy=False, states=finished))
-        while len(study.get_trials(deepcopy=False, states=finished)) < min(total, before + every):
-            run = run_study(sampler, LocalDispatcher(evaluator), n_trials=complete_count(study) + 1)
-            wall += run.seconds
-        dense.append(dense_forward_seconds(model, windows))
-    return wall
+    def wrap(self, sampler):
+        self.sampler = sampler
+        return self
+
+    def ask(self, n: int = 1):
+        from optuna.trial import TrialState
+
+        done = len(self.sampler.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        if done >= self.next_dense:
+            self.dense.append(dense_forward_seconds(self.model, self.windows))
+            self.next_dense = min(self.total, done + self.every)
+        return [] if done >= self.total else self.sampler.ask(n)  # nothing asked, nothing running: run ends
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+
+def run_in_chunks(spec, evaluator, storage_url: str, model, windows, total: int, every: int):
+    """Run the study (:func:`sparsealloc.search.study.run`) until it holds ``total`` finished trials, a
+    dense forward before and after every ``every`` trials; returns the study, its wall time without
+    the dense forwards (orchestrator included) and the dense forward times."""
+    from sparsealloc.search.study import run
+
+    chunks = DenseBetweenChunks(model, windows, total, every)
+    result = run(spec.override(trials=10 * total), storage_url, evaluator=evaluator, validate=False,
+                 sampler_hook=chunks.wrap)
+    return result.study, result.seconds - sum(chunks.dense), chunks.dense
 
 
 def main() -> None:
@@ -130,8 +148,7 @@ def main() -> None:
 
     from sparsealloc.core import progress
     from sparsealloc.objectives import TrialEvaluator
-    from sparsealloc.search.session import build_evaluator, enqueue_warm_starts, open_sampler
-    from sparsealloc.storage import open_storage
+    from sparsealloc.search.session import build_evaluator
 
     progress.set_mode("quiet")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -150,16 +167,13 @@ def main() -> None:
     with Timer() as t_grams:
         ctx.cache_layer_grams()  # the Gram rung's extra: H/N per Linear (bfloat16), one more calibration pass
     windows = ctx.windows
-    storage = open_storage(f"sqlite:///{Path(tempfile.mkdtemp(prefix='trial-cost-')) / 'studies.db'}")
+    storage_url = f"sqlite:///{Path(tempfile.mkdtemp(prefix='trial-cost-')) / 'studies.db'}"
     results = {}
     studies = [("full fidelity", full_spec, full, args.full_trials)]
     studies += [(label, spec, TrialEvaluator(ctx, spec), args.es_trials) for label, spec in es_specs.items()]
     for label, spec, evaluator, total in studies:
-        sampler = open_sampler(spec, storage, evaluator.space)
-        enqueue_warm_starts(sampler, evaluator)
-        dense: list[float] = []
-        wall = run_in_chunks(sampler, evaluator, model, windows, total, args.every, dense)
-        trials = [t for t in sampler.study.get_trials(deepcopy=False) if "trial_seconds" in t.user_attrs]
+        study, wall, dense = run_in_chunks(spec, evaluator, storage_url, model, windows, total, args.every)
+        trials = [t for t in study.get_trials(deepcopy=False) if "trial_seconds" in t.user_attrs]
         results[label] = {"trials": trials, "dense": dense, "wall": wall}
         print(label, "done", flush=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from sparsealloc.core.errors import SpecError
@@ -71,10 +72,20 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--calib-windows", metavar="CALIB.jsonl",
                         help="windows from 'sparsealloc calib select' (replaces text, samples, seq-len, seed)")
     group.add_argument("--calib-text-field", default="text", help="dataset text column (default: text)")
-    group.add_argument("--calib-samples", type=positive_int, default=16, help="windows (default 16)")
-    group.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
-    group.add_argument("--calib-batch-size", type=positive_int, default=4, help="windows per forward (default 4)")
-    group.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+    group.add_argument("--calib-samples", type=positive_int, default=None,
+                       help="windows (default: the plan's calibration, else 16)")
+    group.add_argument("--calib-seq-len", type=positive_int, default=None,
+                       help="tokens per window (default: the plan's calibration, else 256)")
+    group.add_argument("--calib-batch-size", type=positive_int, default=None,
+                       help="windows per forward (default: the plan's calibration, else 4)")
+    group.add_argument("--seed", type=int, default=None, help="window sampling seed (default: the plan's, else 0)")
+
+
+#: Calibration when neither the flags nor the plan say otherwise.
+CALIBRATION_DEFAULTS = {"calib_samples": 16, "calib_seq_len": 256, "calib_batch_size": 4, "seed": 0}
+#: Plan provenance key → flag destination.
+RECORDED_CALIBRATION = {"samples": "calib_samples", "seq_len": "calib_seq_len", "batch_size": "calib_batch_size",
+                        "seed": "seed"}
 
 
 def add_eval_args(parser: argparse.ArgumentParser, required: bool = False, prefix: str = "eval-") -> None:
@@ -87,19 +98,46 @@ def add_eval_args(parser: argparse.ArgumentParser, required: bool = False, prefi
                        help="step between windows (default: seq-len, no overlap)")
 
 
-def calibration_source(args: argparse.Namespace):
-    """A TextSource, or the CalibrationSet of ``--calib-windows`` (read and checked before the model loads)."""
+def calibration_source(args: argparse.Namespace, plan=None):
+    """A TextSource, or the CalibrationSet of ``--calib-windows`` (read and checked before the model loads).
+
+    Without calibration flags, a plan made by a study brings the study's calibration (text, windows,
+    window length, seed, batch size; recorded in its provenance), so the model applied is the one
+    the study scored; flags given override it, and what is still unset takes
+    :data:`CALIBRATION_DEFAULTS`. Fills those values into ``args``.
+    """
     from sparsealloc.pruning.calibration import TextSource
 
+    recorded = dict((plan.provenance.get("calibration") or {}) if plan is not None else {})
+    builtin = "calib"
+    if recorded.get("source") and not (getattr(args, "calib_windows", None) or args.calib_text
+                                       or getattr(args, "calib_dataset", None)):
+        source = str(recorded["source"])
+        if source.startswith("windows:"):
+            args.calib_windows = source[len("windows:"):]
+        else:
+            parsed = TextSource.parse(source)
+            if parsed.kind == "file":
+                args.calib_text = parsed.location
+            elif parsed.kind == "dataset":
+                args.calib_dataset = parsed.location
+            else:
+                builtin = parsed.location or "calib"
+        for key, dest in RECORDED_CALIBRATION.items():
+            if getattr(args, dest, None) is None and recorded.get(key) is not None:
+                setattr(args, dest, recorded[key])
+    for dest, default in CALIBRATION_DEFAULTS.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, default)
     if getattr(args, "calib_windows", None):
         from sparsealloc.pruning.calibration_select import read_calibration_set
 
         return read_calibration_set(args.calib_windows)
     if args.calib_text:
         return TextSource("file", args.calib_text)
-    if args.calib_dataset:
+    if getattr(args, "calib_dataset", None):
         return TextSource("dataset", args.calib_dataset, text_field=args.calib_text_field, max_chars=5_000_000)
-    return TextSource("builtin", "calib")
+    return TextSource("builtin", builtin)
 
 
 def eval_source(path: str | None):
@@ -144,7 +182,7 @@ def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan
     selected = isinstance(calib, CalibrationSet)  # --calib-windows: the windows are given
     plan = plan.replace(provenance={**plan.provenance, "calibration": calib.provenance() if selected else {
         "source": calib.describe(), "samples": args.calib_samples, "seq_len": args.calib_seq_len,
-        "seed": args.seed}})
+        "seed": args.seed, "batch_size": args.calib_batch_size}})
     timings = {}
     start = time.perf_counter()
     if selected:
@@ -165,6 +203,22 @@ def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan
     scales = plan.provenance.get("layer_prune", {}).get("compensation") if plan.dropped_layers else None
     if scales:  # Prune&Comp: fuse the dropped blocks' scales before the blocks go
         compensate_(model, scales)
-    report = prune_(model, plan, stats, layout=layout)
+    report = prune_(model, plan, stats, layout=layout, database=_plan_database(plan, model, layout, stats, windows))
     timings["prune_s"] = time.perf_counter() - start
     return plan, report, timings
+
+
+def _plan_database(plan, model, layout, stats, windows):
+    """The level database a study's plan came from (``provenance.level_db``), opened on this model and
+    calibration: the same layers are read back instead of compressed again (a database with another
+    key, i.e. another model or calibration, is filled instead). None for other plans."""
+    from sparsealloc.pruning.level_db import LevelDatabase, needs_database
+
+    recorded = plan.provenance.get("level_db")
+    if not recorded or plan.dropped_layers or not needs_database(plan.metric, plan.pattern, layout.linears):
+        return None
+    root = Path(recorded["path"]).parent if recorded.get("path") else None
+    try:
+        return LevelDatabase.open(model, layout.linears, stats, plan.metric, plan.pattern, windows, root=root)
+    except OSError:  # an unwritable cache: compress the layers here instead (the same weights)
+        return None

@@ -61,7 +61,7 @@ class Package:
 
 PACKAGES = (
     Package("transformers", "transformers", "loading models", "pip install 'transformers>=4.56'", True),
-    Package("optuna", "optuna", "studies", "pip install 'optuna>=4.4'", True),
+    Package("optuna", "optuna", "studies", "pip install 'optuna>=4.4,<6'", True),
     Package("sqlalchemy", "sqlalchemy", "the study store", "pip install 'sqlalchemy>=2'", True),
     Package("pymoo", "pymoo", "the nsga3 sampler", "pip install 'sparsealloc[nsga]'"),
     Package("ray", "ray", "--workers (Ray actors)", "pip install 'sparsealloc[ray]'"),

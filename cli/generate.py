@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     prunes = plan is not None and (any(r > 0 for r in plan.sparsity.values()) or bool(plan.dropped_layers))
     calib = calib_text = None
     if prunes:
-        calib = calibration_source(args)
+        calib = calibration_source(args, plan)
         calib_text = calib.read()
     group, residual = kv_settings(args, plan)
     if args.threads:

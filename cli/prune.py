@@ -18,6 +18,7 @@ from sparsealloc.cli.common import (
     load,
     non_negative_int,
 )
+from sparsealloc.cli.save_options import add_save_format_args, check_save_args, save_with_format
 from sparsealloc.core.errors import SpecError, check_output_dir, writing
 
 
@@ -43,6 +44,7 @@ def register(sub) -> None:
     add_eval_args(parser)
     parser.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     parser.add_argument("--save", metavar="DIR", help="write the pruned checkpoint and plan.json here")
+    add_save_format_args(parser)
     parser.add_argument("--report", action="store_true", help="print the per-layer sparsity table")
     parser.set_defaults(handler=run)
 
@@ -127,7 +129,6 @@ def run(args: argparse.Namespace) -> int:
         model_layout,
         perplexity,
         resolve_plan,
-        save_pruned,
         sparsity_report,
         tokenize_stream,
     )
@@ -136,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
     check_flags(args)
     if args.save:
         check_output_dir(args.save, "--save")
-    calib = calibration_source(args)
+    check_save_args(args, args.save)
+    from sparsealloc.core.plan import AllocationPlan
+
+    calib = calibration_source(args, AllocationPlan.load(args.plan) if args.plan else None)
     calib_text = calib.read()
     evaluation = None if args.no_eval else eval_source(args.eval_text)
     eval_text = evaluation.read() if evaluation is not None else None
@@ -159,8 +163,9 @@ def run(args: argparse.Namespace) -> int:
         timings["evaluation_s"] = time.perf_counter() - start
     if args.save:
         with writing(f"the pruned checkpoint to {args.save!r}"):
-            save_pruned(model, tokenizer, args.save, plan)
+            _, saved = save_with_format(args, model, tokenizer, args.save, plan)
         result["saved"] = args.save
+        result.update(saved)
     if args.report:
         print(sparsity_report(model).to_string(index=False))
     result.update({k: round(v, 2) for k, v in timings.items()})

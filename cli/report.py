@@ -39,8 +39,9 @@ def layout_numels(name: str | None) -> dict[str, int] | None:
 
 def run(args: argparse.Namespace) -> int:
     from sparsealloc.core.errors import check_output_dir, writing
+    from sparsealloc.core.keys import SPEC_ATTR
     from sparsealloc.storage.rdb import load_study, open_storage, redact, store_errors
-    from sparsealloc.storage.report import SPEC_ATTR, report_trial, write_report
+    from sparsealloc.storage.report import report_trial, write_report
 
     check_output_dir(args.out, "--out")
     with store_errors(args.storage):

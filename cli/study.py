@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import time
-from typing import Any
 
 from sparsealloc.cli.common import DEFAULT_MODEL, fraction, positive_int
 from sparsealloc.core.errors import SpecError
-
-DEFAULT_STORAGE = "sqlite:///sparsealloc.db"
-HEARTBEAT_SECONDS = 10
+from sparsealloc.core.keys import DEFAULT_STORAGE, FAIL_REASON, VALIDATION, WARM_START
 
 
 def register(sub) -> None:
@@ -91,20 +86,6 @@ def check_workers(args: argparse.Namespace) -> None:
                         f"{args.workers}, {args.gpus_per_worker}, {args.cpus_per_worker}")
 
 
-def make_dispatcher(args: argparse.Namespace, spec, evaluator):
-    """In-process by default; a Ray actor pool with ``--workers N``."""
-    if args.workers == 0:
-        from sparsealloc.search.dispatch.local import LocalDispatcher
-
-        return LocalDispatcher(evaluator)
-    from sparsealloc.search.dispatch.ray_pool import RayDispatcher
-
-    if spec.early_stopping.enabled:
-        print("note: early stopping runs in process only; Ray workers score every trial to full fidelity")
-    return RayDispatcher(spec, evaluator.ctx.windows, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                         gpus_per_worker=args.gpus_per_worker, address=args.ray_address)
-
-
 def _add_storage(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default=DEFAULT_STORAGE, help=f"study store URL (default {DEFAULT_STORAGE})")
 
@@ -135,8 +116,7 @@ def spec_from_args(args: argparse.Namespace):
 
 
 def run_command(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args)
-    return _execute(spec, args, validate=not args.no_validate, export_dir=args.export)
+    return _execute(spec_from_args(args), args)
 
 
 def resume_command(args: argparse.Namespace) -> int:
@@ -144,90 +124,22 @@ def resume_command(args: argparse.Namespace) -> int:
     from sparsealloc.storage.rdb import open_storage
 
     spec = stored_spec(open_storage(args.storage, create=False), args.name)
-    spec = spec.override(trials=args.trials, timeout=args.timeout, device=args.device)
-    return _execute(spec, args, validate=not args.no_validate, export_dir=args.export)
+    return _execute(spec.override(trials=args.trials, timeout=args.timeout, device=args.device), args)
 
 
-def _execute(spec, args: argparse.Namespace, validate: bool, export_dir: str | None) -> int:
-    from sparsealloc.search.session import build_evaluator, preflight
-    from sparsealloc.search.samplers.base import SAMPLERS
-    from sparsealloc.storage.rdb import check_storage, parse_storage_url, redact, store_errors
+def _execute(spec, args: argparse.Namespace) -> int:
+    """:func:`sparsealloc.search.study.run` in process, or on Ray actors with ``--workers N``."""
+    from sparsealloc.search.study import run
+    from sparsealloc.storage.rdb import parse_storage_url
 
-    from sparsealloc.core.errors import check_output_dir
-
-    storage_url = parse_storage_url(args.storage)
+    parse_storage_url(args.storage)
     check_workers(args)
-    SAMPLERS.get(spec.sampler)
-    if export_dir:
-        check_output_dir(export_dir, "--export")
-    # Nothing is loaded or written before the inputs, the store and the model have been checked.
-    preflight(spec, validate)
-    check_storage(storage_url)
-    start = time.perf_counter()
-    evaluator = build_evaluator(spec)
-    setup_s = time.perf_counter() - start
-    hint = (f"trials written so far are kept; continue with: sparsealloc study resume {shlex.quote(spec.name)} "
-            f"--storage {shlex.quote(redact(storage_url))}")
-    with store_errors(storage_url, hint):
-        return _search(spec, args, evaluator, storage_url, setup_s, validate, export_dir)
-
-
-def _search(spec, args: argparse.Namespace, evaluator, storage_url: str, setup_s: float, validate: bool,
-            export_dir: str | None) -> int:
-    from sparsealloc.core.errors import writing
-    from sparsealloc.search.orchestrator import run_study
-    from sparsealloc.search.session import enqueue_warm_starts, open_sampler
-    from sparsealloc.search.session import validate as validate_study
-    from sparsealloc.storage.export import export_study
-    from sparsealloc.storage.rdb import open_storage, recover_orphans
-
-    shared = not storage_url.startswith("sqlite")
-    # Shared stores (PostgreSQL) may have several orchestrators: heartbeats instead of orphan sweeps.
-    storage = open_storage(storage_url, heartbeat_interval=HEARTBEAT_SECONDS if shared else None)
-    sampler = open_sampler(spec, storage, evaluator.space)
-    orphans = [] if shared else recover_orphans(sampler.study)
-    if orphans:
-        print(f"re-queued {len(orphans)} trial(s) left RUNNING by an earlier run: {orphans}")
-    enqueue_warm_starts(sampler, evaluator)
-    dispatcher = make_dispatcher(args, spec, evaluator)
-    try:
-        result = run_study(sampler, dispatcher, spec.trials, spec.timeout)
-    finally:
-        dispatcher.close()
-    study = sampler.study
-    print(f"study: {spec.name}  store: {storage_url}  space: {','.join(spec.space)}  sampler: {spec.sampler}")
-    print(f"setup: {setup_s:.1f} s  trials this run: {dict(result.told)}  in {result.seconds:.1f} s")
-    if validate and spec.validation.top_k > 0:
-        validation = validate_study(study, evaluator, spec)
-        _print_validation(study, validation.to_dict())
-    if export_dir:
-        from sparsealloc.storage.export import plan_of
-
-        from sparsealloc.storage.artifacts import attach_files, default_artifact_dir
-
-        with writing(f"the exported plans to {export_dir!r}"):
-            paths = export_study(study, export_dir)
-            attach_files(study, paths, default_artifact_dir(storage_url))  # shown by sparsealloc dashboard
-        for path in paths:
-            print(f"exported: {path}")
-        if len(paths) == 1:
-            ppl = plan_of(study, study.best_trial).provenance.get("validation", {}).get("perplexity")
-            if ppl is not None:
-                print(f"exported plan perplexity: {ppl:.3f}")
+    ray = {"workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+           "gpus_per_worker": args.gpus_per_worker, "address": args.ray_address}
+    run(spec, args.storage, dispatcher="ray" if args.workers else "local",
+        dispatcher_options=ray if args.workers else None, validate=not args.no_validate, export_dir=args.export,
+        echo=print)
     return 0
-
-
-def _print_validation(study, validation: dict[str, Any]) -> None:
-    from sparsealloc.search.session import warm_start_trials
-
-    names = {t.number: f"warm start: {n}" for n, t in warm_start_trials(study).items()}
-    best = study.best_trial.number if len(study.directions) == 1 else None
-    print("validation (held-out perplexity):")
-    for number, ppl in sorted(validation["ppl"].items(), key=lambda kv: kv[1]):
-        label = names.get(int(number), "best" if int(number) == best else "")
-        print(f"  trial {int(number):4d}  proxy {validation['proxy'][number]:.5g}  ppl {ppl:10.3f}  {label}")
-    rho = validation.get("spearman")
-    print(f"  spearman(proxy, ppl) = {rho:.3f}" if rho is not None else "  spearman: too few trials")
 
 
 def list_command(args: argparse.Namespace) -> int:
@@ -266,14 +178,16 @@ def show_command(args: argparse.Namespace) -> int:
     if complete:
         if len(study.directions) == 1:
             best = study.best_trial
-            print(f"best: trial {best.number} value {best.values[0]:.6g} {best.user_attrs.get('warm_start') or ''}")
+            print(f"best: trial {best.number} value {best.values[0]:.6g} {best.user_attrs.get(WARM_START) or ''}")
         else:
             print(f"pareto set: {len(study.best_trials)} trials")
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     for t in failed[:5]:
-        print(f"failed trial {t.number}: {t.user_attrs.get('fail_reason', '?')}")
-    validation = study.user_attrs.get("validation")
+        print(f"failed trial {t.number}: {t.user_attrs.get(FAIL_REASON, '?')}")
+    validation = study.user_attrs.get(VALIDATION)
     if validation:
-        _print_validation(study, validation)
+        from sparsealloc.search.study import validation_lines
+
+        print("\n".join(validation_lines(study, validation)))
     return 0
 

@@ -70,11 +70,20 @@ class Proposal:
         trial_number: Issued by the store; the only id that crosses process boundaries.
         params: Flat parameter values keyed by "/"-joined names (``sparsity/block_07``).
         attrs: Extra bookkeeping (generation index, warm-start name) written as user attrs.
+        trial_id: The store's id of the trial (so nobody looks it up again), when the sampler knows it.
+        windows: Indices of the calibration windows to score on (a selection stage's fidelity, e.g.
+            the evo sampler's few-token first stage); None: every calibration window. It travels with
+            the proposal, so a stage runs the same in process and on a Ray worker.
+        final: Whether this scoring finishes the trial. A multi-stage sampler sends a trial several
+            times (one proposal per stage); only the last one completes it.
     """
 
     trial_number: int
     params: Mapping[str, float | int | str]
     attrs: Mapping[str, Any] = field(default_factory=dict)
+    trial_id: int | None = None
+    windows: tuple[int, ...] | None = None
+    final: bool = True
 
 
 @dataclass(frozen=True)

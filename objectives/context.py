@@ -23,7 +23,7 @@ takes the lazy copy while the model is still dense) and again when done.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,6 +231,39 @@ class EvalContext:
                 yield delta, self.grams[name]
 
         return summed_error(pairs())
+
+    def reference_batches(self, windows: Sequence[int] | None = None
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, float]]:
+        """Calibration batches with their dense reference: ``(ids, hidden, kl_terms, logit_sq)``.
+
+        Args:
+            windows: Indices of the calibration windows to use (a selection stage's fidelity);
+                None: all of them, in the batches the reference was computed in.
+
+        Yields:
+            Token ids (b, L); the dense final hidden states (b, L, d); the KL reference ``(m, c)``
+            of those tokens, or None when it is not cached; Σ dense logit² of those tokens.
+        """
+        if windows is None:
+            for i, (batch, hidden) in enumerate(zip(self.windows.split(self.batch_size), self.dense_hidden)):
+                yield batch, hidden, self.kl_terms[i] if self.kl_terms else None, self.dense_logit_sq[i]
+            return
+        index = torch.as_tensor(list(windows), dtype=torch.long)
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= self.windows.shape[0]:
+            raise ValueError(f"window indices must lie in [0, {self.windows.shape[0]}), but got {list(windows)[:8]}")
+        seq = self.windows.shape[1]
+        head = lm_head_of(self.model)
+        for chunk in index.split(self.batch_size):
+            b, r = chunk // self.batch_size, chunk % self.batch_size
+            hidden = torch.stack([self.dense_hidden[int(i)][int(j)] for i, j in zip(b, r)])
+            kl = None
+            if self.kl_terms:
+                rows = [slice(int(j) * seq, (int(j) + 1) * seq) for j in r]
+                kl = (torch.cat([self.kl_terms[int(i)][0][rows_] for i, rows_ in zip(b, rows)]),
+                      torch.cat([self.kl_terms[int(i)][1][rows_] for i, rows_ in zip(b, rows)]))
+            logit_sq = sum(float(head(part).square_().sum(dtype=torch.float64))
+                           for part in hidden.reshape(-1, hidden.shape[-1]).split(CHUNK))
+            yield self.windows[chunk], hidden, kl, logit_sq
 
     @property
     def device(self) -> torch.device:

@@ -34,7 +34,8 @@ FORWARD_PROXIES = ("logits", "kl", "hidden")
 
 
 @torch.inference_mode()
-def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | None = None) -> dict[str, float]:
+def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | None = None,
+                   windows: Sequence[int] | None = None) -> dict[str, float]:
     """Run the (pruned) model once over the calibration windows and score it as ``kinds`` say.
 
     Args:
@@ -42,6 +43,7 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
         kinds: Proxies among :data:`FORWARD_PROXIES`; the first one is reported.
         report: Called as ``report(batches_done, value_so_far)`` after each batch, with the first
             kind's value over the batches so far (multi-fidelity: the running estimate).
+        windows: Indices of the calibration windows to score on (None: all of them).
 
     Returns:
         Each kind's value over all windows (lower is better).
@@ -58,16 +60,15 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
     num = dict.fromkeys(kinds, 0.0)
     den = dict.fromkeys(kinds, 0.0)
     values: dict[str, float] = {}
-    batches = zip(ctx.windows.split(ctx.batch_size), ctx.dense_hidden)
-    for done, (batch, dense_h) in enumerate(batches, start=1):
+    for done, (batch, dense_h, kl_terms, logit_sq) in enumerate(ctx.reference_batches(windows), start=1):
         h = trunk(input_ids=batch.to(device), use_cache=False).last_hidden_state.float()
         if "logits" in kinds:
             delta = (h - dense_h).reshape(-1, h.shape[-1])  # (tokens, d)
             num["logits"] += float(((delta @ ctx.head_gram) * delta).sum(dtype=torch.float64))
-            den["logits"] += ctx.dense_logit_sq[done - 1]
+            den["logits"] += logit_sq
             values["logits"] = math.sqrt(max(num["logits"], 0.0) / den["logits"]) if den["logits"] > 0 else math.nan
         if "kl" in kinds:
-            m, c = ctx.kl_terms[done - 1]
+            m, c = kl_terms
             num["kl"] += kl_sum(h, head.weight, bias, m, c)
             den["kl"] += h.shape[0] * h.shape[1]
             values["kl"] = num["kl"] / den["kl"]
@@ -80,8 +81,9 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
     return values
 
 
-def reconstruction_error(ctx: EvalContext, kind: str = "logits", report: Reporter | None = None) -> float:
+def reconstruction_error(ctx: EvalContext, kind: str = "logits", report: Reporter | None = None,
+                         windows: Sequence[int] | None = None) -> float:
     """One proxy of :func:`forward_errors` ("logits", "kl" or "hidden")."""
     if kind not in FORWARD_PROXIES:
         raise ValueError(f"kind must be one of {list(FORWARD_PROXIES)}, but got {kind!r}")
-    return forward_errors(ctx, (kind,), report)[kind]
+    return forward_errors(ctx, (kind,), report, windows)[kind]

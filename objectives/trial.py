@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,10 +33,12 @@ from sparsealloc.objectives.base import OBJECTIVES
 from sparsealloc.objectives.context import EvalContext
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
 from sparsealloc.pruning.apply import PruneReport, prune_, rank_maskable, resolve_plan
+from sparsealloc.pruning.calibration import TextSource
 from sparsealloc.pruning.kv_quant import kv_fake_quant
 from sparsealloc.pruning.layer_drop import blocks_removed
 from sparsealloc.pruning.layer_prune import compensate_, first_dropped
-from sparsealloc.pruning.masked import mask_report, masked_forward
+from sparsealloc.pruning.level_db import LevelDatabase, needs_database
+from sparsealloc.pruning.masked import mask_report, masked_forward, stitched_forward
 from sparsealloc.spaces.budget import budget_with_removed
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import StudySpec
@@ -59,6 +61,7 @@ class TrialState:
     group_size: int = 32
     report: Callable[[int, float], None] | None = None  # report(batches_done, value_so_far)
     intermediate: list[tuple[int, float]] = field(default_factory=list)
+    windows: tuple[int, ...] | None = None  # calibration windows to score on (None: all)
 
 
 class TrialEvaluator:
@@ -70,11 +73,24 @@ class TrialEvaluator:
         space: The study's search space (built from ``ctx.layout``).
     """
 
-    def __init__(self, ctx: EvalContext, spec: StudySpec, space: SearchSpace | None = None) -> None:
+    def __init__(self, ctx: EvalContext, spec: StudySpec, space: SearchSpace | None = None,
+                 database_root: str | None = None) -> None:
         self.ctx = ctx
         self.spec = spec
-        self.space = space or SearchSpace(spec, ctx.layout)
+        metric = MetricChoice(spec.metric.name, dict(spec.metric.params))
+        #: Level database of a fixed weight-updating metric (SparseGPT, STADEW...), else None.
+        self.database = None
+        if "metric" not in spec.space and spec.pattern == "unstructured" and needs_database(
+                metric, spec.pattern, ctx.layout.linears):
+            self.database = LevelDatabase.open(ctx.model, ctx.layout.linears, ctx.stats, metric, spec.pattern,
+                                               ctx.windows, root=database_root, model_name=str(spec.model))
+        self.space = space or SearchSpace(spec, ctx.layout, leveled=spec.sampler == "evo" or self.database is not None)
         self.objectives = [OBJECTIVES.get(name) for name in spec.objectives]
+        c = spec.calibration
+        #: What plans record of the calibration, so that ``apply`` rebuilds the very same model.
+        self.calibration = {"source": f"windows:{c.windows_file}" if c.windows_file else
+                            TextSource.of(c.text, c.dataset).describe(), "samples": int(ctx.windows.shape[0]),
+                            "seq_len": int(ctx.windows.shape[1]), "seed": c.seed, "batch_size": ctx.batch_size}
         if "kl" in spec.objectives:  # first: its temporaries come and go before the ranks exist
             ctx.cache_kl_reference()
         if "metric" not in spec.space and spec.pattern == "unstructured":
@@ -100,7 +116,7 @@ class TrialEvaluator:
             name, params = decoded.allocator
             inputs = AllocationInputs(self.ctx.layout, self.ctx.weights(), self.ctx.stats)
             sparsity = allocate(name, inputs, budget, **params)
-        provenance: dict[str, Any] = {}
+        provenance: dict[str, Any] = {"calibration": self.calibration}
         if decoded.kv_bits:  # how the bits are meant travels with the plan (sparsealloc generate)
             provenance["kv"] = {"group_size": self.spec.kv.group_size, "residual": self.spec.kv.residual}
         dropped: list[str] = []
@@ -113,6 +129,8 @@ class TrialEvaluator:
             removed = {n for n in layout.linears if layout.block_of[n] in set(dropped)}
             sparsity = budget_with_removed(ratios, layout.numels, removed, budget, 0.0,
                                            self.spec.layerwise.max_sparsity)
+        if self.database is not None and decoded.metric == self.database.metric:
+            provenance["level_db"] = self.database.provenance()
         plan = decoded.to_plan(self.spec.pattern, self.ctx.model_info, sparsity=sparsity, provenance=provenance or None)
         return plan.replace(dropped_layers=tuple(dropped)) if dropped else plan
 
@@ -126,6 +144,14 @@ class TrialEvaluator:
         if not all(rank_maskable(plan, name) for name, ratio in ratios.items() if ratio > 0):
             return None
         return ratios
+
+    def database_ratios(self, plan: AllocationPlan) -> dict[str, float] | None:
+        """Ratio per Linear when ``plan``'s layers come from the level database (its metric and
+        pattern, no dropped blocks), else None."""
+        db = self.database
+        if db is None or plan.metric != db.metric or plan.pattern != db.pattern or plan.dropped_layers:
+            return None
+        return resolve_plan(plan, self.ctx.layout)
 
     @contextmanager
     def applied(self, plan: AllocationPlan) -> Iterator[PruneReport]:
@@ -143,6 +169,11 @@ class TrialEvaluator:
         ratios = self.cached_ratios(plan)
         if ratios is not None:
             with masked_forward(ctx.model, ratios, ctx.ranks), kv_fake_quant(ctx.model, *kv):
+                yield mask_report(ratios, ctx.layout)
+            return
+        ratios = self.database_ratios(plan)
+        if ratios is not None:
+            with stitched_forward(ctx.model, self.database.entries(ratios)), kv_fake_quant(ctx.model, *kv):
                 yield mask_report(ratios, ctx.layout)
             return
         try:
@@ -177,18 +208,23 @@ class TrialEvaluator:
         with self.applied(plan):
             return self.ctx.layer_error()
 
-    def __call__(self, values: Mapping[str, Any], report: Callable[[int, float], object] | None = None) -> Outcome:
+    def __call__(self, values: Mapping[str, Any], report: Callable[[int, float], object] | None = None,
+                 windows: Sequence[int] | None = None) -> Outcome:
         """Score one candidate.
 
         Args:
             values: The sampler's parameter values.
             report: ``report(step, value)`` along the fidelity ladder (module docstring); a True
                 answer stops the trial, which then returns Outcome "pruned".
+            windows: Calibration windows to score on (a selection stage's fidelity); None: all.
         """
         start = time.perf_counter()
+        built = self.database.build_seconds if self.database is not None else 0.0
         intermediate: list[tuple[int, float]] = []
         offset = 1 if report is not None and self.gram_rung else 0
-        last = offset + len(self.ctx.dense_hidden)
+        n_windows = len(self.ctx.windows) if windows is None else len(windows)
+        last = offset + -(-n_windows // self.ctx.batch_size)
+        windows = None if windows is None else tuple(int(w) for w in windows)
 
         def publish(step: int, value: float) -> None:
             intermediate.append((step, float(value)))
@@ -201,7 +237,8 @@ class TrialEvaluator:
             if offset:
                 publish(1, self.rung_value(plan))
             with self.applied(plan) as prune_report:
-                state = TrialState(plan, prune_report, self.spec.kv.group_size, intermediate=intermediate)
+                state = TrialState(plan, prune_report, self.spec.kv.group_size, intermediate=intermediate,
+                                   windows=windows)
                 state.report = lambda batches, value: publish(offset + batches, value)
                 values_out = tuple(float(fn(self.ctx, state)) for fn in self.objectives)
         except StopTrial as stop:
@@ -219,4 +256,8 @@ class TrialEvaluator:
             "achieved_sparsity": prune_report.achieved_mean,
             "trial_seconds": time.perf_counter() - start,
         }
+        if self.database is not None:
+            attrs["database_build_seconds"] = self.database.build_seconds - built
+        if windows is not None:
+            attrs["calibration_tokens"] = n_windows * int(self.ctx.windows.shape[1])
         return Outcome("complete", values_out, attrs=attrs, intermediate=tuple(intermediate))

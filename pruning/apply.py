@@ -9,18 +9,23 @@ import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from sparsealloc.core.errors import IncompatiblePlanError, SpecError
-from sparsealloc.core.plan import AllocationPlan, parse_pattern, weighted_mean_sparsity
+from sparsealloc.core.plan import AllocationPlan, MetricChoice, parse_pattern, weighted_mean_sparsity
 from sparsealloc.core.progress import track
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.layer_drop import drop_blocks_
 from sparsealloc.pruning.masks import masked_copy_, row_mask_from_order, select_mask
 from sparsealloc.pruning.metrics import check_params, metric_traits, metric_uses_bias, score
 from sparsealloc.pruning.structure import ModelLayout, model_layout
+
+
+class LevelDatabaseLike(Protocol):
+    def entry(self, name: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 @dataclass
@@ -92,6 +97,32 @@ def _add_bias_(module: nn.Linear, delta: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def compress_linear(weight: torch.Tensor, stats: LayerStats | None, ratio: float, metric: MetricChoice,
+                    fqn: str, nm: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One Linear pruned by ``metric`` at ``ratio``, the dense input left untouched.
+
+    Scores and masks the weights (per output row, or N:M); a metric with an ``updater``
+    (SparseGPT) selects the mask and updates the surviving weights itself; a metric that asks for
+    mean compensation for module ``fqn`` (STADE, STADEW) returns the bias change, computed from the
+    unpruned weights. Pure: :func:`prune_` and the level database
+    (:mod:`sparsealloc.pruning.level_db`) both build on it, so their layers are identical.
+
+    Returns:
+        (pruned weight in ``weight``'s dtype, bias delta per output row or None).
+    """
+    traits = metric_traits(metric.name)
+    params = dict(metric.params)
+    if stats is not None:
+        stats = stats.to(weight.device)
+    if traits.updater is not None:
+        new_weight, mask = traits.updater(weight, stats, ratio, nm, **params)
+        return new_weight.to(weight.dtype).masked_fill_(mask, 0), None
+    mask = select_mask(score(metric.name, weight, stats, params, fqn=fqn), ratio, nm)
+    delta = _mean_compensation(weight, mask, stats) if metric_uses_bias(metric.name, params, fqn) else None
+    return weight.masked_fill(mask, 0), delta
+
+
+@torch.no_grad()
 def prune_(
     model: nn.Module,
     plan: AllocationPlan,
@@ -100,6 +131,7 @@ def prune_(
     orders: Mapping[str, torch.Tensor] | None = None,
     ranks: Mapping[str, torch.Tensor] | None = None,
     pristine: Mapping[str, torch.Tensor] | None = None,
+    database: LevelDatabaseLike | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place as ``plan`` says.
 
@@ -125,6 +157,9 @@ def prune_(
             need not restore weights first): with ``ranks`` a layer is restored and pruned in one
             fused pass (:func:`~sparsealloc.pruning.masks.masked_copy_`), otherwise it is copied
             back and then pruned as usual.
+        database: A :class:`~sparsealloc.pruning.level_db.LevelDatabase` of the plan's metric and
+            calibration: layers that are not plain cuts of cached ranks come from it (built there on
+            first use) instead of being compressed again; identical weights either way.
 
     Raises:
         SpecError: statistics are missing, or lack the Gram matrix a metric requires (SparseGPT:
@@ -136,7 +171,6 @@ def prune_(
     layout = layout or model_layout(model)
     ratios = resolve_plan(plan, layout)
     nm = parse_pattern(plan.pattern)
-    params = dict(plan.metric.params)
     traits = metric_traits(plan.metric.name)
     modules = dict(model.named_modules())
     report = PruneReport(numels=dict(layout.numels))
@@ -158,19 +192,14 @@ def prune_(
         if plain[name] and orders is not None and name in orders:
             weight.masked_fill_(row_mask_from_order(orders[name], ratios[name]), 0)
             continue
-        use_bias = metric_uses_bias(plan.metric.name, params, name)
-        if layer_stats is not None:
-            layer_stats = layer_stats.to(weight.device)
-        if traits.updater is not None:
-            new_weight, mask = traits.updater(weight, layer_stats, ratios[name], nm, **params)
-            weight.copy_(new_weight.to(weight.dtype)).masked_fill_(mask, 0)
-            continue
-        scores = score(plan.metric.name, weight, layer_stats, params, fqn=name)
-        mask = select_mask(scores, ratios[name], nm)
-        if use_bias:
-            _add_bias_(module, _mean_compensation(weight, mask, layer_stats))
+        if database is not None:  # the same layer, computed once and kept on disk
+            new_weight, delta = database.entry(name, ratios[name])
+        else:
+            new_weight, delta = compress_linear(weight, layer_stats, ratios[name], plan.metric, name, nm)
+        weight.copy_(new_weight)
+        if delta is not None:
+            _add_bias_(module, delta)
             report.biased.append(name)
-        weight.masked_fill_(mask, 0)
     dropped = set(plan.dropped_layers)
     for name in layout.linears:
         if layout.block_of[name] in dropped:  # removed outright: fully sparse
@@ -221,7 +250,12 @@ def _make_biases_representable(model: nn.Module) -> None:
 
 
 def save_pruned(model: nn.Module, tokenizer, directory: str | Path, plan: AllocationPlan | None = None) -> Path:
-    """Save a pruned model as a plain Hugging Face checkpoint (safetensors), plus ``plan.json``."""
+    """Save a pruned model as a plain Hugging Face checkpoint (safetensors), plus ``plan.json``.
+
+    The weight files get ordinary permissions (0644 under umask 022). Other formats and dtypes:
+    :func:`sparsealloc.pruning.checkpoint_formats.save_checkpoint`.
+    """
+    from sparsealloc.pruning.checkpoint_formats import fix_permissions
     from sparsealloc.pruning.models import forget_gguf_quantization_, library_bars_follow_progress_mode
 
     directory = Path(directory)
@@ -230,6 +264,7 @@ def save_pruned(model: nn.Module, tokenizer, directory: str | Path, plan: Alloca
     _make_biases_representable(model)
     with library_bars_follow_progress_mode():  # "Writing model shards"
         model.save_pretrained(directory)
+    fix_permissions(directory)  # transformers leaves model.safetensors at 0600
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if plan is not None:

@@ -38,6 +38,26 @@ class TextSource:
             return f"{BUILTIN_SOURCE}:{self.location or 'all'}"
         return f"{self.kind}:{self.location}"
 
+    @classmethod
+    def parse(cls, description: str) -> TextSource:
+        """The source :meth:`describe` wrote (``file:PATH``, ``dataset:NAME``, ``builtin:python-docs:SPLIT``)."""
+        if description.startswith(f"{BUILTIN_SOURCE}:"):
+            return cls("builtin", description[len(BUILTIN_SOURCE) + 1:])
+        kind, _, location = description.partition(":")
+        if kind not in ("file", "dataset") or not location:
+            raise SpecError(f"expected a text source 'file:PATH', 'dataset:NAME' or '{BUILTIN_SOURCE}:SPLIT', "
+                            f"but got {description!r}")
+        return cls(kind, location, max_chars=5_000_000 if kind == "dataset" else None)
+
+    @classmethod
+    def of(cls, text: str | None, dataset: str | None) -> TextSource:
+        """A study's calibration text: a file, a dataset, or the built-in calibration split."""
+        if text:
+            return cls("file", text)
+        if dataset:
+            return cls("dataset", dataset, max_chars=5_000_000)
+        return cls("builtin", "calib")
+
     def read(self) -> str:
         if self.kind == "file":
             text = read_text_file(self.location)

@@ -64,6 +64,41 @@ def masked_forward(model: nn.Module, ratios: Mapping[str, float], ranks: Mapping
             del module.forward
 
 
+def _stitched_linear(module: nn.Linear, weight: Tensor, bias_delta: Tensor | None):
+    bias = module.bias
+    if bias_delta is not None:
+        bias = bias_delta.to(weight.dtype) if bias is None else bias + bias_delta.to(bias.dtype)
+
+    def forward(x: Tensor) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    return forward
+
+
+@contextmanager
+def stitched_forward(model: nn.Module, entries: Mapping[str, tuple[Tensor, Tensor | None]]) -> Iterator[None]:
+    """Within the block, each Linear ``name`` of ``entries`` computes with the given weight (and its
+    bias plus the given bias change): a level database's layers stitched into the model by
+    reference, no copy and no weight written (:mod:`sparsealloc.pruning.level_db`).
+
+    Raises:
+        TypeError: a module to stitch is not an ``nn.Linear``.
+    """
+    modules = dict(model.named_modules())
+    patched = []
+    try:
+        for name, (weight, delta) in entries.items():
+            module = modules[name]
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"stitched_forward needs nn.Linear modules, but {name!r} is {type(module).__name__}")
+            module.forward = _stitched_linear(module, weight, delta)
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def mask_report(ratios: Mapping[str, float], layout: ModelLayout) -> PruneReport:
     """The :class:`PruneReport` of :func:`masked_forward`: achieved = the masks' exact counts."""
     report = PruneReport(numels=dict(layout.numels), in_place=False)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from sparsealloc.core.errors import SpecError
+from sparsealloc.pruning.checkpoint_formats import is_bitmask_checkpoint, load_bitmask_model
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,9 @@ def load_model(
 ):
     """Load a causal LM and its tokenizer, in eval mode on ``device`` (default: cuda if present).
 
+    A compressed-tensors sparse-bitmask folder (``apply --format compressed-tensors``) is read by
+    :func:`~sparsealloc.pruning.checkpoint_formats.load_bitmask_model`, its weights decompressed.
+
     Args:
         name: Embedded name, ``.gguf`` path, local directory or hub id (see :func:`resolve_source`).
         device: Target device.
@@ -193,8 +197,11 @@ def load_model(
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     target = resolve_device(device)
-    with library_bars_follow_progress_mode():
-        model = _call_loader(AutoModelForCausalLM.from_pretrained, source, **kwargs)
+    if source.gguf_file is None and is_bitmask_checkpoint(source.path):  # transformers 5 cannot decompress it
+        model = _call_loader(load_bitmask_model, source, dtype=dtype)
+    else:
+        with library_bars_follow_progress_mode():
+            model = _call_loader(AutoModelForCausalLM.from_pretrained, source, **kwargs)
     forget_gguf_quantization_(model)  # GGUF tensors are already de-quantized to ``dtype``
     try:
         model.to(target).eval()

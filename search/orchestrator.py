@@ -19,6 +19,7 @@ from sparsealloc.core.progress import get_mode, log_event
 from sparsealloc.search.dispatch.base import Dispatcher
 from sparsealloc.search.samplers.base import Sampler
 from sparsealloc.storage.coordination import BudgetLock, Heartbeat, requeue, sweep_stale
+from sparsealloc.storage.optuna_adapter import storage_of, trial_id
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,10 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
     orchestrator), decided under :class:`~sparsealloc.storage.coordination.BudgetLock`, so several
     orchestrators on one PostgreSQL study neither overshoot nor duplicate. Failed trials are recorded
     and the loop goes on; a trial whose worker died (``Outcome.retry``) is recorded as failed with the
-    reason and its parameters are queued once more (``retry_of``), for the next free worker; if ``max_failures_in_a_row`` trials fail with none completing in between,
-    it stops with :class:`AllTrialsFailed`; once the dispatcher has no worker left (``capacity`` 0)
-    it stops with :class:`NoWorkersLeft`.
+    reason and its parameters are queued once more (``retry_of``), for the next free worker; if
+    ``max_failures_in_a_row`` trials fail with none completing in between, it stops with
+    :class:`AllTrialsFailed`; once the dispatcher has no worker left (``capacity`` 0) it stops with
+    :class:`NoWorkersLeft`.
     """
     study = sampler.study
     run = StudyRun()
@@ -84,12 +86,14 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
             proposals = []
             if not timed_out:
                 with lock.hold():
-                    remaining = n_trials - complete_count(study) - _count(study, TrialState.RUNNING)
+                    # RUNNING trials a multi-stage sampler holds between its stages are not in flight.
+                    in_flight = _count(study, TrialState.RUNNING) - sampler.parked
+                    remaining = n_trials - complete_count(study) - in_flight
                     free = max(0, dispatcher.capacity - dispatcher.in_flight)
                     if min(free, remaining) > 0:
                         proposals = sampler.ask(min(free, remaining))
                         for proposal in proposals:
-                            heartbeat.add(_trial_id(study, proposal.trial_number))
+                            heartbeat.add(trial_id(study, proposal.trial_number))
             for proposal in proposals:
                 report = partial(sampler.report, proposal.trial_number) if sampler.prunes else None
                 dispatcher.submit(proposal, report)
@@ -102,9 +106,9 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
                 continue
             for number, outcome in dispatcher.wait():
                 sampler.tell(number, outcome)
-                heartbeat.discard(_trial_id(study, number))
+                heartbeat.discard(trial_id(study, number))
                 if outcome.state == "failed" and outcome.retry:
-                    trial = study._storage.get_trial(_trial_id(study, number))
+                    trial = storage_of(study).get_trial(trial_id(study, number))
                     if requeue(study, trial, once=True) is not None:
                         run.retried += 1
                 run.told[outcome.state] += 1
@@ -125,15 +129,12 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
                 raise AllTrialsFailed(
                     f"{failures_in_a_row} trials in a row failed; last reason: {run.last_failure}")
     finally:
+        sampler.close()
         heartbeat.close()
         if bar is not None:
             bar.close()
         run.seconds = time.perf_counter() - start
     return run
-
-
-def _trial_id(study: optuna.Study, number: int) -> int:
-    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
 
 
 def _progress_bar(study: optuna.Study, n_trials: int):

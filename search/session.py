@@ -22,7 +22,7 @@ from sparsealloc.pruning.allocators import AllocationInputs, allocate
 from sparsealloc.pruning.calibration import TextSource, sample_windows, tokenize_stream
 from sparsealloc.pruning.calibration_select import read_calibration_set
 from sparsealloc.pruning.evaluation import perplexity
-from sparsealloc.pruning.metrics import check_params
+from sparsealloc.pruning.metrics import check_params, metric_traits
 from sparsealloc.pruning.models import load_model, resolve_device, resolve_source
 from sparsealloc.search.pruners import make_pruner
 from sparsealloc.search.samplers.base import SAMPLERS, Sampler
@@ -36,33 +36,40 @@ SPEC_ATTR = "sparsealloc:spec"
 
 
 def calibration_source(spec: StudySpec) -> TextSource:
-    c = spec.calibration
-    if c.text:
-        return TextSource("file", c.text)
-    if c.dataset:
-        return TextSource("dataset", c.dataset, max_chars=5_000_000)
-    return TextSource("builtin", "calib")
+    return TextSource.of(spec.calibration.text, spec.calibration.dataset)
 
 
 def validation_source(spec: StudySpec) -> TextSource:
     return TextSource("file", spec.validation.text) if spec.validation.text else TextSource("builtin", "eval")
 
 
-def build_evaluator(spec: StudySpec, model=None, tokenizer=None) -> TrialEvaluator:
-    """Load the model (unless given), draw (or read) the calibration windows, build the worker context."""
-    selected = read_calibration_set(spec.calibration.windows_file) if spec.calibration.windows_file else None
-    text = None if selected else calibration_source(spec).read()
+def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None) -> TrialEvaluator:
+    """Load the model (unless given), draw (or read) the calibration windows, build the worker context.
+
+    Args:
+        spec: The study spec.
+        model: The dense model (default: loaded from ``spec.model``).
+        tokenizer: Its tokenizer.
+        windows: Calibration token ids already drawn (Ray workers get the driver's), else drawn here.
+    """
+    selected = None
+    if windows is None and spec.calibration.windows_file:
+        selected = read_calibration_set(spec.calibration.windows_file)
+    text = None if selected is not None or windows is not None else calibration_source(spec).read()
     if model is None:
         model, tokenizer, _ = load_model(spec.model, device=spec.device)
-    if selected:
+    if windows is not None:
+        pass
+    elif selected:
         selected.check_tokenizer(tokenizer)
         windows = selected.windows
     else:
         windows = sample_windows(tokenize_stream(tokenizer, text), spec.calibration.samples,
                                  spec.calibration.seq_len, spec.calibration.seed)
     layer_grams = spec.early_stopping.uses_gram_rung or "layer_local" in spec.objectives
+    gram = "metric" not in spec.space and metric_traits(spec.metric.name).gram == "required"  # SparseGPT
     ctx = EvalContext.build(model, windows, spec.calibration.batch_size, model_info={"name": spec.model},
-                            tokenizer=tokenizer, layer_grams=layer_grams, lazy_pristine=True)
+                            tokenizer=tokenizer, layer_grams=layer_grams, lazy_pristine=True, gram=gram)
     return TrialEvaluator(ctx, spec)
 
 
@@ -136,12 +143,50 @@ def stored_spec(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:
     return StudySpec.from_dict(data)
 
 
-def warm_start_values(evaluator: TrialEvaluator, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Parameter values of the hand-made allocations (uniform, OWL, depth ramp) in this space.
+#: Parameter grids of the parametric hand rules (ATP's β, OWL's λ at M=5, AlphaPruning's ε): each
+#: warm start is the grid point with the lowest proxy (:func:`screen_grid`).
+WARM_START_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "depth_ramp": ("beta", (0.002, 0.004, 0.006, 0.008, 0.010, 0.012, 0.014)),
+    "owl": ("lam", (0.04, 0.08, 0.12, 0.16)),
+    "alphapruning": ("epsilon", (0.1, 0.2, 0.3, 0.4)),
+}
+#: Calibration windows the grid screening scores each point on.
+SCREEN_WINDOWS = 4
+
+
+def screen_grid(evaluator: TrialEvaluator, name: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """The best point of allocator ``name``'s grid by the study's proxy (few windows), and its parameters.
+
+    Returns:
+        (parameter values in the space, {grid parameter: value, "proxy": value}).
+    """
+    space, spec, ctx = evaluator.space, evaluator.spec, evaluator.ctx
+    inputs = AllocationInputs(ctx.layout, ctx.weights(), ctx.stats)
+    key, grid = WARM_START_GRIDS[name]
+    windows = tuple(range(min(SCREEN_WINDOWS, len(ctx.windows))))
+    best: tuple[float, dict[str, Any], dict[str, float]] | None = None
+    for point in track(grid, desc=f"warm start {name}", total=len(grid), unit="point"):
+        try:
+            values = space.encode_sparsity(allocate(name, inputs, spec.target_sparsity, **{key: point}))
+        except SpecError:
+            continue  # this point does not fit the ratio window
+        outcome = evaluator(values, windows=windows)
+        if outcome.state == "complete" and (best is None or outcome.values[0] < best[0]):
+            best = (outcome.values[0], values, {key: point, "proxy": outcome.values[0]})
+    if best is None:
+        return space.encode_sparsity(allocate(name, inputs, spec.target_sparsity)), {}
+    return best[1], best[2]
+
+
+def warm_start_values(evaluator: TrialEvaluator, names: tuple[str, ...],
+                      screened: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, Any]]:
+    """Parameter values of the hand-made allocations (uniform, OWL, depth ramp...) in this space.
 
     In a space with KV bits, "uniform" stands for the uniform allocation at every uniform
     bit-width (16, then ``uniform-kv8``, ``uniform-kv4``...), so NSGA-III starts from the whole
-    uniform KV front.
+    uniform KV front. A rule with a parameter grid (:data:`WARM_START_GRIDS`) contributes its best
+    grid point by the proxy, so every sampler starts from the best hand rule; ``screened`` receives
+    the chosen parameters.
     """
     space, spec, ctx = evaluator.space, evaluator.spec, evaluator.ctx
     out: dict[str, dict[str, Any]] = {}
@@ -149,6 +194,10 @@ def warm_start_values(evaluator: TrialEvaluator, names: tuple[str, ...]) -> dict
         if name == "uniform":
             out[name] = space.defaults()
             out.update(space.uniform_kv())
+        elif "layerwise" in spec.space and name in WARM_START_GRIDS:
+            out[name], chosen = screen_grid(evaluator, name)
+            if screened is not None:
+                screened[name] = chosen
         elif "layerwise" in spec.space:
             inputs = AllocationInputs(ctx.layout, ctx.weights(), ctx.stats)
             out[name] = space.encode_sparsity(allocate(name, inputs, spec.target_sparsity))
@@ -161,7 +210,10 @@ def enqueue_warm_starts(sampler: Sampler, evaluator: TrialEvaluator) -> list[str
     """Queue the warm starts once (only into a study with no trials yet)."""
     if sampler.study.get_trials(deepcopy=False):
         return []
-    values = warm_start_values(evaluator, evaluator.spec.warm_start)
+    screened: dict[str, dict[str, float]] = {}
+    values = warm_start_values(evaluator, evaluator.spec.warm_start, screened)
+    if screened:
+        sampler.study.set_user_attr("warm_start_grid", screened)
     for name, v in values.items():
         sampler.enqueue(v, name)
     return list(values)
@@ -181,14 +233,25 @@ class ValidationResult:
 
 
 def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
-    """Top-k by the first objective (single objective) or the Pareto set, plus the warm starts."""
+    """Top-k by the first objective (single objective) or the Pareto set, plus the warm starts and
+    the evo sampler's latest parents (its own choice, each on the windows of its generation)."""
+    from sparsealloc.search.samplers.evo import recent_parents
+
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "plan" in t.user_attrs]
     if len(study.directions) == 1:
         chosen = sorted(done, key=lambda t: t.values[0])[:top_k]
     else:
         chosen = list(study.best_trials)
-    chosen += [t for t in done if t.user_attrs.get("warm_start") and t not in chosen]
-    return chosen
+    by_number = {t.number: t for t in done}
+    chosen += [by_number[n] for n in recent_parents(study, top_k) if n in by_number]
+    chosen += [t for t in done if t.user_attrs.get("warm_start")]
+    unique, seen = [], set()
+    for t in chosen:  # an evo parent re-scored is the same plan under another number
+        key = tuple(sorted(t.params.items()))
+        if key not in seen:
+            seen.add(key)
+            unique.append(t)
+    return unique
 
 
 def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec) -> ValidationResult:

@@ -9,6 +9,11 @@ exactly (:func:`~sparsealloc.spaces.budget.project_to_budget`). With ``remaining
 objectives the target itself is searched (parameter ``budget/sparsity`` within ``target_sparsity ±
 layerwise.radius``), so a multi-objective front can trade weights for error; otherwise that
 objective would be a constant.
+
+*Leveled* spaces (the evo sampler, and metrics whose compressed layers come from a level database)
+snap the group ratios onto a :class:`~sparsealloc.spaces.levels.LevelGrid` instead: every candidate
+is a balanced integer genome, so its budget is exact by construction and each group's ratio is one
+of a few levels that a database can hold.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Protocol
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.spaces.budget import project_to_budget
+from sparsealloc.spaces.levels import LevelGrid
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam, Param
 from sparsealloc.spaces.spec import StudySpec
 
@@ -107,9 +113,11 @@ class SearchSpace:
     Args:
         spec: The study spec.
         layout: The model's structure.
+        leveled: Snap group ratios onto the level grid (default: for the evo sampler). Ignored when
+            the budget itself is searched (``remaining_weights``).
     """
 
-    def __init__(self, spec: StudySpec, layout: LayoutLike) -> None:
+    def __init__(self, spec: StudySpec, layout: LayoutLike, leveled: bool | None = None) -> None:
         self.spec = spec
         self.layout = layout
         self.target = float(spec.target_sparsity)
@@ -125,6 +133,11 @@ class SearchSpace:
             self.groups = _groups(spec, layout)
             self.group_numels = {g: sum(layout.numels[n] for n in names) for g, names in self.groups.items()}
             self.params += [FloatParam(g, self.lo, self.hi, lw.step) for g in self.groups]
+        leveled = spec.sampler == "evo" if leveled is None else leveled
+        searched_budget = any(p.name == BUDGET_PARAM for p in self.params)
+        #: The level grid of a leveled layerwise space, else None.
+        self.levels = (LevelGrid.build(self.group_numels, self.target, self.lo, self.hi, lw.level_step)
+                       if leveled and self.groups and not searched_budget else None)
         if "allocator" in spec.space:
             self.params += self._allocator_params()
         if "metric" in spec.space:
@@ -172,7 +185,10 @@ class SearchSpace:
         sparsity = group_ratios = None
         if self.groups:
             raw = {g: get(self.by_name[g]) for g in self.groups}
-            group_ratios = project_to_budget(raw, self.group_numels, target, self.lo, self.hi)
+            if self.levels is not None:
+                group_ratios = self.levels.ratios(self.levels.levels_of(raw))
+            else:
+                group_ratios = project_to_budget(raw, self.group_numels, target, self.lo, self.hi)
             sparsity = {n: group_ratios[g] for g, names in self.groups.items() for n in names}
         allocator = None
         if "allocator" in self.spec.space:

@@ -13,7 +13,8 @@ Example::
     layer_drop: {max_blocks: 4, compensate: true}   # searched number of dropped blocks
     objectives: [hidden]          # first one is the error proxy (hidden, kl, reconstruction, layer_local)
     early_stopping: {pruner: successive_halving, reduction_factor: 3}   # multi-fidelity trials
-    sampler: tpe
+    sampler: tpe                  # tpe, cmaes, random, nsga3, optuna-nsga3, evo
+    evo: {offspring: 16, stages: [[2, 2], [8, 1]], max_swaps: 3}   # sampler evo only
     trials: 40
     calibration: {text: null, samples: 16, seq_len: 256, seed: 0}
     validation: {text: null, seq_len: 512, windows: 20, top_k: 5}
@@ -37,8 +38,8 @@ from sparsealloc.core.plan import parse_pattern
 
 SPACE_COMPONENTS = ("layerwise", "metric", "kv", "allocator", "layer_drop")
 GRANULARITIES = ("block", "bins", "projection", "module")
-SAMPLER_NAMES = ("tpe", "nsga3", "optuna-nsga3", "random", "cmaes")
-SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
+SAMPLER_NAMES = ("tpe", "nsga3", "optuna-nsga3", "random", "cmaes", "evo")
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes", "evo")
 OBJECTIVE_NAMES = ("reconstruction", "kl", "hidden", "layer_local", "remaining_weights", "kv_bytes")
 #: Objectives that can come first (the error proxy); the forward ones report per calibration batch.
 ERROR_PROXIES = ("kl", "reconstruction", "hidden", "layer_local")
@@ -96,20 +97,24 @@ def _section(data: Mapping[str, Any], key: str, cls: type) -> Any:
 class LayerwiseSpec:
     """Per-layer sparsity variables: granularity, window around the target, optional grid step."""
 
-    granularity: str = "block"
+    granularity: str | None = None  # None: "module" for the evo sampler, else "block"
     bins: int = 8
     radius: float = 0.3
     step: float | None = None
     max_sparsity: float = 0.95
+    level_step: float = 0.02  # evo and weight-updating metrics: weights per level / mean group size
 
     def validate(self) -> None:
-        _expect(self.granularity in GRANULARITIES, f"layerwise.granularity must be one of {list(GRANULARITIES)}", self.granularity)
+        _expect(self.granularity is None or self.granularity in GRANULARITIES, f"layerwise.granularity must be one of {list(GRANULARITIES)}", self.granularity)
         _expect(_is_int(self.bins) and self.bins >= 1, "layerwise.bins must be an integer >= 1", self.bins)
         _expect(_is_number(self.radius) and 0 < self.radius < 1, "layerwise.radius must be in (0, 1)", self.radius)
         _expect(self.step is None or (_is_number(self.step) and 0 < self.step <= self.radius),
                 "layerwise.step must be null or in (0, radius]", self.step)
         _expect(_is_number(self.max_sparsity) and 0 < self.max_sparsity < 1,
                 "layerwise.max_sparsity must be in (0, 1)", self.max_sparsity)
+        _expect(_is_number(self.level_step) and 0 < self.level_step <= 1,
+                "layerwise.level_step must be in (0, 1] (weights per level as a fraction of the mean group size)",
+                self.level_step)
 
 
 @dataclass(frozen=True)
@@ -254,6 +259,34 @@ class EarlyStoppingSpec:
 
 
 @dataclass(frozen=True)
+class EvoSpec:
+    """The evo sampler: (1+λ) level-switch search with multi-stage selection (EvoPress).
+
+    Every generation mutates the parent into ``offspring`` distinct children (each by 1 to
+    ``max_swaps`` level swaps). ``stages`` lists ``[windows, survivors]``: in stage ``i`` the
+    remaining candidates are scored on ``windows`` calibration windows drawn afresh from the pool
+    (``calibration.samples``) and the best ``survivors`` go on; the last stage also re-scores the
+    parent on its windows, and the best of them becomes the next parent. Sieberling et al., ICML
+    2025 (arXiv:2410.14649), fast variant: 16 offspring, 1 survivor on 512 tokens, then 8,192.
+    """
+
+    offspring: int = 16
+    stages: tuple[tuple[int, int], ...] = ((2, 2), (8, 1))
+    max_swaps: int = 3
+
+    def validate(self) -> None:
+        _expect(_is_int(self.offspring) and self.offspring >= 1, "evo.offspring must be an integer >= 1", self.offspring)
+        _expect(_is_int(self.max_swaps) and self.max_swaps >= 1, "evo.max_swaps must be an integer >= 1", self.max_swaps)
+        stages = self.stages
+        ok = isinstance(stages, (list, tuple)) and len(stages) >= 1 and all(
+            isinstance(st, (list, tuple)) and len(st) == 2 and all(_is_int(x) and x >= 1 for x in st) for st in stages)
+        _expect(ok, "evo.stages must be a non-empty list of [windows, survivors] pairs of positive integers", stages)
+        survivors = [st[1] for st in stages]
+        _expect(survivors[-1] == 1 and all(a >= b for a, b in zip(survivors, survivors[1:])),
+                "evo.stages must keep fewer or equal survivors at each stage and exactly 1 at the last", stages)
+
+
+@dataclass(frozen=True)
 class ValidationSpec:
     """Held-out perplexity of the top trials after a study (None text = built-in held-out text)."""
 
@@ -284,9 +317,10 @@ class StudySpec:
     kv: KVSpec = field(default_factory=KVSpec)
     allocator: AllocatorSpec = field(default_factory=AllocatorSpec)
     layer_drop: LayerDropSpec = field(default_factory=LayerDropSpec)
-    objectives: tuple[str, ...] = ("hidden",)  # chosen by benchmarks/proxy_choice.py
+    objectives: tuple[str, ...] | None = None  # None: ("kl",) for evo, else ("hidden",) (see README)
     early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
     sampler: str = "tpe"
+    evo: EvoSpec = field(default_factory=EvoSpec)
     population_size: int = 24
     trials: int = 40
     timeout: float | None = None
@@ -297,6 +331,17 @@ class StudySpec:
     device: str | None = None
 
     def __post_init__(self) -> None:
+        # Defaults that depend on the sampler (measured in benchmarks/search_quality.md): the evo
+        # sampler searches one level per Linear with the KL proxy; the others one ratio per block
+        # with the hidden-state proxy (benchmarks/proxy_choice.md).
+        evo = self.sampler == "evo"
+        if self.objectives is None:
+            object.__setattr__(self, "objectives", ("kl",) if evo else ("hidden",))
+        if isinstance(self.layerwise, LayerwiseSpec) and self.layerwise.granularity is None:
+            object.__setattr__(self, "layerwise", replace(self.layerwise, granularity="module" if evo else "block"))
+        if isinstance(self.evo, EvoSpec) and isinstance(self.evo.stages, list):
+            object.__setattr__(self, "evo", replace(self.evo, stages=tuple(
+                tuple(st) if isinstance(st, list) else st for st in self.evo.stages)))
         self.validate()
 
     def validate(self) -> None:
@@ -342,8 +387,11 @@ class StudySpec:
             _expect(self.target_sparsity + 1e-9 < self.layerwise.max_sparsity,
                     f"target_sparsity must be below layerwise.max_sparsity={self.layerwise.max_sparsity}", self.target_sparsity)
         for section in (self.layerwise, self.metric, self.kv, self.allocator, self.layer_drop, self.calibration,
-                        self.validation, self.early_stopping):
+                        self.validation, self.early_stopping, self.evo):
             section.validate()
+        if self.sampler == "evo":
+            _expect(self.calibration.samples >= max(st[0] for st in self.evo.stages),
+                    "calibration.samples (the window pool) must hold the largest evo stage", self.calibration.samples)
         if self.early_stopping.enabled:
             _expect(len(objectives) == 1, "early_stopping needs a single-objective study (Optuna's pruners do not "
                     "support several objectives); set early_stopping.pruner to none", list(objectives))
@@ -361,7 +409,7 @@ class StudySpec:
         _expect(not unknown, f"spec accepts keys {sorted(names)}", unknown)
         sections = {"layerwise": LayerwiseSpec, "metric": MetricSpec, "kv": KVSpec, "allocator": AllocatorSpec,
                     "layer_drop": LayerDropSpec, "calibration": CalibrationSpec, "validation": ValidationSpec,
-                    "early_stopping": EarlyStoppingSpec}
+                    "early_stopping": EarlyStoppingSpec, "evo": EvoSpec}
         kwargs = {k: v for k, v in data.items() if k not in sections}
         for key in ("space", "objectives", "warm_start"):
             if key in kwargs:
@@ -416,4 +464,8 @@ class StudySpec:
             data.pop("layer_drop", None)
         if not self.early_stopping.enabled:  # likewise
             data.pop("early_stopping", None)
+        if self.sampler != "evo":  # likewise
+            data.pop("evo", None)
+        if self.layerwise.level_step == LayerwiseSpec.level_step:  # likewise
+            data["layerwise"].pop("level_step", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

@@ -24,14 +24,15 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy import text
 
+from sparsealloc.core.keys import FAIL_REASON, GENERATION, RETRY_OF, WARM_START
+from sparsealloc.storage.optuna_adapter import backend_of, trials_with_heartbeat, storage_of, trial_id_of
+
 
 class BudgetLock:
     """Cross-process lock on one study (PostgreSQL advisory lock; in-process lock elsewhere)."""
 
     def __init__(self, study: optuna.Study) -> None:
-        storage = study._storage
-        storage = getattr(storage, "_backend", storage)  # unwrap _CachedStorage
-        self.engine = getattr(storage, "engine", None)
+        self.engine = getattr(backend_of(study), "engine", None)
         self.key = zlib.crc32(f"sparsealloc:{study.study_name}".encode()) & 0x7FFFFFFF
         self._local = threading.Lock()
 
@@ -58,7 +59,7 @@ class Heartbeat:
     """Background heartbeats for in-flight trial ids (only when the storage has heartbeats on)."""
 
     def __init__(self, study: optuna.Study) -> None:
-        self.storage = study._storage
+        self.storage = storage_of(study)
         interval = self.storage.get_heartbeat_interval() if hasattr(self.storage, "get_heartbeat_interval") else None
         self.interval = interval
         self.trial_ids: set[int] = set()
@@ -102,7 +103,7 @@ def sweep_stale(study: optuna.Study) -> None:
     ago: an orchestrator killed between creating a trial and its first heartbeat leaves such a
     trial, which Optuna alone never considers stale (and a resumed study would wait for forever).
     """
-    interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    interval = getattr(storage_of(study), "get_heartbeat_interval", lambda: None)()
     if interval:
         optuna.storages.fail_stale_trials(study)
         fail_silent_trials(study, interval)
@@ -112,8 +113,7 @@ def fail_silent_trials(study: optuna.Study, interval: float) -> list[int]:
     """Fail RUNNING trials without any heartbeat that started more than the grace period ago and
     re-queue their parameters (``retry_of``, as :func:`~sparsealloc.storage.rdb.recover_orphans`
     does); returns their numbers."""
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
+    storage, backend = storage_of(study), backend_of(study)
     engine = getattr(backend, "engine", None)
     if engine is None:
         return []
@@ -123,16 +123,15 @@ def fail_silent_trials(study: optuna.Study, interval: float) -> list[int]:
                if t.datetime_start is not None and t.datetime_start < cutoff]
     if not running:
         return []
-    with engine.connect() as conn:
-        beating = {row[0] for row in conn.execute(text("SELECT trial_id FROM trial_heartbeats"))}
+    beating = trials_with_heartbeat(engine)
     failed = []
     for trial in running:
-        if trial._trial_id in beating:
+        if trial_id_of(trial) in beating:
             continue  # Optuna's own sweep judges those
         try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+            storage.set_trial_user_attr(trial_id_of(trial), FAIL_REASON,
                                         "orphaned: its orchestrator stopped before the first heartbeat")
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            if not storage.set_trial_state_values(trial_id_of(trial), state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:  # another orchestrator finished it meanwhile
             continue
@@ -154,8 +153,8 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, once: bool = F
     Returns:
         The number of the trial retried, or None when it was not re-queued.
     """
-    if once and "retry_of" in trial.user_attrs:
+    if once and RETRY_OF in trial.user_attrs:
         return None
-    kept = {k: v for k, v in trial.user_attrs.items() if k in ("warm_start", "generation")}
-    study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number, **kept})
+    kept = {k: v for k, v in trial.user_attrs.items() if k in (WARM_START, GENERATION)}
+    study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number, **kept})
     return trial.number

@@ -13,24 +13,25 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sparsealloc.core.errors import StorageError
+from sparsealloc.core.keys import PLAN, SAMPLER, SPEC_HASH, VALIDATION, WARM_START
 from sparsealloc.core.plan import AllocationPlan
 
 
 def plan_of(study: optuna.Study, trial: FrozenTrial) -> AllocationPlan:
     """The trial's plan with provenance (study, trial, values, sampler, spec hash, validation)."""
-    if "plan" not in trial.user_attrs:
+    if PLAN not in trial.user_attrs:
         raise StorageError(f"trial {trial.number} of study {study.study_name!r} holds no plan")
-    plan = AllocationPlan.from_dict(trial.user_attrs["plan"])
-    validation = study.user_attrs.get("validation") or {}
+    plan = AllocationPlan.from_dict(trial.user_attrs[PLAN])
+    validation = study.user_attrs.get(VALIDATION) or {}
     provenance: dict[str, Any] = {
         **plan.provenance,
         "study": study.study_name,
         "trial": trial.number,
         "values": list(trial.values),
         "objectives": study.metric_names or [],
-        "sampler": study.user_attrs.get("sampler"),
-        "spec_hash": study.user_attrs.get("spec_hash"),
-        "warm_start": trial.user_attrs.get("warm_start"),
+        "sampler": study.user_attrs.get(SAMPLER),
+        "spec_hash": study.user_attrs.get(SPEC_HASH),
+        "warm_start": trial.user_attrs.get(WARM_START),
     }
     if validation:
         provenance["validation"] = {
@@ -40,27 +41,47 @@ def plan_of(study: optuna.Study, trial: FrozenTrial) -> AllocationPlan:
     return plan.replace(provenance=provenance)
 
 
-def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Best trial (single objective) or the Pareto set; StorageError if nothing completed."""
+def best_validated(study: optuna.Study) -> FrozenTrial | None:
+    """The COMPLETE trial with the lowest held-out perplexity, when the study was validated."""
+    ppl = (study.user_attrs.get(VALIDATION) or {}).get("ppl") or {}
+    complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    scored = [(v, int(k)) for k, v in ppl.items() if int(k) in complete and v == v]
+    return complete[min(scored)[1]] if scored else None
+
+
+def best_trials(study: optuna.Study, by: str = "validation") -> list[FrozenTrial]:
+    """Best trial (single objective) or the Pareto set; StorageError if nothing completed.
+
+    Args:
+        study: The study.
+        by: Single objective: "validation" takes the trial with the lowest held-out perplexity when
+            the study was validated (the proxy's best can overfit the calibration windows; measured in
+            benchmarks/search_quality.md), else the lowest proxy; "proxy" always the lowest proxy.
+    """
+    if by not in ("validation", "proxy"):
+        raise StorageError(f"expected the export choice 'validation' or 'proxy', but got {by!r}")
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise StorageError(f"study {study.study_name!r} has no completed trial to export")
     if len(study.directions) == 1:
-        return [study.best_trial]
+        validated = best_validated(study) if by == "validation" else None
+        return [validated or study.best_trial]
     return sorted(study.best_trials, key=lambda t: t.number)
 
 
-def export_study(study: optuna.Study, out_dir: str | Path, pareto: bool | None = None) -> list[Path]:
+def export_study(study: optuna.Study, out_dir: str | Path, pareto: bool | None = None,
+                 by: str = "validation") -> list[Path]:
     """Write the study's best plan(s); returns the written paths.
 
     Args:
         study: The study.
         out_dir: Output folder (created).
         pareto: Write the Pareto set (default: when the study has several objectives).
+        by: Which single-objective trial is best (:func:`best_trials`).
     """
     out_dir = Path(out_dir)
     multi = len(study.directions) > 1
     pareto = multi if pareto is None else pareto
-    trials = best_trials(study)
+    trials = best_trials(study, by)
     if pareto:
         folder = out_dir / "pareto"
         folder.mkdir(parents=True, exist_ok=True)

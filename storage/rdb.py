@@ -27,9 +27,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from sparsealloc.core.errors import SpecError, StorageError
+from sparsealloc.core.keys import DEFAULT_STORAGE, FAIL_REASON
 from sparsealloc.storage.coordination import requeue
-
-DEFAULT_STORAGE = "sqlite:///sparsealloc.db"
+from sparsealloc.storage.optuna_adapter import set_trial_user_attr, trial_id_of
 DRIVER_HINTS = {
     "postgresql": "use postgresql+psycopg2://user@host:5432/db and pip install 'sparsealloc[postgres]'",
     "mysql": "install a MySQL driver, e.g. pip install pymysql, and use mysql+pymysql://user@host/db",
@@ -360,7 +360,7 @@ def recover_orphans(study: optuna.Study) -> list[int]:
     """
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "orphaned: orchestrator stopped mid-trial")
+        set_trial_user_attr(study, trial_id_of(trial), FAIL_REASON, "orphaned: orchestrator stopped mid-trial")
         study.tell(trial.number, state=TrialState.FAIL)
         requeue(study, trial)
         failed.append(trial.number)

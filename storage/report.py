@@ -28,9 +28,9 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from sparsealloc.core.errors import StorageError
+from sparsealloc.core.keys import (ACHIEVED_SPARSITY, GENERATION, PLAN, SAMPLER, SPEC_ATTR, TRIAL_SECONDS,
+                                   VALIDATION, WARM_START)
 from sparsealloc.core.plan import AllocationPlan
-
-SPEC_ATTR = "sparsealloc:spec"
 _INDEX_RE = re.compile(r"^\d+$")
 
 
@@ -52,16 +52,16 @@ def _minimize(study: optuna.Study, index: int = 0) -> bool:
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, objectives, warm start, generation, sparsity, seconds, PPL."""
     names = objective_names(study)
-    ppl = (study.user_attrs.get("validation") or {}).get("ppl", {})
+    ppl = (study.user_attrs.get(VALIDATION) or {}).get("ppl", {})
     rows = []
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
         for i, name in enumerate(names):
             row[name] = t.values[i] if t.values is not None else math.nan
-        row["warm_start"] = t.user_attrs.get("warm_start") or ""
-        row["generation"] = t.user_attrs.get("generation")
-        row["achieved_sparsity"] = t.user_attrs.get("achieved_sparsity", math.nan)
-        row["trial_seconds"] = t.user_attrs.get("trial_seconds", math.nan)
+        row["warm_start"] = t.user_attrs.get(WARM_START) or ""
+        row["generation"] = t.user_attrs.get(GENERATION)
+        row["achieved_sparsity"] = t.user_attrs.get(ACHIEVED_SPARSITY, math.nan)
+        row["trial_seconds"] = t.user_attrs.get(TRIAL_SECONDS, math.nan)
         row["validation_ppl"] = ppl.get(str(t.number), math.nan)
         rows.append(row)
     columns = ["trial", "state", *names, "warm_start", "generation", "achieved_sparsity", "trial_seconds",
@@ -86,19 +86,19 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     names = objective_names(study)
     front = {t.number for t in study.best_trials} if completed(study) else set()
     rows = [{"trial": t.number, **dict(zip(names, t.values)), "pareto": t.number in front,
-             "warm_start": t.user_attrs.get("warm_start") or ""} for t in completed(study)]
+             "warm_start": t.user_attrs.get(WARM_START) or ""} for t in completed(study)]
     return pd.DataFrame(rows, columns=["trial", *names, "pareto", "warm_start"])
 
 
 def report_trial(study: optuna.Study) -> FrozenTrial:
     """The trial whose plan the report shows: the best trial, or, with several objectives, the Pareto
     trial with the best first objective (the proxy)."""
-    done = [t for t in completed(study) if "plan" in t.user_attrs]
+    done = [t for t in completed(study) if PLAN in t.user_attrs]
     if not done:
         raise StorageError(f"study {study.study_name!r} has no completed trial to report")
     if len(study.directions) == 1:
         return study.best_trial
-    front = [t for t in study.best_trials if "plan" in t.user_attrs] or done
+    front = [t for t in study.best_trials if PLAN in t.user_attrs] or done
     pick = min if _minimize(study) else max
     return pick(front, key=lambda t: (t.values[0], t.number))
 
@@ -106,8 +106,8 @@ def report_trial(study: optuna.Study) -> FrozenTrial:
 def warm_start_plan(study: optuna.Study, name: str) -> AllocationPlan | None:
     """The plan of the completed warm-start trial ``name`` (e.g. "owl"), or None."""
     for t in completed(study):
-        if t.user_attrs.get("warm_start") == name and "plan" in t.user_attrs:
-            return AllocationPlan.from_dict(t.user_attrs["plan"])
+        if t.user_attrs.get(WARM_START) == name and PLAN in t.user_attrs:
+            return AllocationPlan.from_dict(t.user_attrs[PLAN])
     return None
 
 
@@ -192,11 +192,11 @@ def per_layer_frame(best: AllocationPlan, target: float | None = None, owl: Allo
 
 def validation_frame(study: optuna.Study) -> pd.DataFrame | None:
     """Validated trials: proxy (first objective) against held-out perplexity; None if not validated."""
-    validation = study.user_attrs.get("validation") or {}
+    validation = study.user_attrs.get(VALIDATION) or {}
     ppl, proxy = validation.get("ppl") or {}, validation.get("proxy") or {}
     if not ppl:
         return None
-    names = {str(t.number): t.user_attrs.get("warm_start") or "" for t in completed(study)}
+    names = {str(t.number): t.user_attrs.get(WARM_START) or "" for t in completed(study)}
     rows = [{"trial": int(k), "proxy": proxy.get(k, math.nan), "ppl": v, "warm_start": names.get(k, "")}
             for k, v in ppl.items()]
     frame = pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)
@@ -251,11 +251,11 @@ def _study_facts(study: optuna.Study, trial: FrozenTrial, storage_label: str | N
         "model": spec.get("model", "?"),
         "target sparsity": spec.get("target_sparsity", "?"),
         "space": ",".join(spec.get("space", [])) or "?",
-        "sampler": study.user_attrs.get("sampler") or spec.get("sampler", "?"),
+        "sampler": study.user_attrs.get(SAMPLER) or spec.get("sampler", "?"),
         "objectives": ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions)),
         "trials": f"{len(done)} complete of {sum(counts.values())} ("
                   + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) + ")",
-        "trial time": f"{sum(t.user_attrs.get('trial_seconds', 0.0) for t in done):.1f} s in trials",
+        "trial time": f"{sum(t.user_attrs.get(TRIAL_SECONDS, 0.0) for t in done):.1f} s in trials",
     })
     if len(study.directions) > 1:
         facts["pareto set"] = f"{len(study.best_trials)} trials"
@@ -263,9 +263,9 @@ def _study_facts(study: optuna.Study, trial: FrozenTrial, storage_label: str | N
     else:
         facts["reported plan"] = f"trial {trial.number} (best {names[0]})"
     facts["reported values"] = ", ".join(f"{n}={v:.6g}" for n, v in zip(names, trial.values))
-    if trial.user_attrs.get("warm_start"):
-        facts["reported values"] += f" (warm start: {trial.user_attrs['warm_start']})"
-    validation = study.user_attrs.get("validation") or {}
+    if trial.user_attrs.get(WARM_START):
+        facts["reported values"] += f" (warm start: {trial.user_attrs[WARM_START]})"
+    validation = study.user_attrs.get(VALIDATION) or {}
     ppl = (validation.get("ppl") or {}).get(str(trial.number))
     if ppl is not None:
         facts["reported plan PPL"] = f"{ppl:.4g} (held-out)"
@@ -317,7 +317,7 @@ def write_report(study: optuna.Study, out_dir: str | Path, numels: Mapping[str, 
     report = Report(out_dir)
     names = objective_names(study)
     spec = study.user_attrs.get(SPEC_ATTR) or {}
-    best_plan = AllocationPlan.from_dict(trial.user_attrs["plan"])
+    best_plan = AllocationPlan.from_dict(trial.user_attrs[PLAN])
     owl = warm_start_plan(study, "owl")
     if owl is None:
         report.notes.append("OWL line left out: the study has no completed 'owl' warm-start trial.")

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random decoder-only models, seeded token windows, a tiny on-disk checkpoint.
+"""Shared fixtures: tiny random decoder-only models, seeded token windows, a tiny on-disk checkpoint,
+model-free layouts.
 
 Every model here is built offline from a config (nothing is downloaded). Widths are multiples of 8
 so that 2:4 and 4:8 patterns apply to every Linear layer.
@@ -7,7 +8,9 @@ so that 2:4 and 4:8 patterns apply to every Linear layer.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,6 +78,23 @@ def build_tokenizer():
                                    eos_token="</s>", unk_token="<unk>")
 
 
+def fake_layout(n_blocks: int = 6, sizes: Mapping[str, int] | None = None,
+                growth: Callable[[int], int] = lambda i: 1) -> SimpleNamespace:
+    """A LayoutLike without a model (search spaces and samplers need only names and sizes).
+
+    Args:
+        n_blocks: Decoder blocks ``model.layers.{i}``, each with an attention module ``.self_attn``.
+        sizes: Linear suffix → weights, per block, in this order (default: a small q_proj and a
+            larger down_proj).
+        growth: Factor on the sizes of block ``i`` (default 1: every block alike).
+    """
+    sizes = sizes or {"self_attn.q_proj": 4096, "mlp.down_proj": 11008}
+    blocks = [f"model.layers.{i}" for i in range(n_blocks)]
+    numels = {f"{b}.{kind}": size * growth(i) for i, b in enumerate(blocks) for kind, size in sizes.items()}
+    return SimpleNamespace(blocks=blocks, linears=list(numels), block_of={n: n.rsplit(".", 2)[0] for n in numels},
+                           numels=numels, attention=[f"{b}.self_attn" for b in blocks])
+
+
 def random_windows(n: int = 6, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
     """Seeded random token ids, shape (n, seq_len)."""
     gen = torch.Generator().manual_seed(seed)
@@ -136,6 +156,12 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory) -> str:
+    """A SQLite study store shared by the tests of one module (each uses its own study names)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'studies.db'}"
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tiny_llama, tiny_tokenizer) -> Path:
     """A tiny Llama checkpoint plus tokenizer saved to disk (loadable by ``load_model`` / the CLI)."""
@@ -150,6 +176,12 @@ def tiny_llama_dir(tmp_path_factory, tiny_llama, tiny_tokenizer) -> Path:
 def model_builder():
     """:func:`build_tiny_model` (arch, seed=0, **config overrides) → fresh tiny model."""
     return build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def layout_builder():
+    """:func:`fake_layout` (n_blocks, sizes, growth) → a model-free layout."""
+    return fake_layout
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,13 @@ class Dispatcher(abc.ABC):
     """Runs trials somewhere (in process, Ray actors...)."""
 
     capacity: int = 1
+    #: Said when the study has early stopping that this dispatcher cannot run (None: it can).
+    early_stopping_note: str | None = None
+
+    @classmethod
+    def for_study(cls, spec, evaluator, **options) -> Dispatcher:
+        """The dispatcher for a study (:func:`sparsealloc.search.study.run`); ``options``: its keywords."""
+        return cls(evaluator, **options)
 
     @abc.abstractmethod
     def submit(self, proposal: Proposal, report: Reporter | None = None) -> None:

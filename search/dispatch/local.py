@@ -28,11 +28,11 @@ class LocalDispatcher(Dispatcher):
         self._done: list[tuple[int, Outcome]] = []
 
     def submit(self, proposal: Proposal, report: Reporter | None = None) -> None:
+        options = {} if report is None else {"report": report}
+        if proposal.windows is not None:  # a selection stage's fidelity (evo)
+            options["windows"] = proposal.windows
         try:
-            if report is None:
-                outcome = self.evaluator(proposal.params)
-            else:
-                outcome = self.evaluator(proposal.params, report=report)
+            outcome = self.evaluator(proposal.params, **options)
         except Exception as exc:  # a trial's fault is data, not a crash of the study
             outcome = Outcome("failed", reason=failure_reason(exc))
         self._done.append((proposal.trial_number, outcome))

@@ -1,9 +1,9 @@
 """Ray dispatcher: a pool of long-lived scorer actors, kept busy asynchronously.
 
 Each actor loads the model once, receives the calibration windows through the object store (a
-numpy array: zero-copy, read-only, no per-actor pickling), builds its own
-:class:`~sparsealloc.objectives.EvalContext` (statistics, pristine weights, dense reference) and
-then scores trials. Actors never touch the study store: the orchestrator stays the single writer.
+numpy array: zero-copy, read-only, no per-actor pickling), builds its evaluator as the driver does
+(:func:`~sparsealloc.search.session.build_evaluator`: statistics, pristine weights, dense reference)
+and then scores trials. Actors never touch the study store: the orchestrator stays the single writer.
 
 Early stopping is in process only: actors never call back to the orchestrator, so ``report`` is
 ignored here and every trial runs to full fidelity (its intermediate values are written after the
@@ -47,23 +47,18 @@ class ScorerActor:
         import torch
 
         from sparsealloc.core import progress
-        from sparsealloc.objectives import EvalContext, TrialEvaluator
-        from sparsealloc.pruning.models import load_model
+        from sparsealloc.search.session import build_evaluator
         from sparsealloc.spaces.spec import StudySpec
 
         progress.set_mode("quiet")
         torch.set_num_threads(max(1, threads))
-        spec = StudySpec.from_dict(dict(spec_dict))
         windows = torch.from_numpy(np.array(ray.get(windows_holder[0])))  # small: (n, seq_len) ids
-        model, tokenizer, _ = load_model(spec.model, device=spec.device)
-        ctx = EvalContext.build(model, windows, spec.calibration.batch_size,
-                                model_info={"name": spec.model}, tokenizer=tokenizer, lazy_pristine=True)
-        self.evaluator = TrialEvaluator(ctx, spec)
+        self.evaluator = build_evaluator(StudySpec.from_dict(dict(spec_dict)), windows=windows)
         self.pid = os.getpid()
 
-    def score(self, params: Mapping[str, Any]) -> Outcome:
+    def score(self, params: Mapping[str, Any], windows: tuple[int, ...] | None = None) -> Outcome:
         try:
-            return self.evaluator(params)
+            return self.evaluator(params) if windows is None else self.evaluator(params, windows=windows)
         except Exception as exc:  # a trial fault is data
             return Outcome("failed", reason=failure_reason(exc))
 
@@ -85,6 +80,13 @@ class RayDispatcher(Dispatcher):
         actor_body: The actor's class: :class:`ScorerActor` or a subclass of it (instrumented
             scorers, e.g. in tests).
     """
+
+    early_stopping_note = "note: early stopping runs in process only; Ray workers score every trial to full fidelity"
+
+    @classmethod
+    def for_study(cls, spec, evaluator, **options) -> RayDispatcher:
+        """Actors that rebuild the evaluator from ``spec`` on ``evaluator``'s calibration windows."""
+        return cls(spec, evaluator.ctx.windows, **options)
 
     def __init__(self, spec, windows, workers: int = 2, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
                  address: str | None = None, max_restarts: int = 1,
@@ -119,7 +121,7 @@ class RayDispatcher(Dispatcher):
         if not self._idle:
             raise RuntimeError("submit() called with no idle worker; respect capacity")
         actor = self._idle.pop(0)
-        ref = actor.score.remote(dict(proposal.params))
+        ref = actor.score.remote(dict(proposal.params), proposal.windows)
         self._inflight[ref] = (actor, proposal)
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:

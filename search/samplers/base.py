@@ -23,10 +23,12 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
+from sparsealloc.core.keys import FAIL_REASON, WARM_START
 from sparsealloc.core.registry import Registry
 from sparsealloc.core.types import Outcome, Proposal
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
 from sparsealloc.spaces.space import SearchSpace
+from sparsealloc.storage.optuna_adapter import storage_of
 
 
 def to_distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
@@ -68,7 +70,15 @@ class Sampler(abc.ABC):
     def enqueue(self, values: Mapping[str, Any], name: str) -> None:
         """Queue a warm start; values are clipped to the space first."""
         clipped = {p.name: p.clip(values[p.name]) for p in self.space.params if p.name in values}
-        self.study.enqueue_trial(clipped, user_attrs={"warm_start": name}, skip_if_exists=True)
+        self.study.enqueue_trial(clipped, user_attrs={WARM_START: name}, skip_if_exists=True)
+
+    @property
+    def parked(self) -> int:
+        """RUNNING trials this sampler holds between selection stages (not in flight). Default 0."""
+        return 0
+
+    def close(self) -> None:
+        """End of a run: settle trials held between stages (the evo sampler prunes them). Default: nothing."""
 
     @property
     def prunes(self) -> bool:
@@ -85,7 +95,7 @@ class Sampler(abc.ABC):
     @staticmethod
     def finish(study: optuna.Study, trial_id: int, number: int, outcome: Outcome) -> None:
         """Write an outcome into the store (attrs, intermediate values, final state)."""
-        storage = study._storage
+        storage = storage_of(study)
         for key, value in outcome.attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
         for step, value in outcome.intermediate:
@@ -96,7 +106,7 @@ class Sampler(abc.ABC):
         elif outcome.state == "pruned":
             study.tell(number, state=optuna.trial.TrialState.PRUNED)
         else:
-            storage.set_trial_user_attr(trial_id, "fail_reason", outcome.reason or "unknown")
+            storage.set_trial_user_attr(trial_id, FAIL_REASON, outcome.reason or "unknown")
             study.tell(number, state=optuna.trial.TrialState.FAIL)
 
 
@@ -106,3 +116,4 @@ SAMPLERS.register_lazy("cmaes", "sparsealloc.search.samplers.optuna_samplers:Cma
 SAMPLERS.register_lazy("random", "sparsealloc.search.samplers.optuna_samplers:RandomSampler")
 SAMPLERS.register_lazy("optuna-nsga3", "sparsealloc.search.samplers.optuna_samplers:OptunaNSGA3Sampler")
 SAMPLERS.register_lazy("nsga3", "sparsealloc.search.samplers.pymoo_nsga3:PymooNSGA3Sampler")
+SAMPLERS.register_lazy("evo", "sparsealloc.search.samplers.evo:EvoSampler")

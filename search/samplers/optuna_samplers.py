@@ -8,6 +8,7 @@ import optuna
 
 from sparsealloc.core.types import Outcome, Proposal
 from sparsealloc.search.samplers.base import Sampler
+from sparsealloc.storage.optuna_adapter import trial_id_of
 
 
 class OptunaSampler(Sampler):
@@ -58,7 +59,7 @@ class OptunaSampler(Sampler):
         trial = self._pending.pop(trial_number, None)
         if trial is None:
             return  # already told (idempotent) or not ours
-        self.finish(self.study, trial._trial_id, trial_number, outcome)
+        self.finish(self.study, trial_id_of(trial), trial_number, outcome)
 
 
 class TPESampler(OptunaSampler):

@@ -27,7 +27,6 @@ from pymoo.algorithms.moo.nsga3 import NSGA3, ReferenceDirectionSurvival
 from pymoo.core.evaluator import Evaluator
 from pymoo.core.population import Population
 from pymoo.core.problem import Problem
-from pymoo.core.repair import Repair
 from pymoo.core.termination import NoTermination
 from pymoo.operators.crossover.sbx import SBX
 from pymoo.operators.mutation.pm import PM
@@ -35,10 +34,12 @@ from pymoo.operators.sampling.rnd import FloatRandomSampling
 from pymoo.problems.static import StaticProblem
 from pymoo.util.ref_dirs import get_reference_directions
 
+from sparsealloc.core.keys import GENERATION, RETRY_OF, SOURCE as SOURCE_KEY, WARM_START
 from sparsealloc.core.types import Outcome, Proposal
 from sparsealloc.search.samplers.base import Sampler
 from sparsealloc.spaces.params import FloatParam, IntParam, Param
 from sparsealloc.spaces.space import SearchSpace
+from sparsealloc.storage.optuna_adapter import pymoo_repair, set_trial_user_attr, trial_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -149,15 +150,6 @@ class _Slot:
     score: tuple[np.ndarray, float] | None = None
 
 
-class _RoundingRepair(Repair):
-    def __init__(self, codec: _Codec) -> None:
-        super().__init__()
-        self.codec = codec
-
-    def _do(self, problem, X, **kwargs):
-        return self.codec.repair(X)
-
-
 class PymooNSGA3Sampler(Sampler):
     """NSGA-III (Deb & Jain 2014) from pymoo, generation by generation, mirrored into Optuna.
 
@@ -254,35 +246,34 @@ class PymooNSGA3Sampler(Sampler):
 
     def _ask_individual(self, slot: _Slot) -> list[Proposal]:
         params = self.codec.decode(slot.x)
-        attrs = {"generation": self.generation, "source": SOURCE}
-        self.study.enqueue_trial(params, user_attrs=attrs)
+        self.study.enqueue_trial(params, user_attrs={GENERATION: self.generation, SOURCE_KEY: SOURCE})
         out: list[Proposal] = []
         while True:
             trial = self.study.ask(fixed_distributions=self.distributions)
-            if trial.user_attrs.get("source") == SOURCE and trial.user_attrs.get("generation") == self.generation \
-                    and "warm_start" not in trial.user_attrs and "retry_of" not in trial.user_attrs:
+            attrs = trial.user_attrs
+            if attrs.get(SOURCE_KEY) == SOURCE and attrs.get(GENERATION) == self.generation \
+                    and WARM_START not in attrs and RETRY_OF not in attrs:
                 break
             # Someone else enqueued in between (the single-writer design rules this out): the
             # popped trial joins this generation too.
             out.append(self._adopt(trial))
-        slot.number, slot.trial_id = trial.number, trial._trial_id
+        slot.number, slot.trial_id = trial.number, trial_id_of(trial)
         self._member[trial.number] = slot
         out.append(Proposal(trial.number, dict(trial.params), dict(trial.user_attrs)))
         return out
 
     def _adopt(self, trial: optuna.Trial) -> Proposal:
         """A popped WAITING trial fills a reserved slot of this generation (or an extra one)."""
-        storage = self.study._storage
-        storage.set_trial_user_attr(trial._trial_id, "generation", self.generation)
-        storage.set_trial_user_attr(trial._trial_id, "source", SOURCE)
+        set_trial_user_attr(self.study, trial_id_of(trial), GENERATION, self.generation)
+        set_trial_user_attr(self.study, trial_id_of(trial), SOURCE_KEY, SOURCE)
         slot = next((s for s in self._slots if s.x is None), None)
         if slot is None:
             slot = _Slot(None)
             self._slots.append(slot)
         slot.x = self.codec.encode(trial.params, self.space.default)
-        slot.number, slot.trial_id = trial.number, trial._trial_id
+        slot.number, slot.trial_id = trial.number, trial_id_of(trial)
         self._member[trial.number] = slot
-        attrs = {**trial.user_attrs, "generation": self.generation, "source": SOURCE}
+        attrs = {**trial.user_attrs, GENERATION: self.generation, SOURCE_KEY: SOURCE}
         return Proposal(trial.number, dict(trial.params), attrs)
 
     def _drop_vanished_reservations(self, waiting: int) -> None:
@@ -329,7 +320,7 @@ class PymooNSGA3Sampler(Sampler):
         algorithm = NSGA3(ref_dirs=self.ref_dirs, pop_size=self.population_size,
                           crossover=SBX(prob=self.crossover_prob, eta=self.crossover_eta),
                           mutation=PM(eta=self.mutation_eta),
-                          repair=_RoundingRepair(self.codec), eliminate_duplicates=True, **kwargs)
+                          repair=pymoo_repair(self.codec.repair), eliminate_duplicates=True, **kwargs)
         # Seeded by (seed, generation): a resumed study does not replay the randomness of its start.
         algorithm.setup(self.problem, termination=NoTermination(), seed=self._derived_seed())
         return algorithm
@@ -359,12 +350,12 @@ class PymooNSGA3Sampler(Sampler):
     def _rebuild(self) -> None:
         """Resume: the population from the latest finished individuals in the store."""
         trials = self.study.get_trials(deepcopy=False)
-        generations = [t.user_attrs["generation"] for t in trials if "generation" in t.user_attrs]
+        generations = [t.user_attrs[GENERATION] for t in trials if GENERATION in t.user_attrs]
         if not generations:
             return
         self.generation = int(max(generations)) + 1
-        retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-        finished = [t for t in trials if "generation" in t.user_attrs and t.number not in retried
+        retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+        finished = [t for t in trials if GENERATION in t.user_attrs and t.number not in retried
                     and t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)]
         finished = finished[-REBUILD_POPULATIONS * self.population_size:]
         if not finished:

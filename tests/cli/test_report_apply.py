@@ -239,9 +239,9 @@ def test_apply_writes_checkpoint_recipe_and_lm_eval_line(store, tiny_llama_dir, 
     other = linear_zeros(AutoModelForCausalLM.from_pretrained(again, dtype=torch.float32))
     assert all(torch.equal(zeros[n], other[n]) for n in zeros)
 
-    # recipe.yaml: llm-compressor-style, one entry per module equal to the plan's per-module sparsity
+    # recipe.yaml: llm-compressor recipe, one ratio per module equal to the plan's per-module sparsity
     text = (save / "recipe.yaml").read_text(encoding="utf-8")
-    assert text.startswith("# llm-compressor-style recipe")
+    assert text.startswith("# llm-compressor recipe")
     recipe = yaml.safe_load(text)
     modifier = recipe["sparsity_stage"]["sparsity_modifiers"]["WandaPruningModifier"]
     assert recipe_sparsity(recipe) == ratios

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -23,7 +22,7 @@ from sparsealloc.search.samplers.base import SAMPLERS, Sampler
 from sparsealloc.search.session import open_sampler
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
 from sparsealloc.spaces.space import SearchSpace
-from sparsealloc.spaces.spec import SINGLE_OBJECTIVE_SAMPLERS, KVSpec, StudySpec
+from sparsealloc.spaces.spec import SINGLE_OBJECTIVE_SAMPLERS, EvoSpec, KVSpec, StudySpec
 from sparsealloc.storage.export import export_study
 from sparsealloc.storage.rdb import open_storage
 
@@ -37,24 +36,28 @@ CASES = [(name, n_obj) for name in SAMPLERS.names() for n_obj in (1, 2)
 
 
 # ----------------------------------------------------------------------------------- fixtures
-def fake_layout(n_blocks: int = 6) -> SimpleNamespace:
-    """A LayoutLike: per block a small q_proj and a larger down_proj, both growing with depth."""
-    blocks = [f"model.layers.{i}" for i in range(n_blocks)]
-    linears, block_of, numels = [], {}, {}
-    for i, block in enumerate(blocks):
-        for kind, size in (("self_attn.q_proj", 64 * 64), ("mlp.down_proj", 64 * 172)):
-            name = f"{block}.{kind}"
-            linears.append(name)
-            block_of[name] = block
-            numels[name] = size * (1 + i % 3)
-    return SimpleNamespace(blocks=blocks, linears=linears, block_of=block_of, numels=numels,
-                           attention=[f"{b}.self_attn" for b in blocks])
+#: Per block a small q_proj and a larger down_proj, both growing with depth (:func:`growth`).
+SIZES = {"self_attn.q_proj": 64 * 64, "mlp.down_proj": 64 * 172}
+
+
+def growth(block: int) -> int:
+    return 1 + block % 3
+
+
+@pytest.fixture(scope="module")
+def layout(layout_builder):
+    return layout_builder(6, SIZES, growth)
+
+
+#: evo with one selection stage on the whole window pool (calibration.samples, 16): every trial is
+#: scored on all windows, as the other samplers' are.
+EVO_ONE_STAGE = EvoSpec(offspring=POPULATION, stages=((16, 1),))
 
 
 def make_spec(name: str, sampler: str, n_obj: int, trials: int = 10) -> StudySpec:
     return StudySpec(name=name, target_sparsity=TARGET, space=("layerwise", "kv"), objectives=OBJECTIVES[n_obj],
                      sampler=sampler, population_size=POPULATION, trials=trials, seed=3,
-                     kv=KVSpec(bits=(2, 4, 8, 16), separate_kv=False), warm_start=("uniform",))
+                     kv=KVSpec(bits=(2, 4, 8, 16), separate_kv=False), warm_start=("uniform",), evo=EVO_ONE_STAGE)
 
 
 def weighted_mean(sparsity, numels) -> float:
@@ -70,7 +73,7 @@ class SyntheticEvaluator:
         self.calls = 0
         self.budgets: list[float] = []
 
-    def __call__(self, params) -> Outcome:
+    def __call__(self, params, windows=None) -> Outcome:
         self.calls += 1
         decoded = self.space.decode(params)
         numels = self.space.layout.numels
@@ -110,16 +113,11 @@ class Case:
         return self.study.get_trials(deepcopy=False)[number]
 
 
-@pytest.fixture(scope="module")
-def store_url(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('contract') / 'studies.db'}"
-
-
 @pytest.fixture(params=CASES, ids=[f"{name}-{n}obj" for name, n in CASES])
-def case(request, store_url) -> Case:
+def case(request, store_url, layout) -> Case:
     name, n_obj = request.param
     spec = make_spec(request.node.name, name, n_obj)
-    space = SearchSpace(spec, fake_layout())
+    space = SearchSpace(spec, layout)
     sampler = open_sampler(spec, open_storage(store_url), space)
     assert type(sampler) is SAMPLERS.get(name)
     return Case(name, n_obj, store_url, spec, space, sampler)
@@ -276,12 +274,12 @@ def test_export_writes_the_non_dominated_set(case, tmp_path):
     assert all(math.isfinite(v) for values in front for v in values)
 
 
-def test_a_tiny_discrete_space_never_stalls(case, store_url):
+def test_a_tiny_discrete_space_never_stalls(case, store_url, layout_builder):
     """Four possible candidates, more trials than that: duplicates are fine, a stall is not."""
     spec = StudySpec(name=f"{case.spec.name}-tiny", target_sparsity=TARGET, space=("kv",),
                      objectives=OBJECTIVES[case.n_obj], sampler=case.name, population_size=POPULATION,
-                     seed=1, kv=KVSpec(bits=(8, 16), separate_kv=False))
-    space = SearchSpace(spec, fake_layout(n_blocks=2))
+                     seed=1, kv=KVSpec(bits=(8, 16), separate_kv=False), evo=EVO_ONE_STAGE)
+    space = SearchSpace(spec, layout_builder(2, SIZES, growth))
     sampler = open_sampler(spec, open_storage(store_url), space)
     run_study(sampler, LocalDispatcher(SyntheticEvaluator(space, case.n_obj)), 10)
     complete = sampler.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -301,9 +299,9 @@ def test_nsga3_reference_directions_fit_the_population(n_obj, population, count)
 
 
 @pytest.fixture
-def nsga3(store_url, request) -> Case:
+def nsga3(store_url, request, layout) -> Case:
     spec = make_spec(request.node.name, "nsga3", 2)
-    space = SearchSpace(spec, fake_layout())
+    space = SearchSpace(spec, layout)
     return Case("nsga3", 2, store_url, spec, space, open_sampler(spec, open_storage(store_url), space))
 
 

@@ -6,7 +6,6 @@ Synthetic space and evaluator (no model), SQLite store in a temporary folder.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -18,20 +17,12 @@ from sparsealloc.search.orchestrator import AllTrialsFailed, run_study
 from sparsealloc.search.samplers.base import SAMPLERS
 from sparsealloc.search.session import open_sampler
 from sparsealloc.spaces.space import SearchSpace
-from sparsealloc.spaces.spec import KVSpec, StudySpec
+from sparsealloc.spaces.spec import EvoSpec, KVSpec, StudySpec
 from sparsealloc.storage.rdb import open_storage, recover_orphans
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 TARGET = 0.6
-
-
-def fake_layout(n_blocks: int = 4) -> SimpleNamespace:
-    blocks = [f"model.layers.{i}" for i in range(n_blocks)]
-    linears = [f"{b}.{kind}" for b in blocks for kind in ("self_attn.o_proj", "mlp.up_proj")]
-    return SimpleNamespace(blocks=blocks, linears=linears, block_of={n: n.rsplit(".", 2)[0] for n in linears},
-                           numels={n: 4096 if "o_proj" in n else 9216 for n in linears},
-                           attention=[f"{b}.self_attn" for b in blocks])
 
 
 def weighted_mean(ratios, numels) -> float:
@@ -47,7 +38,7 @@ class Evaluator:
         self.space, self.script, self.default = space, list(script), default
         self.calls = 0
 
-    def __call__(self, params) -> Outcome:
+    def __call__(self, params, windows=None) -> Outcome:
         action = self.script[self.calls] if self.calls < len(self.script) else self.default
         self.calls += 1
         if action == "crash":
@@ -71,16 +62,19 @@ class Crash(BaseException):
     """Stands for the orchestrator dying mid-trial."""
 
 
-@pytest.fixture(scope="module")
-def store_url(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('orchestrator') / 'studies.db'}"
+@pytest.fixture
+def new_study(store_url, request, layout_builder):
+    """Factory: sampler name → (spec, space, sampler) of a new study named after the test."""
+    layout = layout_builder(4, {"self_attn.o_proj": 4096, "mlp.up_proj": 9216})
 
+    def make(sampler: str):
+        spec = StudySpec(name=request.node.name, target_sparsity=TARGET, space=("layerwise", "kv"),
+                         sampler=sampler, population_size=4, seed=0, kv=KVSpec(bits=(4, 8, 16), separate_kv=False),
+                         evo=EvoSpec(offspring=3, stages=((16, 1),)))  # one stage: every "ok" completes
+        space = SearchSpace(spec, layout)
+        return spec, space, open_sampler(spec, open_storage(store_url), space)
 
-def new_study(url: str, name: str, sampler: str):
-    spec = StudySpec(name=name, target_sparsity=TARGET, space=("layerwise", "kv"), sampler=sampler,
-                     population_size=4, seed=0, kv=KVSpec(bits=(4, 8, 16), separate_kv=False))
-    space = SearchSpace(spec, fake_layout())
-    return spec, space, open_sampler(spec, open_storage(url), space)
+    return make
 
 
 def states(study) -> dict[str, int]:
@@ -91,8 +85,8 @@ def states(study) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("sampler_name", SAMPLERS.names())
-def test_all_failing_trials_stop_the_study_with_the_reason(store_url, sampler_name, request):
-    _, space, sampler = new_study(store_url, request.node.name, sampler_name)
+def test_all_failing_trials_stop_the_study_with_the_reason(new_study, sampler_name):
+    _, space, sampler = new_study(sampler_name)
     with pytest.raises(AllTrialsFailed, match="5 trials in a row failed; last reason: objective is NaN"):
         run_study(sampler, LocalDispatcher(Evaluator(space, default="fail")), n_trials=10)
     failed = sampler.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
@@ -101,8 +95,8 @@ def test_all_failing_trials_stop_the_study_with_the_reason(store_url, sampler_na
 
 
 @pytest.mark.parametrize("sampler_name", ["tpe", "nsga3"])
-def test_an_exception_fails_that_trial_and_the_study_completes(store_url, sampler_name, request):
-    _, space, sampler = new_study(store_url, request.node.name, sampler_name)
+def test_an_exception_fails_that_trial_and_the_study_completes(new_study, sampler_name):
+    _, space, sampler = new_study(sampler_name)
     run = run_study(sampler, LocalDispatcher(Evaluator(space, script=["ok", "raise", "raise", "ok"])), n_trials=5)
     assert run.told == {"complete": 5, "failed": 2}
     assert states(sampler.study) == {"COMPLETE": 5, "FAIL": 2}
@@ -112,8 +106,8 @@ def test_an_exception_fails_that_trial_and_the_study_completes(store_url, sample
 
 
 @pytest.mark.parametrize("sampler_name", ["tpe", "nsga3"])
-def test_a_dead_worker_fails_its_trial_and_the_parameters_run_once_more(store_url, sampler_name, request):
-    _, space, sampler = new_study(store_url, request.node.name, sampler_name)
+def test_a_dead_worker_fails_its_trial_and_the_parameters_run_once_more(new_study, sampler_name):
+    _, space, sampler = new_study(sampler_name)
     # trial 1's worker dies; its retry dies too (not queued a third time); trial 3's retry completes
     script = ["ok", "died", "died", "died", "ok", "ok", "ok"]
     run = run_study(sampler, LocalDispatcher(Evaluator(space, script=script)), n_trials=5)
@@ -129,16 +123,16 @@ def test_a_dead_worker_fails_its_trial_and_the_parameters_run_once_more(store_ur
     assert states(sampler.study) == {"COMPLETE": 5, "FAIL": 3}
 
 
-def test_failures_in_a_row_reset_after_a_success(store_url, request):
-    _, space, sampler = new_study(store_url, request.node.name, "random")
+def test_failures_in_a_row_reset_after_a_success(new_study):
+    _, space, sampler = new_study("random")
     script = ["fail", "fail", "ok", "fail", "fail", "ok", "fail", "fail"]
     run = run_study(sampler, LocalDispatcher(Evaluator(space, script=script)), n_trials=4, max_failures_in_a_row=3)
     assert run.told == {"complete": 4, "failed": 6}
 
 
 @pytest.mark.parametrize("sampler_name", ["random", "nsga3"])
-def test_recover_orphans_fails_and_requeues_running_trials(store_url, sampler_name, request):
-    spec, space, sampler = new_study(store_url, request.node.name, sampler_name)
+def test_recover_orphans_fails_and_requeues_running_trials(new_study, store_url, sampler_name):
+    spec, space, sampler = new_study(sampler_name)
     done, orphan = sampler.ask(2)
     sampler.tell(done.trial_number, Outcome("complete", values=(1.0,)))
     del sampler  # the orchestrator dies with ``orphan`` RUNNING
@@ -160,8 +154,8 @@ def test_recover_orphans_fails_and_requeues_running_trials(store_url, sampler_na
 
 
 @pytest.mark.parametrize("sampler_name", SAMPLERS.names())
-def test_resume_after_a_crash_reaches_exactly_the_budget(store_url, sampler_name, request):
-    spec, space, sampler = new_study(store_url, request.node.name, sampler_name)
+def test_resume_after_a_crash_reaches_exactly_the_budget(new_study, store_url, sampler_name):
+    spec, space, sampler = new_study(sampler_name)
     sampler.enqueue(space.defaults(), "uniform")
     with pytest.raises(Crash):
         script = ["ok", "fail", "ok", "ok", "ok", "crash"]
@@ -183,8 +177,8 @@ def test_resume_after_a_crash_reaches_exactly_the_budget(store_url, sampler_name
         assert generations == sorted(generations) and generations[-1] >= 2
 
 
-def test_a_timeout_stops_the_study_between_trials(store_url, request):
-    _, space, sampler = new_study(store_url, request.node.name, "random")
+def test_a_timeout_stops_the_study_between_trials(new_study):
+    _, space, sampler = new_study("random")
     evaluator = Evaluator(space)
 
     def slow(params):

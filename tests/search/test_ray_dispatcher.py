@@ -96,9 +96,9 @@ def _slow_scorer(seconds: float) -> type:
     """
 
     class SlowScorer(ScorerActor):
-        def score(self, params):
+        def score(self, params, windows=None):
             time.sleep(seconds)
-            return super().score(params)
+            return super().score(params, windows)
 
     return SlowScorer
 

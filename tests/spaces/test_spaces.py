@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -14,23 +14,6 @@ from sparsealloc.core.plan import MetricChoice
 from sparsealloc.spaces.budget import project_to_budget, weighted_mean
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import LayerwiseSpec, StudySpec
-
-
-def fake_layout(n_blocks: int = 6) -> SimpleNamespace:
-    """Per block a q_proj (small) and a down_proj (large), sizes growing with depth."""
-    blocks = [f"model.layers.{i}" for i in range(n_blocks)]
-    linears, block_of, numels = [], {}, {}
-    for i, block in enumerate(blocks):
-        for kind, size in (("self_attn.q_proj", 4096), ("mlp.down_proj", 11008)):
-            name = f"{block}.{kind}"
-            linears.append(name)
-            block_of[name] = block
-            numels[name] = size * (i + 1)
-    return SimpleNamespace(blocks=blocks, linears=linears, block_of=block_of, numels=numels,
-                           attention=[f"{b}.self_attn" for b in blocks])
-
-
-LAYOUT = fake_layout()
 
 
 def budget(space: SearchSpace, sparsity) -> float:
@@ -83,18 +66,25 @@ GRANULARITIES = {
 }
 
 
-def make_space(granularity: str = "block", space=("layerwise",), target: float = 0.6, **layerwise) -> SearchSpace:
-    spec = StudySpec(target_sparsity=target, space=space,
-                     layerwise=LayerwiseSpec(granularity=granularity, bins=4, **layerwise))
-    return SearchSpace(spec, LAYOUT)
+@pytest.fixture(scope="module")
+def make_space(layout_builder):
+    """Factory of spaces over 6 blocks, each a q_proj (small) and a down_proj (large), growing with depth."""
+    layout = layout_builder(6, growth=lambda i: i + 1)
+
+    def make(granularity: str = "block", space=("layerwise",), target: float = 0.6, **layerwise) -> SearchSpace:
+        spec = StudySpec(target_sparsity=target, space=space,
+                         layerwise=LayerwiseSpec(granularity=granularity, bins=4, **layerwise))
+        return SearchSpace(spec, layout)
+
+    return make
 
 
 @pytest.mark.parametrize("granularity", sorted(GRANULARITIES))
-def test_every_granularity_decodes_to_the_exact_budget(granularity):
+def test_every_granularity_decodes_to_the_exact_budget(granularity, make_space):
     space = make_space(granularity, space=("layerwise", "kv"))
     n_groups, some_groups = GRANULARITIES[granularity]
     assert len(space.groups) == n_groups
-    assert sorted(n for names in space.groups.values() for n in names) == sorted(LAYOUT.linears)
+    assert sorted(n for names in space.groups.values() for n in names) == sorted(space.layout.linears)
     for members in some_groups:
         assert any(set(names) == set(members) for names in space.groups.values())
     rng = random.Random(granularity)
@@ -102,16 +92,16 @@ def test_every_granularity_decodes_to_the_exact_budget(granularity):
         # In-range proposals and out-of-range ones (clipped first).
         values = {g: rng.uniform(space.lo - 0.2, space.hi + 0.2) for g in space.groups}
         decoded = space.decode(values)
-        assert set(decoded.sparsity) == set(LAYOUT.linears)
+        assert set(decoded.sparsity) == set(space.layout.linears)
         assert abs(budget(space, decoded.sparsity) - 0.6) < 1e-9
         assert all(space.lo <= r <= space.hi for r in decoded.sparsity.values())
         for group, names in space.groups.items():
             assert {decoded.sparsity[n] for n in names} == {decoded.group_ratios[group]}
         plan = decoded.to_plan()
-        assert set(plan.kv_bits) == set(LAYOUT.attention)
+        assert set(plan.kv_bits) == set(space.layout.attention)
 
 
-def test_the_grid_step_keeps_the_budget_exact():
+def test_the_grid_step_keeps_the_budget_exact(make_space):
     space = make_space("block", step=0.05)
     values = {g: 0.5 + 0.05 * i for i, g in enumerate(space.groups)}
     assert abs(budget(space, space.decode(values).sparsity) - 0.6) < 1e-9
@@ -119,7 +109,7 @@ def test_the_grid_step_keeps_the_budget_exact():
 
 @pytest.mark.parametrize("granularity", sorted(GRANULARITIES))
 @pytest.mark.parametrize("components", [("layerwise",), ("layerwise", "metric", "kv")])
-def test_defaults_decode_to_the_uniform_allocation(granularity, components):
+def test_defaults_decode_to_the_uniform_allocation(granularity, components, make_space):
     space = make_space(granularity, space=components)
     for decoded in (space.decode(space.defaults()), space.decode({})):
         assert all(abs(r - 0.6) < 1e-12 for r in decoded.sparsity.values())
@@ -130,22 +120,22 @@ def test_defaults_decode_to_the_uniform_allocation(granularity, components):
         else:
             assert decoded.metric == MetricChoice("wanda", {})
         if "kv" in components:
-            assert decoded.kv_bits == {a: {"k": 16, "v": 16} for a in LAYOUT.attention}
+            assert decoded.kv_bits == {a: {"k": 16, "v": 16} for a in space.layout.attention}
         else:
             assert decoded.kv_bits == {}
 
 
-def test_encode_sparsity_round_trips_a_blockwise_allocation():
+def test_encode_sparsity_round_trips_a_blockwise_allocation(make_space):
     space = make_space("block")
     per_block = [0.52, 0.55, 0.58, 0.61, 0.64, 0.67]
-    ratios = {n: per_block[int(n.split(".")[2])] for n in LAYOUT.linears}
+    ratios = {n: per_block[int(n.split(".")[2])] for n in space.layout.linears}
     shift = 0.6 - budget(space, ratios)
     ratios = {n: r + shift for n, r in ratios.items()}  # on budget, inside the window
     decoded = space.decode(space.encode_sparsity(ratios))
-    assert all(abs(decoded.sparsity[n] - ratios[n]) < 1e-9 for n in LAYOUT.linears)
+    assert all(abs(decoded.sparsity[n] - ratios[n]) < 1e-9 for n in space.layout.linears)
 
 
-def test_decode_rejects_unknown_parameters():
+def test_decode_rejects_unknown_parameters(make_space):
     with pytest.raises(SpecError, match="unknown search parameters"):
         make_space().decode({"sparsity/block_99": 0.5})
 
@@ -199,7 +189,7 @@ def test_load_reports_unreadable_and_unparsable_files(tmp_path):
 def test_spec_hash_is_stable_and_ignores_name_and_budget():
     spec = StudySpec(target_sparsity=0.6, space=("layerwise", "kv"))
     digest = spec.spec_hash()
-    assert len(digest) == 12 and int(digest, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{12}", digest), digest  # 12 lowercase hex digits
     assert StudySpec(target_sparsity=0.6, space=("layerwise", "kv")).spec_hash() == digest
     assert StudySpec.from_dict(spec.to_dict()).spec_hash() == digest
     assert StudySpec.from_dict({"target_sparsity": 0.6, "space": "layerwise,kv"}).spec_hash() == digest

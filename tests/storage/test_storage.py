@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -32,12 +31,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 PG_HOST, PG_PORT, PG_DATABASE, PG_USERS = "127.0.0.1", 5432, "test", ("postgres", "root")
 
 
-def fake_layout(n_blocks: int = 4) -> SimpleNamespace:
-    blocks = [f"model.layers.{i}" for i in range(n_blocks)]
-    linears = [f"{b}.{kind}" for b in blocks for kind in ("self_attn.v_proj", "mlp.gate_proj")]
-    return SimpleNamespace(blocks=blocks, linears=linears, block_of={n: n.rsplit(".", 2)[0] for n in linears},
-                           numels={n: 2048 if "v_proj" in n else 8192 for n in linears},
-                           attention=[f"{b}.self_attn" for b in blocks])
+@pytest.fixture(scope="module")
+def layout(layout_builder):
+    return layout_builder(4, {"self_attn.v_proj": 2048, "mlp.gate_proj": 8192})
 
 
 def make_spec(name: str, sampler: str = "random", n_obj: int = 1) -> StudySpec:
@@ -116,19 +112,19 @@ def test_load_study_of_an_unknown_name_lists_the_stored_names(tmp_path):
     assert study_names(storage) == ["alpha", "beta"]
 
 
-def test_a_stored_study_keeps_its_directions_and_its_spec(tmp_path):
+def test_a_stored_study_keeps_its_directions_and_its_spec(tmp_path, layout):
     storage = open_storage(f"sqlite:///{tmp_path / 'store.db'}")
     create_or_load_study(storage, "two", ["minimize", "minimize"])
     with pytest.raises(SpecError, match="2 objective"):
         create_or_load_study(storage, "two", ["minimize"])
     spec = make_spec("spec-check")
-    space = SearchSpace(spec, fake_layout())
+    space = SearchSpace(spec, layout)
     open_sampler(spec, storage, space)
     assert stored_spec(storage, "spec-check") == spec
     open_sampler(spec.override(trials=99), storage, space)  # the budget is not part of the identity
     other = spec.override(target_sparsity=0.6)
     with pytest.raises(SpecError, match="different spec"):
-        open_sampler(other, storage, SearchSpace(other, fake_layout()))
+        open_sampler(other, storage, SearchSpace(other, layout))
 
 
 # ----------------------------------------------------------------------------------- PostgreSQL
@@ -168,9 +164,9 @@ def pg_names(pg_url):
 
 @pytest.mark.postgres
 @pytest.mark.parametrize(("sampler_name", "n_obj"), [("tpe", 1), ("nsga3", 2)])
-def test_postgres_study_runs_resumes_and_exports(pg_url, pg_names, tmp_path, sampler_name, n_obj):
+def test_postgres_study_runs_resumes_and_exports(pg_url, pg_names, tmp_path, sampler_name, n_obj, layout):
     spec = make_spec(pg_names(sampler_name), sampler_name, n_obj)
-    space = SearchSpace(spec, fake_layout())
+    space = SearchSpace(spec, layout)
     sampler = open_sampler(spec, open_storage(pg_url), space)
     sampler.enqueue(space.defaults(), "uniform")
     run_study(sampler, LocalDispatcher(evaluator(space, n_obj)), n_trials=4)

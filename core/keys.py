@@ -1,0 +1,25 @@
+"""Names sparsealloc writes into the study store (Optuna user attributes): stored data, so API.
+
+Here (in core) so that every layer, the objectives that produce a trial's record included, names
+them from one place. Renaming one makes stored studies unreadable.
+"""
+
+#: The store URL used when none is given.
+DEFAULT_STORAGE = "sqlite:///sparsealloc.db"
+
+# Trial user attributes.
+PLAN = "plan"  #: the trial's AllocationPlan as a dict
+WARM_START = "warm_start"  #: name of the hand-made allocation the trial scores (uniform, owl...)
+FAIL_REASON = "fail_reason"  #: one-line reason of a FAIL trial
+RETRY_OF = "retry_of"  #: number of the failed trial whose parameters this one redoes
+GENERATION = "generation"  #: NSGA-III generation index of the individual
+SOURCE = "source"  #: which sampler proposed the trial (e.g. "pymoo-nsga3")
+TRIAL_SECONDS = "trial_seconds"  #: the evaluator's own time for the trial
+PRUNED_AT_STEP = "pruned_at_step"  #: step at which early stopping stopped the trial
+ACHIEVED_SPARSITY = "achieved_sparsity"  #: parameter-weighted sparsity the pruned model reached
+
+# Study user attributes.
+SPEC_ATTR = "sparsealloc:spec"  #: the StudySpec as a dict
+SPEC_HASH = "spec_hash"  #: StudySpec.spec_hash() of that spec
+SAMPLER = "sampler"  #: the spec's sampler name
+VALIDATION = "validation"  #: ValidationResult.to_dict(): held-out perplexity of re-scored trials

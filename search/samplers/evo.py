@@ -1,0 +1,369 @@
+"""``evo``: (1+λ) level-switch search with multi-stage selection, every offspring an Optuna trial.
+
+EvoPress (Sieberling et al., ICML 2025, arXiv:2410.14649): the genome is one integer level per
+search group (:class:`~sparsealloc.spaces.levels.LevelGrid`; per Linear by default), each level the
+same number of pruned weights, so a *level switch* (−1 on one group, +1 on another) keeps the budget
+exact. Each generation mutates the parent into ``evo.offspring`` distinct children with
+``k = min(U{1..K}, U{1..K})`` switches each (K = ``evo.max_swaps``; EvoPress found a fixed large k
+far worse), then selects in stages of growing fidelity: stage ``i`` scores the remaining candidates
+on ``stages[i][0]`` calibration windows drawn afresh from the pool and keeps the best
+``stages[i][1]``; the last stage also re-scores the parent on the same windows, and the best of them
+is the next parent. Fresh windows per stage keep the search from fitting one calibration sample.
+
+Store mapping (the dashboard shows the climb):
+
+* every candidate is one trial with user attrs ``generation``, ``source = "evo"`` and ``evo_role``
+  (offspring, parent, or queued: warm starts and retries); its value at stage ``i`` is the
+  intermediate value at step ``i`` and ``stage`` is the last stage it reached;
+* eliminated candidates are PRUNED with the value they reached; the last stage's candidates are
+  COMPLETE with their value at full (last-stage) fidelity;
+* the parent of the next generation is the study attr ``evo:parent`` (``{"generation", "trial"}``),
+  which is all :meth:`EvoSampler.__init__` needs to resume.
+
+The stage's windows travel in the :class:`~sparsealloc.core.types.Proposal` (``windows``; ``final``
+marks the last stage), so stages run the same in process and on Ray workers. Warm starts (WAITING
+trials) are scored first, on the first generation's last-stage windows, and the best becomes the
+first parent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from sparsealloc.core.keys import GENERATION, SOURCE, WARM_START
+from sparsealloc.core.types import Outcome, Proposal
+from sparsealloc.search.samplers.base import Sampler
+from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
+from sparsealloc.spaces.space import SearchSpace
+from sparsealloc.storage.optuna_adapter import storage_of, trial_id_of
+
+#: ``user_attrs[SOURCE]`` of every trial this sampler creates.
+EVO_SOURCE = "evo"
+#: Trial attr: offspring, parent (re-score) or queued (warm start, retry).
+ROLE = "evo_role"
+#: Trial attr: the last selection stage the candidate reached.
+STAGE = "stage"
+#: Study attr: ``{"generation": g, "trial": number}`` of the parent of generation g + 1.
+PARENT_ATTR = "evo:parent"
+#: Parents kept in the study attr's ``history`` (validation re-scores the latest ones).
+HISTORY = 32
+#: Trial attr (private): identifies our own enqueued trial among WAITING ones.
+TICKET = "evo_ticket"
+
+
+@dataclass(eq=False)
+class _Candidate:
+    params: dict[str, Any]
+    role: str
+    number: int | None = None
+    trial_id: int | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    value: float | None = None
+    waiting: bool = False  # a WAITING trial of the store, asked when first proposed
+
+
+def recent_parents(study: optuna.Study, n: int) -> list[int]:
+    """Trial numbers of the latest ``n`` distinct parents (newest first); empty for other samplers."""
+    history = (study.user_attrs.get(PARENT_ATTR) or {}).get("history", [])
+    out: list[int] = []
+    for number in reversed(history):
+        if number not in out:
+            out.append(number)
+    return out[:n]
+
+
+def stage_windows(seed: int, generation: int, stage: int, size: int, pool: int) -> tuple[int, ...] | None:
+    """The calibration windows of one selection stage: ``size`` of the ``pool`` drawn without
+    replacement, reproducibly from (seed, generation, stage); None (all of them) when ``size >= pool``."""
+    if size >= pool:
+        return None
+    rng = np.random.default_rng([seed, generation + 1, stage])
+    return tuple(sorted(int(i) for i in rng.choice(pool, size=size, replace=False)))
+
+
+def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]], swaps: int,
+                 rng: np.random.Generator) -> dict[str, int]:
+    """``swaps`` level switches: each lowers one group by a level and raises another by one, within
+    bounds, so the sum of levels (the budget) is unchanged (EvoPress's mutation)."""
+    out = dict(levels)
+    names = sorted(out)
+    for _ in range(swaps):
+        down = [g for g in names if out[g] > bounds[g][0]]
+        up = [g for g in names if out[g] < bounds[g][1]]
+        if not down or not up or (len(down) == 1 and down == up):
+            break
+        a = down[int(rng.integers(len(down)))]
+        choices = [g for g in up if g != a]
+        b = choices[int(rng.integers(len(choices)))]
+        out[a] -= 1
+        out[b] += 1
+    return out
+
+
+class EvoSampler(Sampler):
+    """EvoPress's (1+λ) search behind the ask/tell seam (see the module docstring).
+
+    Lifecycle:
+        construction → read ``spec.evo``, the pool size (``calibration.samples``) and the stored
+        parent (study attr ``evo:parent``; else the best COMPLETE warm start); the next generation
+        index is one above the largest stored.
+
+        ask(n) → hands out the current stage's candidates (a new trial per offspring, the same trial
+        again for a survivor); when the stage is told, eliminates, and sets up the next stage or
+        generation. Returns fewer than ``n`` at a stage barrier.
+
+        tell(number, outcome) → a non-final complete records the stage value (intermediate value)
+        and parks the trial; a final complete, a failure or a pruning finishes it in the store.
+
+        close() → trials parked between stages when the run stops are PRUNED.
+
+    Args:
+        study: The study (created by :func:`sparsealloc.search.session.open_sampler`).
+        space: The search space; its layerwise groups must be leveled (``SearchSpace(leveled=True)``,
+            the default for this sampler).
+    """
+
+    name = "evo"
+
+    @staticmethod
+    def make_optuna_sampler(n_objectives: int, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
+        # Every trial is enqueued with fixed parameters; Optuna's own sampler never proposes.
+        return optuna.samplers.RandomSampler(seed=seed)
+
+    def __init__(self, study: optuna.Study, space: SearchSpace) -> None:
+        super().__init__(study, space)
+        spec = space.spec
+        self.config = spec.evo
+        self.seed = int(spec.seed)
+        self.pool = int(spec.calibration.samples)
+        self.grid = space.levels
+        self.others = [p for p in space.params if not (self.grid is not None and p.name in space.groups)]
+        self.parent: dict[str, Any] = self._stored_parent() or space.defaults()
+        done = [t.user_attrs.get(GENERATION) for t in study.get_trials(deepcopy=False)]
+        self.generation = max([g for g in done if isinstance(g, int)] + [-1]) + 1
+        self._stage: int | None = None  # stage index of the generation in progress; None: between
+        self._seeding = False  # the generation in progress only scores warm starts
+        self._queue: list[_Candidate] = []  # to hand out in this stage
+        self._out: dict[int, _Candidate] = {}  # handed out, not told
+        self._results: list[_Candidate] = []  # told complete in this stage
+        self._parked: list[_Candidate] = []  # survivors and queued trials waiting for a later stage
+        self._seen: set[tuple] = set()
+        self._tickets = 0
+
+    # ------------------------------------------------------------------------------ ask / tell
+    def ask(self, n: int = 1) -> list[Proposal]:
+        out: list[Proposal] = []
+        while len(out) < n:
+            if not self._queue and not self._out:
+                self._advance()
+            if not self._queue:
+                break  # stage barrier: the rest of this stage is in flight
+            out.append(self._propose(self._queue.pop(0)))
+        return out
+
+    def tell(self, trial_number: int, outcome: Outcome) -> None:
+        cand = self._out.pop(trial_number, None)
+        if cand is None:
+            return  # already told (idempotent) or not ours
+        stage, final = self._stage or 0, self._is_final()
+        attrs = {**outcome.attrs, STAGE: stage}
+        if outcome.state == "complete" and outcome.values:
+            cand.value = float(outcome.values[0])
+            if not math.isfinite(cand.value):
+                self.finish(self.study, cand.trial_id, trial_number, Outcome("failed", reason="objective is not finite"))
+                return
+            if not final:  # park it: the stage's selection decides its fate
+                storage = storage_of(self.study)
+                for key, value in attrs.items():
+                    storage.set_trial_user_attr(cand.trial_id, key, value)
+                storage.set_trial_intermediate_value(cand.trial_id, stage, cand.value)
+                self._results.append(cand)
+                self._parked.append(cand)
+                return
+            self._results.append(cand)
+            outcome = replace(outcome, attrs=attrs, intermediate=((stage, cand.value),))
+        else:
+            outcome = replace(outcome, attrs=attrs)
+        self.finish(self.study, cand.trial_id, trial_number, outcome)
+
+    @property
+    def parked(self) -> int:
+        """RUNNING trials held here and not in flight: between stages, or queued for this stage."""
+        return len(self._parked) + sum(1 for c in self._queue if c.number is not None)
+
+    def close(self) -> None:
+        for cand in [*self._parked, *(c for c in self._queue if c.number is not None)]:
+            reached = () if cand.value is None else ((self._stage or 0, cand.value),)
+            self.finish(self.study, cand.trial_id, cand.number,
+                        Outcome("pruned", attrs={"evo_stopped": "the run ended before its next selection stage"},
+                                intermediate=reached))
+        self._parked = []
+        self._queue = [c for c in self._queue if c.number is None]
+
+    # ------------------------------------------------------------------------------ stages
+    def _is_final(self) -> bool:
+        return self._seeding or self._stage == len(self.config.stages) - 1
+
+    def _windows(self) -> tuple[int, ...] | None:
+        stage = len(self.config.stages) - 1 if self._seeding else self._stage
+        return stage_windows(self.seed, self.generation, stage, self.config.stages[stage][0], self.pool)
+
+    def _advance(self) -> None:
+        """The current stage is fully told: select, then set up the next stage or generation."""
+        if self._stage is not None or self._seeding:
+            self._select()
+        if self._stage is None:
+            self._start_generation()
+
+    def _select(self) -> None:
+        results = sorted(self._results, key=lambda c: c.value)
+        self._results = []
+        if self._is_final():
+            if results:
+                best = results[0]
+                self.parent = dict(best.params)
+                history = [*(self.study.user_attrs.get(PARENT_ATTR) or {}).get("history", []), best.number]
+                self.study.set_user_attr(PARENT_ATTR, {"generation": self.generation, "trial": best.number,
+                                                       "history": history[-HISTORY:]})
+            self._stage, self._seeding = None, False
+            self.generation += 1
+            return
+        keep = self.config.stages[self._stage][1]
+        for cand in results[keep:]:
+            self._parked.remove(cand)
+            self.finish(self.study, cand.trial_id, cand.number, Outcome("pruned", attrs={"evo_eliminated": True}))
+        survivors = results[:keep]
+        for cand in survivors:
+            self._parked.remove(cand)
+        self._stage += 1
+        self._queue = survivors + (self._final_extras() if self._is_final() else [])
+
+    def _start_generation(self) -> None:
+        waiting = self._waiting()
+        if waiting and self._stored_parent() is None and not self._has_seeded():
+            self._seeding = True  # warm starts first; the best becomes the parent
+            self._queue = waiting
+            return
+        for cand in waiting:  # retries and late warm starts: RUNNING now, scored at the last stage
+            self._open_trial(cand)
+            self._parked.append(cand)
+        rng = np.random.default_rng([self.seed, self.generation + 1, 7919])
+        self._seen = {self._key(self.parent)}
+        offspring = [_Candidate(child, "offspring") for child in self._children(rng)]
+        self._stage = 0
+        self._queue = offspring + (self._final_extras() if self._is_final() else [])
+
+    def _final_extras(self) -> list[_Candidate]:
+        """The parent re-scored on the last stage's windows, and queued trials (warm starts, retries)."""
+        queued = [c for c in self._parked if c.role == "queued"]
+        for cand in queued:
+            self._parked.remove(cand)
+        return [_Candidate(dict(self.parent), "parent"), *queued]
+
+    def _children(self, rng: np.random.Generator) -> list[dict[str, Any]]:
+        children: list[dict[str, Any]] = []
+        for _ in range(self.config.offspring):
+            for _attempt in range(50):
+                child = self._mutate(rng)
+                if self._key(child) not in self._seen:
+                    break
+            self._seen.add(self._key(child))
+            children.append(child)
+        return children
+
+    def _mutate(self, rng: np.random.Generator) -> dict[str, Any]:
+        child = dict(self.parent)
+        if self.grid is not None:
+            K = self.config.max_swaps
+            swaps = int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))
+            levels = self.grid.levels_of({g: child[g] for g in self.space.groups})
+            for g, ratio in self.grid.ratios(level_switch(levels, self.grid.bounds, swaps, rng)).items():
+                child[g] = self.space.by_name[g].clip(ratio)
+        if self.others:
+            rate = 1.0 / len(self.others)
+            forced = None if self.grid is not None else int(rng.integers(len(self.others)))
+            for i, p in enumerate(self.others):
+                if i == forced or rng.random() < rate:
+                    child[p.name] = _step(p, child[p.name], rng)
+        return child
+
+    @staticmethod
+    def _key(params: Mapping[str, Any]) -> tuple:
+        return tuple(sorted((k, round(v, 10) if isinstance(v, float) else v) for k, v in params.items()))
+
+    # ------------------------------------------------------------------------------ the store
+    def _propose(self, cand: _Candidate) -> Proposal:
+        if cand.number is None:
+            self._open_trial(cand)
+        self._out[cand.number] = cand
+        attrs = {**cand.attrs, GENERATION: self.generation}
+        return Proposal(cand.number, dict(cand.params), attrs, cand.trial_id, self._windows(), self._is_final())
+
+    def _open_trial(self, cand: _Candidate) -> None:
+        """Create the candidate's RUNNING trial (pop a WAITING one for queued candidates). Foreign
+        WAITING trials popped on the way join this generation's last stage."""
+        generation = self.generation
+        if not cand.waiting:
+            self._tickets += 1
+            ticket = f"{generation}:{self._tickets}:{id(cand)}"
+            params = {k: self.space.by_name[k].clip(v) for k, v in cand.params.items()}
+            self.study.enqueue_trial(params, user_attrs={GENERATION: generation, SOURCE: EVO_SOURCE,
+                                                         ROLE: cand.role, TICKET: ticket})
+        while True:
+            trial = self.study.ask(fixed_distributions=self.distributions)
+            mine = cand.waiting or trial.user_attrs.get(TICKET) == ticket
+            target = cand if mine else _Candidate(dict(trial.params), "queued")
+            target.number, target.trial_id = trial.number, trial_id_of(trial)
+            target.params, target.attrs = dict(trial.params), dict(trial.user_attrs)
+            target.attrs.pop(TICKET, None)
+            if target.waiting or not mine:
+                trial.set_user_attr(GENERATION, generation)
+                trial.set_user_attr(SOURCE, EVO_SOURCE)
+                trial.set_user_attr(ROLE, "queued")
+            if mine:
+                return
+            self._parked.append(target)  # a retry or warm start queued meanwhile: last stage
+
+    def _waiting(self) -> list[_Candidate]:
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        return [_Candidate(dict(t.params), "queued", attrs=dict(t.user_attrs), waiting=True) for t in trials]
+
+    def _has_seeded(self) -> bool:
+        return any(t.user_attrs.get(SOURCE) == EVO_SOURCE for t in
+                   self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def _stored_parent(self) -> dict[str, Any] | None:
+        """Parameters of the stored parent (resume), else of the best COMPLETE warm start."""
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        record = self.study.user_attrs.get(PARENT_ATTR)
+        if record is not None:
+            for t in complete:
+                if t.number == record.get("trial"):
+                    return self._full(dict(t.params))
+        warm = [t for t in complete if t.user_attrs.get(WARM_START)]
+        return self._full(dict(min(warm, key=lambda t: t.values[0]).params)) if warm else None
+
+    def _full(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {**self.space.defaults(), **{k: v for k, v in params.items() if k in self.space.by_name}}
+
+
+def _step(param, value: Any, rng: np.random.Generator) -> Any:
+    """An ordinal neighbour of ``value`` (choices and integers: ±1; floats: Gaussian, σ = range/10)."""
+    if isinstance(param, ChoiceParam):
+        i = param.choices.index(param.clip(value))
+        j = min(len(param.choices) - 1, max(0, i + (1 if rng.random() < 0.5 else -1)))
+        if j == i:
+            j = i - 1 if i > 0 else min(i + 1, len(param.choices) - 1)
+        return param.choices[j]
+    if isinstance(param, IntParam):
+        return param.clip(value + (1 if rng.random() < 0.5 else -1))
+    if isinstance(param, FloatParam):
+        return param.clip(float(value) + float(rng.normal(0.0, (param.high - param.low) / 10)))
+    return value

@@ -1,0 +1,166 @@
+"""Run a study from Python: everything ``sparsealloc study run`` does, in one call (README, "From Python")."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from sparsealloc.core.errors import check_output_dir, writing
+from sparsealloc.core.plan import AllocationPlan
+from sparsealloc.objectives.trial import TrialEvaluator
+from sparsealloc.search.dispatch.base import DISPATCHERS
+from sparsealloc.search.orchestrator import run_study
+from sparsealloc.search.samplers.base import SAMPLERS, Sampler
+from sparsealloc.search.session import (ValidationResult, build_evaluator, enqueue_warm_starts, open_sampler,
+                                        preflight, validate as validate_study, warm_start_trials)
+from sparsealloc.spaces.spec import StudySpec
+from sparsealloc.storage.artifacts import attach_files, default_artifact_dir
+from sparsealloc.storage.export import export_study
+from sparsealloc.storage.rdb import (check_storage, open_storage, parse_storage_url, recover_orphans, redact,
+                                     store_errors)
+
+#: Seconds between trial heartbeats on a shared store (PostgreSQL), where several orchestrators may run.
+HEARTBEAT_SECONDS = 10
+
+
+@dataclass
+class StudyResult:
+    """What one :func:`run` did.
+
+    Attributes:
+        study: The Optuna study (all its trials, earlier runs' included).
+        storage_url: The store's URL.
+        told: Trials this run finished, by outcome ("complete", "failed", "pruned").
+        retried: Failed trials whose parameters were queued again (their worker died).
+        seconds: Time of the search loop.
+        setup_seconds: Time to load the model and build the evaluator (about 0 for a given one).
+        dispatcher_seconds: Time to start the dispatcher's workers.
+        orphans: Trials an earlier run left RUNNING, failed and re-queued (SQLite stores).
+        warm_starts: Warm starts this run queued (only a study without trials gets them).
+        validation: Held-out perplexity of the re-scored trials; None when not validated.
+        exported: The plan files written.
+    """
+
+    study: optuna.Study
+    storage_url: str
+    told: Counter = field(default_factory=Counter)
+    retried: int = 0
+    seconds: float = 0.0
+    setup_seconds: float = 0.0
+    dispatcher_seconds: float = 0.0
+    orphans: list[int] = field(default_factory=list)
+    warm_starts: list[str] = field(default_factory=list)
+    validation: ValidationResult | None = None
+    exported: list[Path] = field(default_factory=list)
+
+    @property
+    def best_trial_number(self) -> int | None:
+        """The best trial's number (one objective); None with several objectives or no complete trial."""
+        try:
+            return self.study.best_trial.number if len(self.study.directions) == 1 else None
+        except ValueError:  # no complete trial
+            return None
+
+
+def run(spec: StudySpec, storage_url: str, *, dispatcher: str | None = None,
+        dispatcher_options: Mapping[str, Any] | None = None, validate: bool = True,
+        export_dir: str | Path | None = None, evaluator: TrialEvaluator | None = None,
+        sampler_hook: Callable[[Sampler], Sampler] | None = None,
+        echo: Callable[[str], None] | None = None) -> StudyResult:
+    """Run (or continue) study ``spec.name`` until it holds ``spec.trials`` COMPLETE trials.
+
+    Nothing is loaded or written before the names, the export folder, the model's files, the data
+    files (:func:`~sparsealloc.search.session.preflight`) and the store are checked. Then: build the
+    evaluator, open the study (created, or continued when its stored spec matches), re-queue trials
+    an earlier run left RUNNING (SQLite), queue the warm starts (new study), run the trials through
+    the dispatcher, validate the best plans by held-out perplexity, export.
+
+    Args:
+        spec: The study spec.
+        storage_url: Store URL (``sqlite:///file.db``, ``postgresql+psycopg2://...``) or a .db path.
+        dispatcher: A name in ``DISPATCHERS``: "local" (the default: in process) or "ray".
+        dispatcher_options: Its keywords; Ray: workers, cpus_per_worker, gpus_per_worker, address.
+        validate: Re-score the best trials by held-out perplexity (``spec.validation``).
+        export_dir: Write the best plan (or the Pareto set) here and attach it to the study.
+        evaluator: A ready evaluator for ``spec`` (saves loading the model); default
+            ``build_evaluator(spec)``.
+        sampler_hook: Wraps the opened sampler (instrumentation, e.g. timing ask and tell).
+        echo: Gets the lines ``sparsealloc study run`` prints, when they happen; default: silent.
+
+    Raises:
+        SpecError: bad input, before anything is loaded or written.
+        StorageError: the store cannot be used, or failed mid-run (the message says how to resume).
+        AllTrialsFailed: too many trials in a row failed.
+        NoWorkersLeft: every worker of the dispatcher died.
+    """
+    url = parse_storage_url(storage_url)
+    SAMPLERS.get(spec.sampler)
+    dispatcher_cls = DISPATCHERS.get(dispatcher or "local")
+    if export_dir:
+        check_output_dir(export_dir, "--export")
+    preflight(spec, validate)
+    check_storage(url)
+    start = time.perf_counter()
+    evaluator = build_evaluator(spec) if evaluator is None else evaluator
+    setup_seconds = time.perf_counter() - start
+    say = echo or (lambda line: None)
+    hint = (f"trials written so far are kept; continue with: sparsealloc study resume {shlex.quote(spec.name)} "
+            f"--storage {shlex.quote(redact(url))}")
+    with store_errors(url, hint):
+        shared = not url.startswith("sqlite")
+        # Shared stores (PostgreSQL) may have several orchestrators: heartbeats instead of orphan sweeps.
+        sampler = open_sampler(spec, open_storage(url, heartbeat_interval=HEARTBEAT_SECONDS if shared else None),
+                               evaluator.space)
+        sampler = sampler_hook(sampler) if sampler_hook else sampler
+        study = sampler.study
+        orphans = [] if shared else recover_orphans(study)
+        if orphans:
+            say(f"re-queued {len(orphans)} trial(s) left RUNNING by an earlier run: {orphans}")
+        warm_starts = enqueue_warm_starts(sampler, evaluator)
+        if spec.early_stopping.enabled and dispatcher_cls.early_stopping_note:
+            say(dispatcher_cls.early_stopping_note)
+        start = time.perf_counter()
+        workers = dispatcher_cls.for_study(spec, evaluator, **dict(dispatcher_options or {}))
+        dispatcher_seconds = time.perf_counter() - start
+        try:
+            done = run_study(sampler, workers, spec.trials, spec.timeout)
+        finally:
+            workers.close()
+        result = StudyResult(study, url, done.told, done.retried, done.seconds, setup_seconds, dispatcher_seconds,
+                             orphans, warm_starts)
+        say(f"study: {spec.name}  store: {url}  space: {','.join(spec.space)}  sampler: {spec.sampler}")
+        say(f"setup: {setup_seconds:.1f} s  trials this run: {dict(done.told)}  in {done.seconds:.1f} s")
+        if validate and spec.validation.top_k > 0:
+            result.validation = validate_study(study, evaluator, spec)
+            for line in validation_lines(study, result.validation.to_dict()):
+                say(line)
+        if export_dir:
+            with writing(f"the exported plans to {str(export_dir)!r}"):
+                result.exported = export_study(study, export_dir)
+                attach_files(study, result.exported, default_artifact_dir(url))  # shown by sparsealloc dashboard
+            for path in result.exported:
+                say(f"exported: {path}")
+            ppl = AllocationPlan.load(result.exported[0]).provenance.get("validation", {}).get("perplexity") \
+                if len(result.exported) == 1 else None
+            if ppl is not None:
+                say(f"exported plan perplexity: {ppl:.3f}")
+    return result
+
+
+def validation_lines(study: optuna.Study, validation: Mapping[str, Any]) -> list[str]:
+    """A stored validation (``ValidationResult.to_dict()``) as ``study run`` and ``study show`` print it."""
+    names = {t.number: f"warm start: {n}" for n, t in warm_start_trials(study).items()}
+    best = study.best_trial.number if len(study.directions) == 1 else None
+    lines = ["validation (held-out perplexity):"]
+    for number, ppl in sorted(validation["ppl"].items(), key=lambda kv: kv[1]):
+        label = names.get(int(number), "best" if int(number) == best else "")
+        lines.append(f"  trial {int(number):4d}  proxy {validation['proxy'][number]:.5g}  ppl {ppl:10.3f}  {label}")
+    rho = validation.get("spearman")
+    return lines + [f"  spearman(proxy, ppl) = {rho:.3f}" if rho is not None else "  spearman: too few trials"]

@@ -1,0 +1,265 @@
+"""The evo sampler: level grid and level switch, multi-stage selection in the store, resume, the
+stage's windows reaching the evaluator, and the level database (SparseGPT) behind trials."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from optuna.trial import TrialState
+
+from sparsealloc.core.plan import AllocationPlan, MetricChoice
+from sparsealloc.core.types import Outcome
+from sparsealloc.objectives import EvalContext, TrialEvaluator
+from sparsealloc.objectives.reconstruction import forward_errors
+from sparsealloc.pruning.apply import prune_
+from sparsealloc.search.dispatch.local import LocalDispatcher
+from sparsealloc.search.orchestrator import run_study
+from sparsealloc.search.samplers.evo import PARENT_ATTR, EvoSampler, level_switch, stage_windows
+from sparsealloc.search.session import open_sampler
+from sparsealloc.spaces.levels import LevelGrid, balance
+from sparsealloc.spaces.space import SearchSpace
+from sparsealloc.spaces.spec import EvoSpec, MetricSpec, StudySpec
+from sparsealloc.storage.rdb import open_storage
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+TARGET = 0.6
+
+
+def layout(n_blocks: int = 4) -> SimpleNamespace:
+    blocks = [f"model.layers.{i}" for i in range(n_blocks)]
+    linears, block_of, numels = [], {}, {}
+    for i, block in enumerate(blocks):
+        for kind, size in (("self_attn.k_proj", 32 * 8), ("self_attn.q_proj", 32 * 32), ("mlp.down_proj", 32 * 86)):
+            name = f"{block}.{kind}"
+            linears.append(name)
+            block_of[name] = block
+            numels[name] = size
+    return SimpleNamespace(blocks=blocks, linears=linears, block_of=block_of, numels=numels,
+                           attention=[f"{b}.self_attn" for b in blocks])
+
+
+# ----------------------------------------------------------------------------- levels (pure)
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), swaps=st.integers(1, 6), step=st.sampled_from([0.01, 0.05, 0.3]))
+def test_level_switches_keep_the_budget_exact_and_the_bounds(seed, swaps, step):
+    lay = layout()
+    grid = LevelGrid.build(lay.numels, TARGET, 0.3, 0.9, step)
+    rng = np.random.default_rng(seed)
+    levels = {g: 0 for g in lay.numels}
+    for _ in range(5):
+        levels = level_switch(levels, grid.bounds, swaps, rng)
+        assert sum(levels.values()) == 0
+        assert all(grid.bounds[g][0] <= v <= grid.bounds[g][1] for g, v in levels.items())
+        ratios = grid.ratios(levels)
+        mean = sum(ratios[g] * lay.numels[g] for g in ratios) / sum(lay.numels.values())
+        assert abs(mean - TARGET) < 1e-12
+        assert all(0.3 - 1e-9 <= r <= 0.9 + 1e-9 for r in ratios.values())
+        assert grid.levels_of(ratios) == levels  # ratios on the grid round-trip
+
+
+def test_level_switch_moves_levels_one_at_a_time():
+    grid = LevelGrid.build(layout().numels, TARGET, 0.3, 0.9, 0.05)
+    levels = {g: 0 for g in grid.numels}
+    child = level_switch(levels, grid.bounds, 1, np.random.default_rng(0))
+    moved = {g: v for g, v in child.items() if v}
+    assert sorted(moved.values()) == [-1, 1]
+
+
+def test_balance_repairs_an_off_budget_genome_near_its_preferred_levels():
+    bounds = {"a": (-3, 3), "b": (-3, 3), "c": (0, 0)}
+    out = balance({"a": 2, "b": 1, "c": 0}, bounds, {"a": 1.6, "b": 1.0, "c": 0.0})
+    assert sum(out.values()) == 0 and out["c"] == 0
+    assert out == {"a": 0, "b": 0, "c": 0} or abs(out["a"] - 1.6) + abs(out["b"] - 1.0) <= 3.6
+
+
+def test_leveled_space_snaps_any_ratios_onto_an_exact_budget():
+    lay = layout()
+    spec = StudySpec(target_sparsity=TARGET, sampler="tpe", space=("layerwise",),
+                     metric=MetricSpec(name="sparsegpt"))
+    space = SearchSpace(spec, lay, leveled=True)
+    raw = {p.name: 0.35 + 0.5 * i / len(space.params) for i, p in enumerate(space.params)}
+    decoded = space.decode(raw)
+    mean = sum(decoded.sparsity[n] * lay.numels[n] for n in lay.linears) / sum(lay.numels.values())
+    assert abs(mean - TARGET) < 1e-12
+    levels = space.levels.levels_of(decoded.group_ratios)
+    assert space.levels.ratios(levels) == pytest.approx(decoded.group_ratios, abs=1e-15)
+    assert SearchSpace(spec, lay).levels is None  # TPE on a mask-only metric stays continuous
+
+
+def test_stage_windows_are_fresh_per_stage_and_reproducible():
+    a = stage_windows(0, 3, 0, 4, 32)
+    assert a == stage_windows(0, 3, 0, 4, 32) and len(set(a)) == 4 and all(0 <= i < 32 for i in a)
+    assert stage_windows(0, 4, 0, 4, 32) != a and stage_windows(0, 3, 1, 4, 32) != a
+    assert stage_windows(0, 3, 0, 32, 32) is None  # the whole pool
+
+
+# ----------------------------------------------------------------------------- multi-stage in the store
+class RampEvaluator:
+    """Error = Σ n·(r − ramp)² over Linears (minimum at a depth ramp, not at uniform); records the
+    windows and budgets it was called with."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        lin = space.layout.linears
+        self.ramp = {n: TARGET - 0.15 + 0.3 * i / (len(lin) - 1) for i, n in enumerate(lin)}
+        self.calls: list[tuple[int, ...] | None] = []
+
+    def error(self, params) -> float:
+        decoded = self.space.decode(params)
+        numels = self.space.layout.numels
+        return sum(numels[n] * (r - self.ramp[n]) ** 2 for n, r in decoded.sparsity.items()) / sum(numels.values())
+
+    def __call__(self, params, windows=None) -> Outcome:
+        self.calls.append(windows)
+        plan = self.space.decode(params).to_plan(model={"name": "fake"})
+        return Outcome("complete", (self.error(params),), attrs={"plan": plan.to_dict()})
+
+
+def evo_spec(name: str, **evo) -> StudySpec:
+    return StudySpec(name=name, target_sparsity=TARGET, sampler="evo", seed=5,
+                     evo=EvoSpec(**{"offspring": 6, "stages": ((2, 2), (8, 1)), **evo}))
+
+
+@pytest.fixture
+def store(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'evo.db'}"
+
+
+def test_stages_prune_the_eliminated_and_complete_the_last_stage(store):
+    spec = evo_spec("stages")
+    space = SearchSpace(spec, layout())
+    sampler = open_sampler(spec, open_storage(store), space)
+    assert isinstance(sampler, EvoSampler) and space.levels is not None
+    sampler.enqueue(space.defaults(), "uniform")
+    evaluator = RampEvaluator(space)
+    run_study(sampler, LocalDispatcher(evaluator), n_trials=10)
+    study = sampler.study
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert len(complete) == 10
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # Stage 0 on 2 windows of the 16-window pool, the last stage on 8 (seed: the warm start, at 8).
+    assert {len(w) for w in evaluator.calls} == {2, 8}
+    per_generation: dict[int, list] = {}
+    for t in trials:
+        per_generation.setdefault(t.user_attrs["generation"], []).append(t)
+    assert per_generation[0][0].user_attrs["warm_start"] == "uniform"
+    full = [g for g in per_generation if g > 0 and len(per_generation[g]) == 7]  # 6 offspring + parent
+    assert full, "no whole generation ran"
+    for g in full:
+        states = [t.state for t in per_generation[g]]
+        assert states.count(TrialState.PRUNED) == 4 and states.count(TrialState.COMPLETE) == 3
+        for t in per_generation[g]:
+            if t.state == TrialState.PRUNED and t.user_attrs.get("evo_eliminated"):
+                assert t.user_attrs["stage"] == 0 and list(t.intermediate_values) == [0]
+            elif t.user_attrs["evo_role"] == "offspring":  # a survivor: both stages recorded
+                assert t.user_attrs["stage"] == 1 and sorted(t.intermediate_values) == [0, 1]
+    assert any(t.user_attrs.get("evo_eliminated") for t in pruned)
+    # Selection: the parent never gets worse, and the search beats its uniform start.
+    parent = study.user_attrs[PARENT_ATTR]
+    best = trials[parent["trial"]]
+    assert best.values[0] <= per_generation[0][0].values[0]
+    for t in complete:
+        assert abs(sum(AllocationPlan.from_dict(t.user_attrs["plan"]).sparsity[n] * layout().numels[n]
+                       for n in layout().linears) / sum(layout().numels.values()) - TARGET) < 1e-9
+
+
+def test_parent_improves_over_generations_and_resume_continues(store):
+    spec = evo_spec("resume", offspring=8, stages=((4, 2), (8, 1)))
+    space = SearchSpace(spec, layout())
+    evaluator = RampEvaluator(space)
+    sampler = open_sampler(spec, open_storage(store), space)
+    run_study(sampler, LocalDispatcher(evaluator), n_trials=30)
+    first = sampler.study.user_attrs[PARENT_ATTR]
+    first_value = evaluator.error(sampler.parent)
+    start_value = evaluator.error(space.defaults())
+    assert first_value < 0.5 * start_value
+    resumed = open_sampler(spec, open_storage(store), space)
+    assert resumed.parent == pytest.approx(sampler.parent)
+    assert resumed.generation > first["generation"]  # after the last stored generation (a cut one too)
+    run_study(resumed, LocalDispatcher(evaluator), n_trials=60)
+    assert evaluator.error(resumed.parent) <= first_value
+    generations = [t.user_attrs["generation"] for t in resumed.study.get_trials(deepcopy=False)]
+    assert generations == sorted(generations)  # the generation index continues
+
+
+def test_a_run_stopped_between_stages_prunes_its_parked_trials(store):
+    spec = evo_spec("stopped")
+    space = SearchSpace(spec, layout())
+    sampler = open_sampler(spec, open_storage(store), space)
+    proposals = sampler.ask(6)
+    assert len(proposals) == 6 and not any(p.final for p in proposals)
+    for p in proposals:
+        assert p.windows is not None and len(p.windows) == 2 and p.trial_id is not None
+        sampler.tell(p.trial_number, Outcome("complete", (float(p.trial_number),)))
+    assert sampler.parked == 6
+    survivors = sampler.ask(10)  # 2 survivors and the parent, on 8 windows
+    assert len(survivors) == 3 and all(p.final and len(p.windows) == 8 for p in survivors)
+    assert sorted(p.trial_number for p in survivors[:2]) == [0, 1]
+    sampler.close()
+    states = [t.state for t in sampler.study.get_trials(deepcopy=False)]
+    assert states.count(TrialState.PRUNED) == 4 and states.count(TrialState.RUNNING) == 3  # in flight
+
+
+# ----------------------------------------------------------------------------- the evaluator side
+@pytest.fixture(scope="module")
+def llama_ctx(model_builder, windows_builder):
+    model = model_builder("llama")
+    return EvalContext.build(model, windows_builder(8, 16, seed=2), batch_size=3, gram=True)
+
+
+def test_windows_score_exactly_the_chosen_calibration_windows(llama_ctx, model_builder):
+    sub = (1, 4, 6, 7)
+    whole = forward_errors(llama_ctx, ("kl", "hidden", "logits"), windows=sub)
+    alone = EvalContext.build(llama_ctx.model, llama_ctx.windows[list(sub)], batch_size=3)
+    reference = forward_errors(alone, ("kl", "hidden", "logits"))
+    assert whole == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    with pytest.raises(ValueError, match="window indices"):
+        forward_errors(llama_ctx, ("hidden",), windows=(8,))
+
+
+def test_sparsegpt_trials_stitch_the_level_database_and_apply_reproduces_them(llama_ctx, tmp_path):
+    spec = StudySpec(target_sparsity=0.5, sampler="evo", metric=MetricSpec(name="sparsegpt"), objectives=("kl",))
+    evaluator = TrialEvaluator(llama_ctx, spec, database_root=str(tmp_path / "db"))
+    db = evaluator.database
+    assert db is not None and evaluator.space.levels is not None
+    values = evaluator.space.defaults()
+    groups = list(evaluator.space.groups)
+    levels = {g: 0 for g in groups}
+    levels[groups[0]], levels[groups[-1]] = 1, -1
+    values.update(evaluator.space.levels.ratios(levels))
+    outcome = evaluator(values)
+    assert outcome.state == "complete", outcome.reason
+    built = db.stats_summary()
+    assert built.built == built.entries > 0 and outcome.attrs["database_build_seconds"] > 0
+    plan = AllocationPlan.from_dict(outcome.attrs["plan"])
+    assert plan.provenance["level_db"]["key"] == db.key
+    # The same plan applied in place by prune_ (SparseGPT run again) scores the same proxy.
+    model = copy.deepcopy(llama_ctx.model)
+    prune_(model, plan, llama_ctx.stats)
+    modules = dict(model.named_modules())
+    for name, ratio in plan.sparsity.items():
+        weight, _ = db.entry(name, ratio)
+        assert torch.equal(modules[name].weight.data, weight)
+    ctx2 = EvalContext.build(copy.deepcopy(llama_ctx.model), llama_ctx.windows, batch_size=3, gram=True)
+    with torch.no_grad():
+        for name in plan.sparsity:
+            dict(ctx2.model.named_modules())[name].weight.data.copy_(modules[name].weight.data)
+    ctx2.dense_hidden, ctx2.kl_terms = llama_ctx.dense_hidden, llama_ctx.kl_terms
+    assert forward_errors(ctx2, ("kl",))["kl"] == pytest.approx(outcome.values[0], rel=1e-5)
+    # A second study on the same model and calibration reuses the database: nothing is built.
+    again = TrialEvaluator(llama_ctx, spec, database_root=str(tmp_path / "db"))
+    assert again.database.folder == db.folder
+    second = again(values)
+    assert second.values == pytest.approx(outcome.values) and again.database.built == 0
+    # Another calibration set is another database.
+    other = EvalContext.build(llama_ctx.model, llama_ctx.windows[:4], batch_size=3, gram=True)
+    assert TrialEvaluator(other, spec, database_root=str(tmp_path / "db")).database.key != db.key
