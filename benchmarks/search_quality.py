@@ -32,9 +32,7 @@ import torch
 
 from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table, require_data
 
-OWL_LAMBDAS = (0.04, 0.08, 0.12, 0.16)
-RAMP_BETAS = (0.002, 0.004, 0.006, 0.008, 0.010, 0.012, 0.014)
-EVAL_SEQ_LEN, EVAL_WINDOWS = 512, 20
+EVAL_SEQ_LEN = 512
 
 
 def split_valid(folder: Path) -> tuple[Path, Path]:
@@ -54,6 +52,9 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32, help="calibration pool (windows × 256)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "search_quality.md"))
     parser.add_argument("--store", default=None, help="SQLite file for the studies (default: a temp folder)")
+    parser.add_argument("--owl-lambdas", type=float, nargs="+", default=[0.04, 0.08, 0.12, 0.16])
+    parser.add_argument("--ramp-betas", type=float, nargs="+", default=[0.002, 0.004, 0.006, 0.008, 0.010, 0.012, 0.014])
+    parser.add_argument("--eval-windows", type=int, default=20, help="windows × 512 of each held-out text")
     args = parser.parse_args()
     require_data()
     from sparsealloc.core import progress
@@ -74,12 +75,12 @@ def main() -> None:
                "python-docs": tokenize_stream(tokenizer, TextSource("builtin", "eval").read())}
     val_stream = tokenize_stream(tokenizer, val_text.read_text())
     with Timer() as t_dense:
-        dense = {k: perplexity(model, s, EVAL_SEQ_LEN, EVAL_WINDOWS) for k, s in streams.items()}
+        dense = {k: perplexity(model, s, EVAL_SEQ_LEN, args.eval_windows) for k, s in streams.items()}
     rows, lines, curves, winners = [], [], {}, {}
 
     def measure(evaluator, plan) -> dict[str, float]:
         with evaluator.applied(plan):
-            return {k: perplexity(model, s, EVAL_SEQ_LEN, EVAL_WINDOWS) for k, s in streams.items()}
+            return {k: perplexity(model, s, EVAL_SEQ_LEN, args.eval_windows) for k, s in streams.items()}
 
     for setting in args.settings:
         metric, target = setting.split(":")
@@ -96,8 +97,8 @@ def main() -> None:
         # Hand rules, every grid point measured on the held-out texts.
         inputs = AllocationInputs(ctx.layout, ctx.weights(), ctx.stats)
         hand = {"uniform": allocate("uniform", inputs, target)}
-        hand |= {f"owl λ={lam}": allocate("owl", inputs, target, m=5.0, lam=lam) for lam in OWL_LAMBDAS}
-        hand |= {f"depth ramp β={b}": allocate("depth_ramp", inputs, target, beta=b) for b in RAMP_BETAS}
+        hand |= {f"owl λ={lam}": allocate("owl", inputs, target, m=5.0, lam=lam) for lam in args.owl_lambdas}
+        hand |= {f"depth ramp β={b}": allocate("depth_ramp", inputs, target, beta=b) for b in args.ramp_betas}
         results = {}
         with Timer() as t_hand:
             for name, ratios in hand.items():
@@ -161,11 +162,13 @@ def main() -> None:
         f"Machine: {machine()}. Model: SmolLM2-135M-Instruct (embedded GGUF, fp32). Calibration: a pool of "
         f"{args.calib_samples}×256 tokens from the first 70% of WikiText-2 valid; validation (picks the exported "
         "plan): 8×512 from its last 30%; held-out evaluation: WikiText-2 test and the built-in Python-docs "
-        f"evaluation text, 20×512 each. Dense PPL {dense['wikitext2-test']:.2f} / {dense['python-docs']:.2f}. "
+        f"evaluation text, {args.eval_windows}×512 each. Dense PPL {dense['wikitext2-test']:.2f} / {dense['python-docs']:.2f}. "
         f"Studies: {', '.join(args.samplers)}, {args.minutes:g} min each, sampler defaults (evo: KL proxy, one "
         "level per Linear; tpe/cmaes: hidden-state proxy, one ratio per block).", "",
         f"Command: `python benchmarks/search_quality.py --settings {' '.join(args.settings)} --samplers "
-        f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples}`", "",
+        f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples} "
+        f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
+        f"--eval-windows {args.eval_windows}`", "",
         *lines, "", markdown_table(frame), "",
         f"![validation PPL of the incumbent against wall-clock]({plot_curve.name})", "",
         f"![per-Linear sparsity of the winners]({plot_shape.name})", "",

@@ -69,6 +69,10 @@ class EvalContext:
     grams: dict[str, torch.Tensor] = field(default_factory=dict)
     drop_schedule: Any = None
     pristine_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Masked weights kept for reuse, keyed (Linear, pruned count); 0 disables the cache (each
+    #: forward call then masks on the fly: :func:`~sparsealloc.pruning.masked.masked_forward`).
+    mask_cache_bytes: int = 3 * 2**29
+    _masked: Any = None
 
     @classmethod
     @torch.inference_mode()
@@ -181,6 +185,40 @@ class EvalContext:
         self.ranks = {n: row_rank(score(metric.name, w, self.stats[n], dict(metric.params)))
                       for n, w in self.weights().items()}
         self.ranks_metric = metric
+        self._masked = None
+
+    @torch.inference_mode()
+    def masked_entries(self, ratios: Mapping[str, float]) -> dict[str, tuple[torch.Tensor, None]]:
+        """Each Linear of ``ratios`` (> 0) masked from the cached ranks, for
+        :func:`~sparsealloc.pruning.masked.stitched_forward`; built once per (Linear, pruned count)
+        and kept (least recently used dropped first beyond :attr:`mask_cache_bytes`), so a trial that
+        differs from an earlier one in a few Linears (the evo sampler's offspring) masks only those.
+        """
+        from collections import OrderedDict
+
+        from sparsealloc.pruning.masks import masked_copy_, pruned_count
+
+        if self._masked is None:
+            self._masked = (OrderedDict(), [0])
+        cache, size = self._masked
+        weights = self.weights()
+        out = {}
+        for name, ratio in ratios.items():
+            if ratio <= 0:
+                continue
+            key = (name, pruned_count(weights[name].numel(), ratio))
+            weight = cache.get(key)
+            if weight is None:
+                dense = weights[name]
+                weight = masked_copy_(torch.empty_like(dense), dense, self.ranks[name], ratio)
+                cache[key] = weight
+                size[0] += weight.numel() * weight.element_size()
+            cache.move_to_end(key)
+            out[name] = (weight, None)
+        while size[0] > self.mask_cache_bytes and len(cache) > len(out):
+            _, old = cache.popitem(last=False)
+            size[0] -= old.numel() * old.element_size()
+        return out
 
     def ranks_for(self, plan) -> dict[str, torch.Tensor] | None:
         """The cached ranks when ``plan`` uses the cached metric, else None."""

@@ -168,7 +168,9 @@ class TrialEvaluator:
         kv = (plan.kv_bits, self.spec.kv.group_size, self.spec.kv.residual)
         ratios = self.cached_ratios(plan)
         if ratios is not None:
-            with masked_forward(ctx.model, ratios, ctx.ranks), kv_fake_quant(ctx.model, *kv):
+            masked = (stitched_forward(ctx.model, ctx.masked_entries(ratios)) if ctx.mask_cache_bytes
+                      else masked_forward(ctx.model, ratios, ctx.ranks))
+            with masked, kv_fake_quant(ctx.model, *kv):
                 yield mask_report(ratios, ctx.layout)
             return
         ratios = self.database_ratios(plan)

@@ -79,6 +79,7 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
     failures_in_a_row = 0
     lock, heartbeat = BudgetLock(study), Heartbeat(study)
     bar = _progress_bar(study, n_trials)
+    staged: dict[int, bool] = {}
     try:
         while True:
             sweep_stale(study)
@@ -93,10 +94,12 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
                     if min(free, remaining) > 0:
                         proposals = sampler.ask(min(free, remaining))
                         for proposal in proposals:
-                            heartbeat.add(trial_id(study, proposal.trial_number))
+                            known = proposal.trial_id is not None
+                            heartbeat.add(proposal.trial_id if known else trial_id(study, proposal.trial_number))
             for proposal in proposals:
                 report = partial(sampler.report, proposal.trial_number) if sampler.prunes else None
                 dispatcher.submit(proposal, report)
+                staged[proposal.trial_number] = not proposal.final
             if dispatcher.in_flight == 0:
                 # Nothing of ours in flight: done, unless another orchestrator's RUNNING trials may
                 # still fail (and need redoing) before the budget is reached.
@@ -106,12 +109,16 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
                 continue
             for number, outcome in dispatcher.wait():
                 sampler.tell(number, outcome)
-                heartbeat.discard(trial_id(study, number))
+                # A selection stage's score (evo) does not finish the trial: it stays RUNNING (and
+                # beating) until its last stage; counted as "staged".
+                was_staged = staged.pop(number, False) and outcome.state == "complete"
+                if not was_staged:
+                    heartbeat.discard(trial_id(study, number))
                 if outcome.state == "failed" and outcome.retry:
                     trial = storage_of(study).get_trial(trial_id(study, number))
                     if requeue(study, trial, once=True) is not None:
                         run.retried += 1
-                run.told[outcome.state] += 1
+                run.told["staged" if was_staged else outcome.state] += 1
                 log_event("trial", number=number, state=outcome.state, values=outcome.values, reason=outcome.reason)
                 if outcome.state == "failed":
                     failures_in_a_row += 1

@@ -414,6 +414,9 @@ class StudySpec:
         for key in ("space", "objectives", "warm_start"):
             if key in kwargs:
                 value = kwargs[key]
+                if value is None:  # the default (objectives: chosen by the sampler)
+                    del kwargs[key]
+                    continue
                 if isinstance(value, str):
                     value = [v.strip() for v in value.split(",") if v.strip()]
                 _expect(isinstance(value, (list, tuple)), f"{key} must be a list", value)
