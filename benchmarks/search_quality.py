@@ -66,6 +66,11 @@ def main() -> None:
     from sparsealloc.search.study import run
     from sparsealloc.spaces.spec import CalibrationSpec, MetricSpec, StudySpec, ValidationSpec
 
+    from sparsealloc.search.samplers.base import SAMPLERS
+    from sparsealloc.search.samplers.evo import PARENT_ATTR  # noqa: F401  (every module imported up front)
+
+    for name in args.samplers:
+        SAMPLERS.get(name)
     progress.set_mode("quiet")
     work = Path(tempfile.mkdtemp(prefix="sparsealloc-quality-"))
     calib_text, val_text = split_valid(work)

@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     checks: list[tuple[Callable[[], Check], bool]] = [
         (check_python, True),
         (check_torch, True),
+        (check_cpu_load, False),
         *[(lambda p=p: check_package(p), p.required) for p in PACKAGES],
         (lambda: check_model(args.model, args.load_model), True),
         (lambda: check_store(args.storage), True),
@@ -124,6 +125,36 @@ def check_torch() -> Check:
     else:
         device = "cpu (no CUDA device visible; trials run on the CPU)"
     return Check("torch", "OK", f"{torch.__version__}, {device}, {torch.get_num_threads()} threads")
+
+
+def check_cpu_load(threads: int | None = None) -> Check:
+    """Warn when other jobs keep the cores busy that torch's threads expect to have.
+
+    Cores busy elsewhere are the whole part of the 1-minute load average (this command's own short
+    run adds little to it); when torch's threads exceed the cores left free, they are oversubscribed.
+
+    Args:
+        threads: torch's CPU threads (default: ``torch.get_num_threads()``, else the core count).
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows, or no /proc/loadavg
+        return Check("cpu load", "OK", "load average not available on this system")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads is None:
+        try:
+            import torch
+
+            threads = torch.get_num_threads()
+        except ImportError:
+            threads = cores
+    free = max(0, cores - int(load))
+    detail = f"1-minute load average {load:.2f} on {cores} core(s), {free} free; torch uses {threads} thread(s)"
+    if int(load) >= 1 and threads > free:
+        return Check("cpu load", "WARN", f"{detail}: another job shares the CPU: trials may run several times "
+                                         f"slower; torch threads oversubscribed",
+                     f"wait for the other job, or give torch the free cores: OMP_NUM_THREADS={max(1, free)}")
+    return Check("cpu load", "OK", detail)
 
 
 def check_package(package: Package) -> Check:

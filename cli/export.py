@@ -13,6 +13,9 @@ def register(sub) -> None:
     parser.add_argument("--storage", default=DEFAULT_STORAGE)
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--pareto", action="store_true", help="write DIR/pareto/*.json (multi-objective)")
+    parser.add_argument("--by", choices=("validation", "proxy"), default="validation",
+                        help="single objective: the trial with the lowest held-out perplexity when the study was "
+                             "validated (default), or the lowest proxy value")
     parser.add_argument("--artifact-dir", default=None, metavar="DIR",
                         help="also attach the plans to the study as artifacts here (default: beside a SQLite "
                              "store, STORE-artifacts/; ./sparsealloc-artifacts for a server store)")
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     with store_errors(args.storage), writing(f"the exported plans to {args.out!r}"):
         study = load_study(open_storage(args.storage, create=False), args.name)
-        paths = export_study(study, args.out, pareto=True if args.pareto else None)
+        paths = export_study(study, args.out, pareto=True if args.pareto else None, by=args.by)
     for path in paths:
         print(f"exported: {path}")
     if not args.no_artifacts:

@@ -1,7 +1,8 @@
 """Entry point: ``sparsealloc COMMAND ...``; ``main(argv) -> exit code``.
 
 Exit codes: 0 success, 2 bad input (one line on stderr saying what was expected and what was
-received, no traceback), 1 runtime failure. ``--debug`` shows tracebacks.
+received, no traceback), 1 runtime failure, 130 Ctrl-C, 141 stdout closed early (``| head``).
+``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import sys
 from collections.abc import Sequence
 
 from sparsealloc.core.errors import SparseAllocError, SpecError
+
+#: What ``sparsealloc --help`` says first.
+DESCRIPTION = ("Prune a language model, or search how sparse each of its layers should be for a total "
+               "sparsity budget (Optuna studies), then export, apply and evaluate the best allocation.")
+EPILOG = "Run 'sparsealloc COMMAND --help' for a command's options; 'sparsealloc doctor' checks the setup."
 
 COMMAND_MODULES = ("prune", "apply", "evaluate", "study", "export", "report", "dashboard", "calib", "generate", "doctor")
 
@@ -30,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser (sub-commands register themselves)."""
     import importlib
 
-    parser = _Parser(prog="sparsealloc", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="sparsealloc", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-format", choices=("bar", "json"), default="bar",
@@ -59,15 +65,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
     _quiet_libraries(args.debug)
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a reader that left (| head) shows here, not as a traceback at exit
+        return code
     except SparseAllocError as exc:
         if debug:
             raise
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # search.study.run's Interrupted says how to resume
+        print(f"error: {_one_line(exc) or 'interrupted'}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _drop_stdout()
+        return 141  # 128 + SIGPIPE, as the shell reports a command killed by a closed pipe
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (tests' StringIO)
+        pass
 
 
 def _globals_first(argv: list[str]) -> list[str]:

@@ -6,7 +6,7 @@ import argparse
 
 from sparsealloc.cli.common import DEFAULT_MODEL, fraction, positive_int
 from sparsealloc.core.errors import SpecError
-from sparsealloc.core.keys import DEFAULT_STORAGE, FAIL_REASON, VALIDATION, WARM_START
+from sparsealloc.core.keys import DEFAULT_STORAGE, FAIL_REASON, SPEC_ATTR, VALIDATION, WARM_START
 
 
 def register(sub) -> None:
@@ -14,39 +14,60 @@ def register(sub) -> None:
     study_sub = parser.add_subparsers(dest="study_command", metavar="ACTION", parser_class=type(parser))
     study_sub.required = True
 
+    from sparsealloc.spaces.spec import StudySpec
+
+    d = StudySpec()  # the defaults the help shows
     run = study_sub.add_parser("run", help="start (or continue) a study")
     run.add_argument("spec", nargs="?", metavar="SPEC.yaml", help="study spec (YAML or JSON); flags override it")
     run.add_argument("--name", help="study name (default: from the spec, else 'study')")
     _add_storage(run)
     run.add_argument("--model", default=None, help=f"model (default {DEFAULT_MODEL})")
-    run.add_argument("--device", default=None)
-    run.add_argument("--target-sparsity", type=fraction, default=None)
-    run.add_argument("--space", default=None, help="comma list of layerwise, metric, kv, allocator")
-    run.add_argument("--granularity", default=None, help="block, bins, projection or module")
-    run.add_argument("--radius", type=fraction, default=None, help="ratio window around the target")
+    run.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    run.add_argument("--target-sparsity", type=fraction, default=None,
+                     help=f"parameter-weighted mean sparsity every candidate meets exactly "
+                          f"(default {d.target_sparsity})")
+    run.add_argument("--space", default=None,
+                     help="comma list of layerwise, metric, kv, allocator, layer_drop (default layerwise)")
+    run.add_argument("--granularity", default=None,
+                     help="block, bins, projection or module (default block; module for the evo sampler)")
+    run.add_argument("--radius", type=fraction, default=None,
+                     help=f"ratio window around the target (default {d.layerwise.radius})")
     run.add_argument("--metric", default=None, help="fixed pruning metric (default wanda)")
     run.add_argument("--objectives", default=None,
-                     help="comma list: kl|reconstruction|hidden|layer_local[,remaining_weights][,kv_bytes]")
+                     help="comma list: kl|reconstruction|hidden|layer_local[,remaining_weights][,kv_bytes] "
+                          "(default hidden; kl for the evo sampler)")
     run.add_argument("--early-stopping", default=None, metavar="PRUNER",
                      help="none, median or successive_halving (stop bad trials after a calibration batch)")
     run.add_argument("--gram-rung", action="store_true", default=None,
                      help="with successive_halving: a zero-forward first rung from per-layer Gram matrices")
-    run.add_argument("--sampler", default=None, help="tpe, cmaes, nsga3, optuna-nsga3 or random")
-    run.add_argument("--population-size", type=positive_int, default=None)
-    run.add_argument("--trials", type=positive_int, default=None, help="COMPLETE trials to reach")
+    run.add_argument("--sampler", default=None,
+                     help=f"tpe, cmaes (one objective), evo (EvoPress level-switch search, one objective), "
+                          f"nsga3, optuna-nsga3 or random (default {d.sampler})")
+    run.add_argument("--population-size", type=positive_int, default=None,
+                     help=f"population of the nsga3 and optuna-nsga3 samplers (default {d.population_size})")
+    run.add_argument("--trials", type=positive_int, default=None,
+                     help=f"COMPLETE trials to reach (default {d.trials})")
     run.add_argument("--timeout", type=float, default=None, help="seconds")
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--calib-text", metavar="FILE", default=None)
-    run.add_argument("--calib-dataset", metavar="NAME[:CONFIG[:SPLIT]]", default=None)
+    run.add_argument("--seed", type=int, default=None, help=f"sampler seed (default {d.seed})")
+    run.add_argument("--calib-text", metavar="FILE", default=None,
+                     help="calibration text file (default: built-in text)")
+    run.add_argument("--calib-dataset", metavar="NAME[:CONFIG[:SPLIT]]", default=None,
+                     help="calibration text from a Hugging Face dataset")
     run.add_argument("--calib-windows", metavar="CALIB.jsonl", default=None,
                      help="windows from 'sparsealloc calib select' (replace the text, samples and seq-len)")
-    run.add_argument("--calib-samples", type=positive_int, default=None)
-    run.add_argument("--calib-seq-len", type=positive_int, default=None)
-    run.add_argument("--eval-text", metavar="FILE", default=None, help="held-out text for validation")
-    run.add_argument("--eval-windows", type=positive_int, default=None)
-    run.add_argument("--eval-seq-len", type=positive_int, default=None)
-    run.add_argument("--validate-top", type=int, default=None, help="re-score this many best trials by PPL")
-    run.add_argument("--no-validate", action="store_true")
+    run.add_argument("--calib-samples", type=positive_int, default=None,
+                     help=f"calibration windows each trial scores (default {d.calibration.samples})")
+    run.add_argument("--calib-seq-len", type=positive_int, default=None,
+                     help=f"tokens per calibration window (default {d.calibration.seq_len})")
+    run.add_argument("--eval-text", metavar="FILE", default=None,
+                     help="held-out text for validation (default: built-in held-out text)")
+    run.add_argument("--eval-windows", type=positive_int, default=None,
+                     help=f"validation windows (default {d.validation.windows})")
+    run.add_argument("--eval-seq-len", type=positive_int, default=None,
+                     help=f"tokens per validation window (default {d.validation.seq_len})")
+    run.add_argument("--validate-top", type=int, default=None,
+                     help=f"re-score this many best trials by held-out perplexity (default {d.validation.top_k})")
+    run.add_argument("--no-validate", action="store_true", help="skip re-scoring the best trials on held-out text")
     run.add_argument("--export", metavar="DIR", default=None, help="export the result here when done")
     _add_workers(run)
     run.set_defaults(handler=run_command)
@@ -189,5 +210,24 @@ def show_command(args: argparse.Namespace) -> int:
         from sparsealloc.search.study import validation_lines
 
         print("\n".join(validation_lines(study, validation)))
+    elif complete:
+        print(f"validation: {not_validated_hint(study, args.storage)}")
     return 0
+
+
+def not_validated_hint(study, storage_url: str) -> str:
+    """Why a study holds no held-out perplexities, and the command that adds them.
+
+    ``study resume`` without ``--no-validate`` validates the best trials of the stored spec (a study
+    that already has its trials runs none), unless the spec asks for none (``validation.top_k: 0``).
+    """
+    from sparsealloc.search.study import resume_command
+
+    spec = study.user_attrs.get(SPEC_ATTR)
+    if not spec:
+        return "not run (the study was not made by sparsealloc study run)"
+    if (spec.get("validation") or {}).get("top_k") == 0:
+        return "off (the study's spec sets validation top_k: 0)"
+    return (f"not run (the run had --no-validate or stopped before validating); add it with: "
+            f"{resume_command(study.study_name, storage_url)}")
 

@@ -40,6 +40,13 @@ class OutputError(SparseAllocError):
     """An output file or folder cannot be written (a file in the way, read-only, disk full)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a command; the message says what was kept and the command that goes on.
+
+    A :class:`KeyboardInterrupt`, so code that catches Ctrl-C still does.
+    """
+
+
 class TrialFailed(SparseAllocError):
     """Raised inside a worker when a trial cannot produce a value; carries a short reason."""
 

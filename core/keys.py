@@ -17,9 +17,16 @@ SOURCE = "source"  #: which sampler proposed the trial (e.g. "pymoo-nsga3")
 TRIAL_SECONDS = "trial_seconds"  #: the evaluator's own time for the trial
 PRUNED_AT_STEP = "pruned_at_step"  #: step at which early stopping stopped the trial
 ACHIEVED_SPARSITY = "achieved_sparsity"  #: parameter-weighted sparsity the pruned model reached
+DATABASE_BUILD_SECONDS = "database_build_seconds"  #: time the trial spent filling the level database
+CALIBRATION_TOKENS = "calibration_tokens"  #: tokens a selection stage scored the trial on (evo)
+EVO_ROLE = "evo_role"  #: evo: offspring, parent (re-scored) or queued (warm start, retry)
+STAGE = "stage"  #: evo: the last selection stage the trial reached
+EVO_ELIMINATED = "evo_eliminated"  #: evo: pruned by a selection stage
 
 # Study user attributes.
 SPEC_ATTR = "sparsealloc:spec"  #: the StudySpec as a dict
 SPEC_HASH = "spec_hash"  #: StudySpec.spec_hash() of that spec
 SAMPLER = "sampler"  #: the spec's sampler name
 VALIDATION = "validation"  #: ValidationResult.to_dict(): held-out perplexity of re-scored trials
+WARM_START_GRID = "warm_start_grid"  #: {rule: {parameter: chosen value, "proxy": value}} of screened warm starts
+EVO_PARENT = "evo:parent"  #: evo: {"generation", "trial", "history"} of the current parent

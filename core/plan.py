@@ -36,6 +36,9 @@ from typing import Any
 from sparsealloc.core.errors import IncompatiblePlanError, SpecError, read_user_file
 
 SCHEMA_VERSION = 1
+#: Decimals of the sparsity ratios in plan files: drops the float noise of the budget repair
+#: (0.5274999999756691 is written 0.5275) and moves the parameter-weighted mean by at most 5e-11.
+RATIO_DECIMALS = 10
 KV_BIT_CHOICES = (2, 3, 4, 8, 16)
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 _TOP_KEYS = {
@@ -230,8 +233,10 @@ class AllocationPlan:
         }
 
     def to_json(self) -> str:
-        """Pretty JSON text."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        """Pretty JSON text; sparsity ratios rounded to :data:`RATIO_DECIMALS` decimals."""
+        data = self.to_dict()
+        data["sparsity"] = {k: _tidy_ratio(v) for k, v in data["sparsity"].items()}
+        return json.dumps(data, indent=2, sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON; returns the path.
@@ -308,6 +313,12 @@ class AllocationPlan:
             raise IncompatiblePlanError(
                 f"plan drops all {len(block_names)} decoder blocks; at least one must remain"
             )
+
+
+def _tidy_ratio(value: float) -> float:
+    """``value`` rounded to :data:`RATIO_DECIMALS` decimals, kept below 1 (a ratio is in [0, 1))."""
+    rounded = round(value, RATIO_DECIMALS)
+    return rounded if rounded < 1.0 else value
 
 
 def weighted_mean_sparsity(ratios: Mapping[str, float], numels: Mapping[str, int]) -> float:

@@ -61,8 +61,6 @@ class EvalContext:
     dense_logit_sq: list[float]
     model_info: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
-    orders: dict[str, torch.Tensor] = field(default_factory=dict)
-    orders_metric: Any = None
     ranks: dict[str, torch.Tensor] = field(default_factory=dict)
     ranks_metric: Any = None
     kl_terms: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -135,22 +133,6 @@ class EvalContext:
                 modules[name].bias.data.copy_(bias)
         for name, weight in self.pristine_extra.items():
             modules[name].weight.data.copy_(weight)
-
-    @torch.inference_mode()
-    def cache_orders(self, metric) -> None:
-        """Score every prunable Linear once with ``metric`` (a MetricChoice) and keep its row order.
-
-        With a fixed metric a trial's mask is then a slice of this order: no per-trial scoring or
-        sorting (int16 indices: 2 bytes per weight).
-        """
-        from sparsealloc.pruning.masks import row_order
-        from sparsealloc.pruning.metrics import score
-
-        if self.orders_metric == metric:
-            return
-        self.orders = {n: row_order(score(metric.name, w, self.stats[n], dict(metric.params)))
-                       for n, w in self.weights().items()}
-        self.orders_metric = metric
 
     def cache_drop_schedule(self, max_blocks: int, compensate: bool = True) -> None:
         """Compute the Block-Influence drop schedule once (for the ``layer_drop`` dimension).

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from sparsealloc.core.errors import TrialFailed
+from sparsealloc.core.keys import (ACHIEVED_SPARSITY, CALIBRATION_TOKENS, DATABASE_BUILD_SECONDS, PLAN, PRUNED_AT_STEP,
+                                   TRIAL_SECONDS)
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.core.types import Outcome
 from sparsealloc.objectives.base import OBJECTIVES
@@ -244,7 +246,7 @@ class TrialEvaluator:
                 state.report = lambda batches, value: publish(offset + batches, value)
                 values_out = tuple(float(fn(self.ctx, state)) for fn in self.objectives)
         except StopTrial as stop:
-            attrs = {"plan": plan.to_dict(), "pruned_at_step": stop.step, "trial_seconds": time.perf_counter() - start}
+            attrs = {PLAN: plan.to_dict(), PRUNED_AT_STEP: stop.step, TRIAL_SECONDS: time.perf_counter() - start}
             return Outcome("pruned", attrs=attrs, intermediate=tuple(intermediate))
         except TrialFailed as exc:
             return Outcome("failed", reason=exc.reason)
@@ -254,12 +256,12 @@ class TrialEvaluator:
         if bad:
             return Outcome("failed", reason=f"objective {bad[0]} is not finite", intermediate=tuple(intermediate))
         attrs = {
-            "plan": plan.to_dict(),
-            "achieved_sparsity": prune_report.achieved_mean,
-            "trial_seconds": time.perf_counter() - start,
+            PLAN: plan.to_dict(),
+            ACHIEVED_SPARSITY: prune_report.achieved_mean,
+            TRIAL_SECONDS: time.perf_counter() - start,
         }
         if self.database is not None:
-            attrs["database_build_seconds"] = self.database.build_seconds - built
+            attrs[DATABASE_BUILD_SECONDS] = self.database.build_seconds - built
         if windows is not None:
-            attrs["calibration_tokens"] = n_windows * int(self.ctx.windows.shape[1])
+            attrs[CALIBRATION_TOKENS] = n_windows * int(self.ctx.windows.shape[1])
         return Outcome("complete", values_out, attrs=attrs, intermediate=tuple(intermediate))

@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sparsealloc.core.errors import SpecError, StorageError
+from sparsealloc.core.keys import PLAN, SAMPLER, SPEC_ATTR, SPEC_HASH, VALIDATION, WARM_START, WARM_START_GRID
 from sparsealloc.core.progress import track
 from sparsealloc.objectives.context import EvalContext
 from sparsealloc.objectives.trial import TrialEvaluator
@@ -32,7 +33,6 @@ from sparsealloc.storage.rdb import create_or_load_study, load_study
 
 logger = logging.getLogger(__name__)
 
-SPEC_ATTR = "sparsealloc:spec"
 
 
 def calibration_source(spec: StudySpec) -> TextSource:
@@ -104,14 +104,29 @@ def open_sampler(spec: StudySpec, storage: optuna.storages.BaseStorage, space: S
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
-        study.set_user_attr("spec_hash", spec.spec_hash())
-        study.set_user_attr("sampler", spec.sampler)
+        study.set_user_attr(SPEC_HASH, spec.spec_hash())
+        study.set_user_attr(SAMPLER, spec.sampler)
         study.set_metric_names(list(spec.objectives))
-    elif StudySpec.from_dict(stored).spec_hash() != spec.spec_hash():
+    else:
+        check_same_spec(spec, stored)
+    return cls(study, space)
+
+
+def check_same_spec(spec: StudySpec, stored: Mapping[str, Any]) -> None:
+    """SpecError unless ``stored`` (a study's recorded spec) has ``spec``'s hash."""
+    if StudySpec.from_dict(stored).spec_hash() != spec.spec_hash():
         raise SpecError(f"study {spec.name!r} exists with a different spec "
                         f"({spec_difference(StudySpec.from_dict(stored), spec)}); "
                         f"resume it with 'sparsealloc study resume' or choose another --name")
-    return cls(study, space)
+
+
+def check_existing_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> None:
+    """Before any model is loaded: a study of this name stored with another spec is an error."""
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if spec.name in names:
+        stored = load_study(storage, spec.name).user_attrs.get(SPEC_ATTR)
+        if stored is not None:
+            check_same_spec(spec, stored)
 
 
 def spec_difference(stored: StudySpec, given: StudySpec, limit: int = 4) -> str:
@@ -213,7 +228,7 @@ def enqueue_warm_starts(sampler: Sampler, evaluator: TrialEvaluator) -> list[str
     screened: dict[str, dict[str, float]] = {}
     values = warm_start_values(evaluator, evaluator.spec.warm_start, screened)
     if screened:
-        sampler.study.set_user_attr("warm_start_grid", screened)
+        sampler.study.set_user_attr(WARM_START_GRID, screened)
     for name, v in values.items():
         sampler.enqueue(v, name)
     return list(values)
@@ -237,14 +252,14 @@ def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.Fro
     the evo sampler's latest parents (its own choice, each on the windows of its generation)."""
     from sparsealloc.search.samplers.evo import recent_parents
 
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "plan" in t.user_attrs]
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if PLAN in t.user_attrs]
     if len(study.directions) == 1:
         chosen = sorted(done, key=lambda t: t.values[0])[:top_k]
     else:
         chosen = list(study.best_trials)
     by_number = {t.number: t for t in done}
     chosen += [by_number[n] for n in recent_parents(study, top_k) if n in by_number]
-    chosen += [t for t in done if t.user_attrs.get("warm_start")]
+    chosen += [t for t in done if t.user_attrs.get(WARM_START)]
     unique, seen = [], set()
     for t in chosen:  # an evo parent re-scored is the same plan under another number
         key = tuple(sorted(t.params.items()))
@@ -265,7 +280,7 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec) ->
     ppl, proxy = {}, {}
     trials = trials_to_validate(study, spec.validation.top_k)
     for trial in track(trials, desc="validation", total=len(trials), unit="plan"):
-        plan = AllocationPlan.from_dict(trial.user_attrs["plan"])
+        plan = AllocationPlan.from_dict(trial.user_attrs[PLAN])
         with evaluator.applied(plan):  # pruned, dropped blocks out, KV bits fake-quantized
             ppl[trial.number] = perplexity(ctx.model, stream, spec.validation.seq_len, spec.validation.windows)
         proxy[trial.number] = trial.values[0]
@@ -275,11 +290,11 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec) ->
         value = spearmanr([proxy[n] for n in ppl], [ppl[n] for n in ppl]).statistic
         rho = None if math.isnan(value) else float(value)
     result = ValidationResult(ppl, proxy, rho)
-    study.set_user_attr("validation", result.to_dict())
+    study.set_user_attr(VALIDATION, result.to_dict())
     return result
 
 
 def warm_start_trials(study: optuna.Study) -> Mapping[str, optuna.trial.FrozenTrial]:
     """Completed warm-start trials by name."""
-    return {t.user_attrs["warm_start"]: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get("warm_start")}
+    return {t.user_attrs[WARM_START]: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get(WARM_START)}

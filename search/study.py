@@ -5,21 +5,22 @@ from __future__ import annotations
 import shlex
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from sparsealloc.core.errors import check_output_dir, writing
+from sparsealloc.core.errors import StorageError, Interrupted, check_output_dir, writing
 from sparsealloc.core.plan import AllocationPlan
 from sparsealloc.objectives.trial import TrialEvaluator
 from sparsealloc.search.dispatch.base import DISPATCHERS
 from sparsealloc.search.orchestrator import run_study
 from sparsealloc.search.samplers.base import SAMPLERS, Sampler
-from sparsealloc.search.session import (ValidationResult, build_evaluator, enqueue_warm_starts, open_sampler,
-                                        preflight, validate as validate_study, warm_start_trials)
+from sparsealloc.search.session import (ValidationResult, build_evaluator, check_existing_study, enqueue_warm_starts,
+                                        open_sampler, preflight, validate as validate_study, warm_start_trials)
 from sparsealloc.spaces.spec import StudySpec
 from sparsealloc.storage.artifacts import attach_files, default_artifact_dir
 from sparsealloc.storage.export import export_study
@@ -71,8 +72,8 @@ class StudyResult:
 
 def run(spec: StudySpec, storage_url: str, *, dispatcher: str | None = None,
         dispatcher_options: Mapping[str, Any] | None = None, validate: bool = True,
-        export_dir: str | Path | None = None, evaluator: TrialEvaluator | None = None,
-        sampler_hook: Callable[[Sampler], Sampler] | None = None,
+        export_dir: str | Path | None = None, export_by: str = "validation",
+        evaluator: TrialEvaluator | None = None, sampler_hook: Callable[[Sampler], Sampler] | None = None,
         echo: Callable[[str], None] | None = None) -> StudyResult:
     """Run (or continue) study ``spec.name`` until it holds ``spec.trials`` COMPLETE trials.
 
@@ -89,6 +90,8 @@ def run(spec: StudySpec, storage_url: str, *, dispatcher: str | None = None,
         dispatcher_options: Its keywords; Ray: workers, cpus_per_worker, gpus_per_worker, address.
         validate: Re-score the best trials by held-out perplexity (``spec.validation``).
         export_dir: Write the best plan (or the Pareto set) here and attach it to the study.
+        export_by: Single objective: "validation" exports the best validated trial when validation
+            ran (the lowest proxy can overfit the calibration windows), "proxy" the lowest proxy.
         evaluator: A ready evaluator for ``spec`` (saves loading the model); default
             ``build_evaluator(spec)``.
         sampler_hook: Wraps the opened sampler (instrumentation, e.g. timing ask and tell).
@@ -99,6 +102,8 @@ def run(spec: StudySpec, storage_url: str, *, dispatcher: str | None = None,
         StorageError: the store cannot be used, or failed mid-run (the message says how to resume).
         AllTrialsFailed: too many trials in a row failed.
         NoWorkersLeft: every worker of the dispatcher died.
+        Interrupted: Ctrl-C (a KeyboardInterrupt) after the store was opened; the message names the
+            ``study resume`` command that finishes the study.
     """
     url = parse_storage_url(storage_url)
     SAMPLERS.get(spec.sampler)
@@ -107,13 +112,15 @@ def run(spec: StudySpec, storage_url: str, *, dispatcher: str | None = None,
         check_output_dir(export_dir, "--export")
     preflight(spec, validate)
     check_storage(url)
+    _check_name_free(spec, url)
     start = time.perf_counter()
     evaluator = build_evaluator(spec) if evaluator is None else evaluator
     setup_seconds = time.perf_counter() - start
     say = echo or (lambda line: None)
-    hint = (f"trials written so far are kept; continue with: sparsealloc study resume {shlex.quote(spec.name)} "
-            f"--storage {shlex.quote(redact(url))}")
-    with store_errors(url, hint):
+    resume = resume_command(spec.name, url, validate=validate, export_dir=export_dir, dispatcher=dispatcher,
+                            dispatcher_options=dispatcher_options)
+    hint = f"trials written so far are kept; continue with: {resume}"
+    with store_errors(url, hint), _resume_on_interrupt(resume):
         shared = not url.startswith("sqlite")
         # Shared stores (PostgreSQL) may have several orchestrators: heartbeats instead of orphan sweeps.
         sampler = open_sampler(spec, open_storage(url, heartbeat_interval=HEARTBEAT_SECONDS if shared else None),
@@ -143,7 +150,7 @@ def run(spec: StudySpec, storage_url: str, *, dispatcher: str | None = None,
                 say(line)
         if export_dir:
             with writing(f"the exported plans to {str(export_dir)!r}"):
-                result.exported = export_study(study, export_dir)
+                result.exported = export_study(study, export_dir, by=export_by)
                 attach_files(study, result.exported, default_artifact_dir(url))  # shown by sparsealloc dashboard
             for path in result.exported:
                 say(f"exported: {path}")
@@ -151,7 +158,66 @@ def run(spec: StudySpec, storage_url: str, *, dispatcher: str | None = None,
                 if len(result.exported) == 1 else None
             if ppl is not None:
                 say(f"exported plan perplexity: {ppl:.3f}")
+                chosen = AllocationPlan.load(result.exported[0]).provenance.get("trial")
+                if chosen != study.best_trial.number:
+                    say(f"exported trial {chosen}, the best on held-out text; the lowest proxy is trial "
+                        f"{study.best_trial.number} (export it with: sparsealloc export --by proxy)")
     return result
+
+
+def resume_command(name: str, url: str, *, validate: bool = True, export_dir: str | Path | None = None,
+                   dispatcher: str | None = None, dispatcher_options: Mapping[str, Any] | None = None) -> str:
+    """The ``sparsealloc study resume`` command line that finishes a run of study ``name``.
+
+    Args:
+        name: The study name (shell-quoted in the result).
+        url: The store's URL (its password hidden in the result).
+        validate: False adds ``--no-validate``.
+        export_dir: Adds ``--export DIR``.
+        dispatcher: "ray" adds the worker flags from ``dispatcher_options``.
+        dispatcher_options: workers, address, gpus_per_worker, cpus_per_worker.
+
+    Returns:
+        A command a shell runs as it is.
+    """
+    words = ["sparsealloc", "study", "resume", name, "--storage", redact(url)]
+    if not validate:
+        words.append("--no-validate")
+    if export_dir:
+        words += ["--export", str(export_dir)]
+    if dispatcher == "ray":
+        options = dict(dispatcher_options or {})
+        words += ["--workers", str(options.get("workers", 1))]
+        if options.get("address"):
+            words += ["--ray-address", str(options["address"])]
+        if options.get("gpus_per_worker"):
+            words += ["--gpus-per-worker", f"{options['gpus_per_worker']:g}"]
+        if options.get("cpus_per_worker", 1.0) != 1.0:
+            words += ["--cpus-per-worker", f"{options['cpus_per_worker']:g}"]
+    return shlex.join(words)
+
+
+@contextmanager
+def _resume_on_interrupt(resume: str) -> Iterator[None]:
+    """Ctrl-C once the study is in the store: an :class:`Interrupted` naming the command that finishes it."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the finished trials are saved in the store (a trial cut off is "
+                          f"redone); finish the study with: {resume}") from None
+
+
+def _check_name_free(spec: StudySpec, url: str) -> None:
+    """A study of this name stored with another spec fails now, before the model is loaded."""
+    if url.startswith("sqlite") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return  # no store yet
+    try:
+        existing = open_storage(url, create=False)
+    except StorageError:
+        return  # no study store there yet: nothing to conflict with
+    check_existing_study(spec, existing)
 
 
 def validation_lines(study: optuna.Study, validation: Mapping[str, Any]) -> list[str]:

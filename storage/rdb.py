@@ -30,6 +30,9 @@ from sparsealloc.core.errors import SpecError, StorageError
 from sparsealloc.core.keys import DEFAULT_STORAGE, FAIL_REASON
 from sparsealloc.storage.coordination import requeue
 from sparsealloc.storage.optuna_adapter import set_trial_user_attr, trial_id_of
+
+#: How SQLite URLs are written, for messages.
+SQLITE_FORMS = "sqlite:///relative.db or sqlite:////absolute.db"
 DRIVER_HINTS = {
     "postgresql": "use postgresql+psycopg2://user@host:5432/db and pip install 'sparsealloc[postgres]'",
     "mysql": "install a MySQL driver, e.g. pip install pymysql, and use mysql+pymysql://user@host/db",
@@ -50,6 +53,9 @@ def parse_storage_url(url: str) -> str:
     """
     if not isinstance(url, str) or not url.strip():
         raise SpecError(f"expected a storage URL such as sqlite:///study.db, but got {url!r}")
+    if url.lower().startswith("sqlite:") and "://" not in url:  # sqlite:/runs/s.db, sqlite:s.db
+        raise SpecError(f"expected a SQLite URL such as {SQLITE_FORMS}, but got {url!r}, which names no existing "
+                        f"file (a SQLite URL has three slashes after 'sqlite:', four for an absolute path)")
     if "://" not in url:
         if url.endswith((".db", ".sqlite", ".sqlite3")):
             return f"sqlite:///{url}"
@@ -68,7 +74,18 @@ def parse_storage_url(url: str) -> str:
     if backend == "sqlite" and (not parsed.database or parsed.database == ":memory:"):
         raise SpecError(f"expected a SQLite file such as sqlite:///study.db, but got the in-memory database {url!r} "
                         f"(a study there is lost when the command ends)")
+    if backend == "sqlite" and parsed.host:  # sqlite://runs/s.db would silently mean ./s.db
+        raise SpecError(f"expected a SQLite URL such as {SQLITE_FORMS}, but got {url!r}, where {parsed.host!r} "
+                        f"reads as a host name (a SQLite URL has three slashes after 'sqlite:', four for an "
+                        f"absolute path)")
     return url
+
+
+def _path_hint(path: Path) -> str:
+    """For a relative SQLite path: where it points, and how an absolute one is written."""
+    if path.is_absolute():
+        return ""
+    return f" (sqlite:///{path} is relative to {os.getcwd()}; an absolute path takes four slashes: sqlite:////path)"
 
 
 @dataclass(frozen=True)
@@ -173,7 +190,8 @@ def probe_storage(url: str, timeout: int = 10) -> StoreInfo:
 def _check_sqlite_folder(path: Path) -> None:
     folder = path.parent
     if not folder.exists():
-        raise StorageError(f"expected an existing directory for the SQLite store, but {str(folder)!r} does not exist")
+        raise StorageError(f"expected an existing directory for the SQLite store, but {str(folder)!r} does not "
+                           f"exist{_path_hint(path)}")
     if not folder.is_dir():
         raise StorageError(f"expected a directory for the SQLite store, but {str(folder)!r} is a file")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -198,7 +216,8 @@ def check_storage(url: str, create: bool = True) -> StoreInfo:
     url = parse_storage_url(url)
     path = _sqlite_path(url)
     if not create and path is not None and not path.is_file():
-        raise StorageError(f"expected an existing SQLite study store, but {str(path)!r} does not exist")
+        raise StorageError(f"expected an existing SQLite study store, but {str(path)!r} does not exist"
+                           f"{_path_hint(path)}")
     info = probe_storage(url)
     if create and path is not None and info.exists and not os.access(path, os.W_OK):
         raise StorageError(f"expected a writable SQLite study store, but {str(path)!r} is read-only")

@@ -18,6 +18,7 @@ import base64
 import html
 import math
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,6 +295,16 @@ def _frame_html(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.6g}", na_rep="", border=0)
 
 
+def _validation_hint(study: optuna.Study, spec: Mapping[str, Any], storage_label: str | None) -> str:
+    """How to add held-out perplexities to a study that has none (``study resume`` validates)."""
+    if not spec:
+        return "it was not made by sparsealloc study run"
+    if (spec.get("validation") or {}).get("top_k") == 0:
+        return "its spec sets validation top_k: 0"
+    command = shlex.join(["sparsealloc", "study", "resume", study.study_name, "--storage", storage_label or "URL"])
+    return f"add them with: {command}, then run the report again"
+
+
 def write_report(study: optuna.Study, out_dir: str | Path, numels: Mapping[str, int] | None = None,
                  storage_label: str | None = None, top: int = 10) -> Report:
     """Write plots (``NAME.png`` + self-contained ``NAME.html``), ``summary.md`` and ``summary.html``.
@@ -363,8 +374,8 @@ def write_report(study: optuna.Study, out_dir: str | Path, numels: Mapping[str, 
         plots.append(("proxy_vs_ppl", "Proxy vs validation perplexity",
                       figures.validation_figure(validation, names[0]), validation))
     else:
-        report.notes.append("Proxy-vs-PPL plot left out: the study holds no validation results "
-                            "(run it without --no-validate).")
+        report.notes.append(f"Proxy-vs-PPL plot left out: the study holds no validation results "
+                            f"({_validation_hint(study, spec, storage_label)}).")
 
     images: list[tuple[str, str, Path]] = []
     for stem, title, fig, table in plots:

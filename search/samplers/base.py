@@ -59,6 +59,12 @@ class Sampler(abc.ABC):
         self.space = space
         self.distributions = to_distributions(space)
 
+    @staticmethod
+    def make_optuna_sampler(n_objectives: int, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
+        """The study's own Optuna sampler. Default: random, never consulted by samplers that enqueue
+        every trial with fixed parameters (evo, pymoo NSGA-III)."""
+        return optuna.samplers.RandomSampler(seed=seed)
+
     @abc.abstractmethod
     def ask(self, n: int = 1) -> list[Proposal]:
         """Up to ``n`` new proposals (RUNNING trials)."""

@@ -37,7 +37,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from sparsealloc.core.keys import GENERATION, SOURCE, WARM_START
+from sparsealloc.core.keys import EVO_ELIMINATED, EVO_PARENT, EVO_ROLE, GENERATION, SOURCE, STAGE, WARM_START
 from sparsealloc.core.types import Outcome, Proposal
 from sparsealloc.search.samplers.base import Sampler
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
@@ -46,12 +46,8 @@ from sparsealloc.storage.optuna_adapter import storage_of, trial_id_of
 
 #: ``user_attrs[SOURCE]`` of every trial this sampler creates.
 EVO_SOURCE = "evo"
-#: Trial attr: offspring, parent (re-score) or queued (warm start, retry).
-ROLE = "evo_role"
-#: Trial attr: the last selection stage the candidate reached.
-STAGE = "stage"
-#: Study attr: ``{"generation": g, "trial": number}`` of the parent of generation g + 1.
-PARENT_ATTR = "evo:parent"
+ROLE = EVO_ROLE
+PARENT_ATTR = EVO_PARENT
 #: Parents kept in the study attr's ``history`` (validation re-scores the latest ones).
 HISTORY = 32
 #: Trial attr (private): identifies our own enqueued trial among WAITING ones.
@@ -131,11 +127,6 @@ class EvoSampler(Sampler):
     """
 
     name = "evo"
-
-    @staticmethod
-    def make_optuna_sampler(n_objectives: int, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
-        # Every trial is enqueued with fixed parameters; Optuna's own sampler never proposes.
-        return optuna.samplers.RandomSampler(seed=seed)
 
     def __init__(self, study: optuna.Study, space: SearchSpace) -> None:
         super().__init__(study, space)
@@ -238,7 +229,7 @@ class EvoSampler(Sampler):
         keep = self.config.stages[self._stage][1]
         for cand in results[keep:]:
             self._parked.remove(cand)
-            self.finish(self.study, cand.trial_id, cand.number, Outcome("pruned", attrs={"evo_eliminated": True}))
+            self.finish(self.study, cand.trial_id, cand.number, Outcome("pruned", attrs={EVO_ELIMINATED: True}))
         survivors = results[:keep]
         for cand in survivors:
             self._parked.remove(cand)

@@ -198,11 +198,6 @@ class PymooNSGA3Sampler(Sampler):
     crossover_eta = 3.0
     mutation_eta = 3.0
 
-    @staticmethod
-    def make_optuna_sampler(n_objectives: int, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
-        """The study's own Optuna sampler: never consulted, since every parameter is fixed."""
-        return optuna.samplers.RandomSampler(seed=seed)
-
     def __init__(self, study: optuna.Study, space: SearchSpace) -> None:
         super().__init__(study, space)
         spec = space.spec

@@ -129,3 +129,30 @@ def test_doctor_leaves_no_default_store_behind(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _ = run_doctor(capsys)
     assert code == 0 and not list(tmp_path.iterdir())  # the default store is only probed, not created
+
+
+def test_a_busy_cpu_is_a_warning(capsys, monkeypatch, tmp_path, tiny_llama_dir):
+    monkeypatch.setattr(doctor.os, "getloadavg", lambda: (3.1, 2.0, 1.0))  # another job on both cores
+    monkeypatch.setattr(doctor.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    code, checks = run_doctor(capsys, "--model", str(tiny_llama_dir), "--storage", f"sqlite:///{tmp_path / 's.db'}")
+    line = checks["cpu load"]
+    assert line.startswith("WARN") and "load average 3.10 on 2 core(s), 0 free" in line
+    assert "another job shares the CPU: trials may run several times slower; torch threads oversubscribed" in line
+    assert "fix: " in line and "OMP_NUM_THREADS=1" in line
+    assert code == 0  # a warning, not a failure
+
+
+@pytest.mark.parametrize(("load", "threads", "status"), [(0.4, 4, "OK"), (1.5, 3, "OK"), (1.5, 4, "WARN"),
+                                                         (5.0, 1, "WARN")])
+def test_cpu_load_warns_when_torch_threads_exceed_the_free_cores(monkeypatch, load, threads, status):
+    monkeypatch.setattr(doctor.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(doctor.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert doctor.check_cpu_load(threads).status == status
+
+
+def test_no_load_average_is_no_warning(monkeypatch):
+    def unavailable():
+        raise OSError("no /proc/loadavg")
+
+    monkeypatch.setattr(doctor.os, "getloadavg", unavailable)
+    assert doctor.check_cpu_load(2).status == "OK"

@@ -117,10 +117,12 @@ def test_run_exports_exact_budget_plan(finished_study, linear_numels):
     assert prov["sampler"] == "tpe"
     assert isinstance(prov["spec_hash"], str) and len(prov["spec_hash"]) == 12
 
-    # the exported trial is the study's best, with its stored values
+    # the exported trial is the study's best validated one (lowest held-out PPL), with its stored values
     study = optuna.load_study(study_name="a", storage=finished_study["url"])
-    assert prov["trial"] == study.best_trial.number
-    assert prov["values"] == pytest.approx(study.best_trial.values)
+    ppl = study.user_attrs["validation"]["ppl"]
+    assert prov["trial"] == int(min(ppl, key=ppl.get))
+    assert prov["validation"]["perplexity"] == min(ppl.values())
+    assert prov["values"] == pytest.approx(study.trials[prov["trial"]].values)
     assert prov["spec_hash"] == study.user_attrs["spec_hash"]
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     assert len(complete) == 6

@@ -65,6 +65,24 @@ def test_save_load_round_trip(tmp_path):
     assert AllocationPlan.load(path) == plan
 
 
+def test_saved_ratios_drop_float_noise_and_keep_the_budget(tmp_path):
+    """Plan files carry 0.5275, not the budget repair's 0.5274999999756691; the weighted mean moves by
+    less than 1e-10, and a ratio just below 1 stays below 1."""
+    numels = {name: 1000 + 37 * i for i, name in enumerate(LINEARS)}
+    noisy = {name: 0.5 + 0.01 * (i % 5) - 2.4e-11 * (i % 3) for i, name in enumerate(LINEARS)}
+    noisy[LINEARS[0]] = 0.5274999999756691
+    noisy[LINEARS[1]] = math.nextafter(1.0, 0.0)
+    plan = AllocationPlan(sparsity=noisy)
+    text = plan.save(tmp_path / "plan.json").read_text(encoding="utf-8")
+    assert '"model.layers.0.self_attn.q_proj": 0.5275,' in text and "0.5274999999756691" not in text
+    saved = AllocationPlan.load(tmp_path / "plan.json")
+    assert saved.sparsity[LINEARS[1]] < 1.0
+    assert abs(weighted_mean_sparsity(saved.sparsity, numels) - weighted_mean_sparsity(noisy, numels)) < 1e-10
+    assert all(abs(saved.sparsity[n] - noisy[n]) <= 5e-11 for n in LINEARS)
+    assert plan.to_dict()["sparsity"] == noisy  # only the file is rounded
+    assert AllocationPlan.from_json(saved.to_json()) == saved  # rounding twice changes nothing
+
+
 def test_uniform_and_replace():
     plan = AllocationPlan.uniform(LINEARS, 0.5, MetricChoice("stade", {"bias": True}), model={"n_layers": 3})
     assert set(plan.sparsity) == set(LINEARS) and set(plan.sparsity.values()) == {0.5}
