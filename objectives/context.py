@@ -71,6 +71,7 @@ class EvalContext:
     #: forward call then masks on the fly: :func:`~sparsealloc.pruning.masked.masked_forward`).
     mask_cache_bytes: int = 3 * 2**29
     _masked: Any = None
+    _logit_sq_per_window: list[float] | None = None
 
     @classmethod
     @torch.inference_mode()
@@ -252,13 +253,15 @@ class EvalContext:
 
         return summed_error(pairs())
 
-    def reference_batches(self, windows: Sequence[int] | None = None
+    def reference_batches(self, windows: Sequence[int] | None = None, logit_sq: bool = True
                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, float]]:
         """Calibration batches with their dense reference: ``(ids, hidden, kl_terms, logit_sq)``.
 
         Args:
             windows: Indices of the calibration windows to use (a selection stage's fidelity);
                 None: all of them, in the batches the reference was computed in.
+            logit_sq: Whether the caller needs Σ dense logit² (the ``logits`` proxy); 0.0 otherwise.
+                Per window it costs an LM-head product, done once and kept.
 
         Yields:
             Token ids (b, L); the dense final hidden states (b, L, d); the KL reference ``(m, c)``
@@ -272,7 +275,7 @@ class EvalContext:
         if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= self.windows.shape[0]:
             raise ValueError(f"window indices must lie in [0, {self.windows.shape[0]}), but got {list(windows)[:8]}")
         seq = self.windows.shape[1]
-        head = lm_head_of(self.model)
+        per_window = self._window_logit_sq() if logit_sq else None
         for chunk in index.split(self.batch_size):
             b, r = chunk // self.batch_size, chunk % self.batch_size
             hidden = torch.stack([self.dense_hidden[int(i)][int(j)] for i, j in zip(b, r)])
@@ -281,9 +284,17 @@ class EvalContext:
                 rows = [slice(int(j) * seq, (int(j) + 1) * seq) for j in r]
                 kl = (torch.cat([self.kl_terms[int(i)][0][rows_] for i, rows_ in zip(b, rows)]),
                       torch.cat([self.kl_terms[int(i)][1][rows_] for i, rows_ in zip(b, rows)]))
-            logit_sq = sum(float(head(part).square_().sum(dtype=torch.float64))
-                           for part in hidden.reshape(-1, hidden.shape[-1]).split(CHUNK))
-            yield self.windows[chunk], hidden, kl, logit_sq
+            yield self.windows[chunk], hidden, kl, sum(per_window[int(i)] for i in chunk) if logit_sq else 0.0
+
+    @torch.inference_mode()
+    def _window_logit_sq(self) -> list[float]:
+        """Σ dense logit² of each calibration window (computed on first use, then kept)."""
+        if self._logit_sq_per_window is None:
+            head = lm_head_of(self.model)
+            self._logit_sq_per_window = [
+                sum(float(head(part).square_().sum(dtype=torch.float64)) for part in window.split(CHUNK))
+                for batch in self.dense_hidden for window in batch]
+        return self._logit_sq_per_window
 
     @property
     def device(self) -> torch.device:

@@ -60,7 +60,7 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
     num = dict.fromkeys(kinds, 0.0)
     den = dict.fromkeys(kinds, 0.0)
     values: dict[str, float] = {}
-    for done, (batch, dense_h, kl_terms, logit_sq) in enumerate(ctx.reference_batches(windows), start=1):
+    for done, (batch, dense_h, kl_terms, logit_sq) in enumerate(ctx.reference_batches(windows, "logits" in kinds), start=1):
         h = trunk(input_ids=batch.to(device), use_cache=False).last_hidden_state.float()
         if "logits" in kinds:
             delta = (h - dense_h).reshape(-1, h.shape[-1])  # (tokens, d)
