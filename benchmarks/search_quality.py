@@ -115,7 +115,7 @@ def main() -> None:
         best_ramp = min((k for k in results if k.startswith("depth")), key=lambda k: results[k]["wikitext2-test"])
         for sampler in args.samplers:
             spec = base.override(name=f"{sampler}-{metric}-{int(target * 100)}-{int(time.time())}", sampler=sampler)
-            spec = StudySpec.from_dict({**spec.to_dict(), "objectives": None,
+            spec = StudySpec.from_dict({**spec.to_dict(), "objectives": None, "proxy_dtype": None,
                                         "layerwise": {**spec.to_dict()["layerwise"], "granularity": None}})
             evaluator = TrialEvaluator(ctx, spec)
             result = run(spec, store, evaluator=evaluator, validate=True, export_dir=work / spec.name)

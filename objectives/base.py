@@ -2,7 +2,8 @@
 
 An objective is a callable ``(ctx, trial) -> float`` where ``trial`` is the
 :class:`~sparsealloc.objectives.trial.TrialState` of the current candidate (the pruned model sits in
-``ctx.model``). Objectives that need no forward pass (``kv_bytes``, ``remaining_weights``) are
+``trial.model``: ``ctx.model`` or its :meth:`~sparsealloc.objectives.context.EvalContext.compute_model`).
+Objectives that need no forward pass (``kv_bytes``, ``remaining_weights``) are
 analytic; ``layer_local`` needs none either (per-layer Gram matrices).
 """
 
@@ -26,19 +27,19 @@ OBJECTIVES: Registry[Objective] = Registry("objective")
 @OBJECTIVES.register("reconstruction")
 def reconstruction(ctx: EvalContext, trial: TrialState) -> float:
     """Relative Frobenius error of the logits on the calibration windows (OptiShear)."""
-    return reconstruction_error(ctx, "logits", trial.report, trial.windows)
+    return reconstruction_error(ctx, "logits", trial.report, trial.windows, trial.model)
 
 
 @OBJECTIVES.register("kl")
 def kl(ctx: EvalContext, trial: TrialState) -> float:
     """Mean per-token KL divergence of next-token distributions, dense ‖ pruned."""
-    return reconstruction_error(ctx, "kl", trial.report, trial.windows)
+    return reconstruction_error(ctx, "kl", trial.report, trial.windows, trial.model)
 
 
 @OBJECTIVES.register("hidden")
 def hidden(ctx: EvalContext, trial: TrialState) -> float:
     """Relative squared error of the final hidden states, ‖h − h_dense‖² / ‖h_dense‖²."""
-    return reconstruction_error(ctx, "hidden", trial.report, trial.windows)
+    return reconstruction_error(ctx, "hidden", trial.report, trial.windows, trial.model)
 
 
 @OBJECTIVES.register("layer_local")

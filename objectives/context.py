@@ -72,6 +72,7 @@ class EvalContext:
     mask_cache_bytes: int = 3 * 2**29
     _masked: Any = None
     _logit_sq_per_window: list[float] | None = None
+    _compute_models: dict[torch.dtype, nn.Module] = field(default_factory=dict)
 
     @classmethod
     @torch.inference_mode()
@@ -170,12 +171,33 @@ class EvalContext:
         self.ranks_metric = metric
         self._masked = None
 
+    def compute_model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The model trials run in: :attr:`model` itself for float32, else a copy in ``dtype``
+        (made once, from the dense model, on first use; Linears are stitched into it by
+        :func:`~sparsealloc.pruning.masked.stitched_forward`, never written).
+
+        A bfloat16 copy makes a SmolLM2 trial forward about 3× faster on CPUs with AMX/AVX-512 BF16
+        (and on GPUs); the dense reference stays float32, so the proxy still measures the distance
+        to the float32 dense model (the copy's own distance, about 0.002 nats per token of KL on
+        SmolLM2, is common to every candidate). EvoPress runs its search in half precision too.
+        """
+        if dtype == self.model.dtype:
+            return self.model
+        if dtype not in self._compute_models:
+            import copy
+
+            # Outside an applied plan the model is dense (trials restore it), so the copy is too.
+            self._compute_models[dtype] = copy.deepcopy(self.model).to(dtype).eval()
+        return self._compute_models[dtype]
+
     @torch.inference_mode()
-    def masked_entries(self, ratios: Mapping[str, float]) -> dict[str, tuple[torch.Tensor, None]]:
+    def masked_entries(self, ratios: Mapping[str, float], dtype: torch.dtype | None = None
+                       ) -> dict[str, tuple[torch.Tensor, None]]:
         """Each Linear of ``ratios`` (> 0) masked from the cached ranks, for
         :func:`~sparsealloc.pruning.masked.stitched_forward`; built once per (Linear, pruned count)
         and kept (least recently used dropped first beyond :attr:`mask_cache_bytes`), so a trial that
         differs from an earlier one in a few Linears (the evo sampler's offspring) masks only those.
+        ``dtype``: the masked weights' dtype (that of :meth:`compute_model`; None: the model's).
         """
         from collections import OrderedDict
 
@@ -189,11 +211,13 @@ class EvalContext:
         for name, ratio in ratios.items():
             if ratio <= 0:
                 continue
-            key = (name, pruned_count(weights[name].numel(), ratio))
+            key = (name, pruned_count(weights[name].numel(), ratio), dtype)
             weight = cache.get(key)
             if weight is None:
                 dense = weights[name]
                 weight = masked_copy_(torch.empty_like(dense), dense, self.ranks[name], ratio)
+                if dtype is not None and dtype != weight.dtype:
+                    weight = weight.to(dtype)
                 cache[key] = weight
                 size[0] += weight.numel() * weight.element_size()
             cache.move_to_end(key)

@@ -35,7 +35,7 @@ FORWARD_PROXIES = ("logits", "kl", "hidden")
 
 @torch.inference_mode()
 def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | None = None,
-                   windows: Sequence[int] | None = None) -> dict[str, float]:
+                   windows: Sequence[int] | None = None, model: torch.nn.Module | None = None) -> dict[str, float]:
     """Run the (pruned) model once over the calibration windows and score it as ``kinds`` say.
 
     Args:
@@ -44,6 +44,8 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
         report: Called as ``report(batches_done, value_so_far)`` after each batch, with the first
             kind's value over the batches so far (multi-fidelity: the running estimate).
         windows: Indices of the calibration windows to score on (None: all of them).
+        model: The model to run (:meth:`EvalContext.compute_model`; None: ``ctx.model``). Its final
+            hidden states are compared in float32 with the float32 dense reference.
 
     Returns:
         Each kind's value over all windows (lower is better).
@@ -53,8 +55,9 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
         raise ValueError(f"kinds must be among {list(FORWARD_PROXIES)}, but got {list(kinds)!r}")
     if "kl" in kinds:
         ctx.cache_kl_reference()
-    trunk = decoder_trunk(ctx.model)
-    head = lm_head_of(ctx.model)
+    model = ctx.model if model is None else model
+    trunk = decoder_trunk(model)
+    head = lm_head_of(model)
     bias = getattr(head, "bias", None)
     device = ctx.device
     num = dict.fromkeys(kinds, 0.0)
@@ -82,8 +85,8 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
 
 
 def reconstruction_error(ctx: EvalContext, kind: str = "logits", report: Reporter | None = None,
-                         windows: Sequence[int] | None = None) -> float:
+                         windows: Sequence[int] | None = None, model: torch.nn.Module | None = None) -> float:
     """One proxy of :func:`forward_errors` ("logits", "kl" or "hidden")."""
     if kind not in FORWARD_PROXIES:
         raise ValueError(f"kind must be one of {list(FORWARD_PROXIES)}, but got {kind!r}")
-    return forward_errors(ctx, (kind,), report, windows)[kind]
+    return forward_errors(ctx, (kind,), report, windows, model)[kind]

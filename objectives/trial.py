@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from sparsealloc.core.errors import TrialFailed
 from sparsealloc.core.keys import (ACHIEVED_SPARSITY, CALIBRATION_TOKENS, DATABASE_BUILD_SECONDS, PLAN, PRUNED_AT_STEP,
@@ -64,6 +65,7 @@ class TrialState:
     report: Callable[[int, float], None] | None = None  # report(batches_done, value_so_far)
     intermediate: list[tuple[int, float]] = field(default_factory=list)
     windows: tuple[int, ...] | None = None  # calibration windows to score on (None: all)
+    model: nn.Module | None = None  # the model the plan is applied to (None: ctx.model)
 
 
 class TrialEvaluator:
@@ -98,6 +100,8 @@ class TrialEvaluator:
         if "metric" not in spec.space and spec.pattern == "unstructured":
             ctx.cache_ranks(MetricChoice(spec.metric.name, dict(spec.metric.params)))
         self.gram_rung = spec.early_stopping.uses_gram_rung
+        #: The model of the latest :meth:`applied` block (ctx.model or the compute-dtype copy).
+        self.last_model = ctx.model
         if "layer_local" in spec.objectives:
             ctx.cache_layer_grams()
         if "layer_drop" in spec.space:
@@ -156,8 +160,13 @@ class TrialEvaluator:
         return resolve_plan(plan, self.ctx.layout)
 
     @contextmanager
-    def applied(self, plan: AllocationPlan) -> Iterator[PruneReport]:
+    def applied(self, plan: AllocationPlan, fast: bool = False) -> Iterator[PruneReport]:
         """The worker's model compressed as ``plan`` says, for as long as the block runs.
+
+        ``fast``: where the plan's Linears are stitched (cached masks or the level database), apply
+        it to :meth:`~EvalContext.compute_model` in the spec's ``proxy_dtype`` instead of
+        ``ctx.model`` (how trials are scored); the model used is :attr:`last_model`. Validation
+        and ``apply`` use the default, ``ctx.model`` in its own dtype.
 
         When every mask is a cut of the cached ranks (:meth:`cached_ratios`), the model runs through
         :func:`~sparsealloc.pruning.masked.masked_forward`: no weight is written, nothing is restored
@@ -168,16 +177,22 @@ class TrialEvaluator:
         """
         ctx = self.ctx
         kv = (plan.kv_bits, self.spec.kv.group_size, self.spec.kv.residual)
+        dtype = getattr(torch, self.spec.proxy_dtype) if fast else None
+        self.last_model = ctx.model
         ratios = self.cached_ratios(plan)
         if ratios is not None:
-            masked = (stitched_forward(ctx.model, ctx.masked_entries(ratios)) if ctx.mask_cache_bytes
-                      else masked_forward(ctx.model, ratios, ctx.ranks))
-            with masked, kv_fake_quant(ctx.model, *kv):
+            if ctx.mask_cache_bytes:
+                model = self.last_model = ctx.compute_model(dtype) if fast else ctx.model
+                masked = stitched_forward(model, ctx.masked_entries(ratios, model.dtype))
+            else:
+                model, masked = ctx.model, masked_forward(ctx.model, ratios, ctx.ranks)
+            with masked, kv_fake_quant(model, *kv):
                 yield mask_report(ratios, ctx.layout)
             return
         ratios = self.database_ratios(plan)
         if ratios is not None:
-            with stitched_forward(ctx.model, self.database.entries(ratios)), kv_fake_quant(ctx.model, *kv):
+            model = self.last_model = ctx.compute_model(dtype) if fast else ctx.model
+            with stitched_forward(model, self.database.entries(ratios, model.dtype)), kv_fake_quant(model, *kv):
                 yield mask_report(ratios, ctx.layout)
             return
         try:
@@ -240,9 +255,9 @@ class TrialEvaluator:
             plan = self.plan_for(values)
             if offset:
                 publish(1, self.rung_value(plan))
-            with self.applied(plan) as prune_report:
+            with self.applied(plan, fast=True) as prune_report:
                 state = TrialState(plan, prune_report, self.spec.kv.group_size, intermediate=intermediate,
-                                   windows=windows)
+                                   windows=windows, model=self.last_model)
                 state.report = lambda batches, value: publish(offset + batches, value)
                 values_out = tuple(float(fn(self.ctx, state)) for fn in self.objectives)
         except StopTrial as stop:

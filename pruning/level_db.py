@@ -139,27 +139,35 @@ class LevelDatabase:
     def path(self, name: str, count: int) -> Path:
         return self.folder / name / f"{count}.safetensors"
 
-    def entry(self, name: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def entry(self, name: str, ratio: float, dtype: torch.dtype | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Linear ``name`` compressed at ``ratio`` (its pruned count): from memory, disk, or built now.
+
+        Args:
+            dtype: Cast to this dtype (kept in memory cast; None: as stored, the model's dtype).
 
         Returns:
             (weight, bias delta or None), as :func:`~sparsealloc.pruning.apply.compress_linear`.
         """
         count = pruned_count(self.weights[name].numel(), ratio)
-        cached = self._loaded.get((name, count))
+        key = (name, count, dtype)
+        cached = self._loaded.get(key)
         if cached is not None:
-            self._loaded.move_to_end((name, count))
+            self._loaded.move_to_end(key)
             return cached
         path = self.path(name, count)
         value = self._read(path) if path.exists() else None
         if value is None:
             value = self._build(name, ratio, path)
-        self._remember((name, count), value)
+        if dtype is not None and dtype != value[0].dtype:
+            value = (value[0].to(dtype), None if value[1] is None else value[1].to(dtype))
+        self._remember(key, value)
         return value
 
-    def entries(self, ratios: Mapping[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    def entries(self, ratios: Mapping[str, float], dtype: torch.dtype | None = None
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """:meth:`entry` of every Linear with a ratio > 0."""
-        return {name: self.entry(name, ratio) for name, ratio in ratios.items() if ratio > 0}
+        return {name: self.entry(name, ratio, dtype) for name, ratio in ratios.items() if ratio > 0}
 
     def stats_summary(self) -> DatabaseStats:
         files = list(self.folder.glob("*/*.safetensors"))
@@ -197,7 +205,7 @@ class LevelDatabase:
         self.build_seconds += time.perf_counter() - start
         return weight, delta
 
-    def _remember(self, key: tuple[str, int], value: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    def _remember(self, key: tuple, value: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         size = sum(t.numel() * t.element_size() for t in value if t is not None)
         self._loaded[key] = value
         self._loaded_bytes += size

@@ -19,7 +19,7 @@ from sparsealloc.core.progress import get_mode, log_event
 from sparsealloc.search.dispatch.base import Dispatcher
 from sparsealloc.search.samplers.base import Sampler
 from sparsealloc.storage.coordination import BudgetLock, Heartbeat, requeue, sweep_stale
-from sparsealloc.storage.optuna_adapter import storage_of, trial_id
+from sparsealloc.storage.optuna_adapter import count_trials, storage_of, trial_id
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def best_value_text(study: optuna.Study) -> str:
 
 
 def _count(study: optuna.Study, state: TrialState) -> int:
-    return len(study.get_trials(deepcopy=False, states=(state,)))
+    return count_trials(study, state)
 
 
 def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: float | None = None,

@@ -19,6 +19,7 @@ Example::
     calibration: {text: null, samples: 16, seq_len: 256, seed: 0}
     validation: {text: null, seq_len: 512, windows: 20, top_k: 5}
     warm_start: [uniform, owl, depth_ramp]
+    proxy_dtype: null             # trial forwards: float32, bfloat16 (null: bfloat16 for evo, else float32)
 
 CLI flags override fields. Unknown keys, wrong types and out-of-range values raise SpecError saying
 what was expected and what was received.
@@ -47,6 +48,7 @@ FORWARD_PROXIES = ("kl", "reconstruction", "hidden")
 PRUNER_NAMES = ("none", "median", "successive_halving")
 ALLOCATOR_SPACES = ("owl", "depth_ramp")
 WARM_STARTS = ("uniform", "owl", "depth_ramp", "alphapruning", "mrp", "dp")
+PROXY_DTYPES = ("float32", "bfloat16", "float16")  #: compute dtype of trial forwards (spec.proxy_dtype)
 
 
 def _expect(cond: bool, what: str, got: Any) -> None:
@@ -329,6 +331,7 @@ class StudySpec:
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     warm_start: tuple[str, ...] = ("uniform", "owl", "depth_ramp")
     device: str | None = None
+    proxy_dtype: str | None = None  # None: "bfloat16" for evo, else "float32" (see README)
 
     def __post_init__(self) -> None:
         # Defaults that depend on the sampler (measured in benchmarks/search_quality.md): the evo
@@ -339,6 +342,8 @@ class StudySpec:
             object.__setattr__(self, "objectives", ("kl",) if evo else ("hidden",))
         if isinstance(self.layerwise, LayerwiseSpec) and self.layerwise.granularity is None:
             object.__setattr__(self, "layerwise", replace(self.layerwise, granularity="module" if evo else "block"))
+        if self.proxy_dtype is None:
+            object.__setattr__(self, "proxy_dtype", "bfloat16" if evo else "float32")
         if isinstance(self.evo, EvoSpec) and isinstance(self.evo.stages, list):
             object.__setattr__(self, "evo", replace(self.evo, stages=tuple(
                 tuple(st) if isinstance(st, list) else st for st in self.evo.stages)))
@@ -353,6 +358,8 @@ class StudySpec:
                 "model must be a model name or path", self.model)
         _expect(self.device is None or (isinstance(self.device, str) and bool(self.device)),
                 "device must be null or a torch device name such as 'cpu' or 'cuda:0'", self.device)
+        _expect(self.proxy_dtype in PROXY_DTYPES, f"proxy_dtype must be null or one of {list(PROXY_DTYPES)}",
+                self.proxy_dtype)
         try:
             parse_pattern(self.pattern)
         except SpecError as exc:
@@ -469,6 +476,8 @@ class StudySpec:
             data.pop("early_stopping", None)
         if self.sampler != "evo":  # likewise
             data.pop("evo", None)
+        if self.proxy_dtype == "float32":  # likewise (trials computed in float32 before the field existed)
+            data.pop("proxy_dtype", None)
         if self.layerwise.level_step == LayerwiseSpec.level_step:  # likewise
             data["layerwise"].pop("level_step", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

@@ -36,6 +36,68 @@ def trial_id(study: optuna.Study, number: int) -> int:
     return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
 
 
+def count_trials(study: optuna.Study, *states: optuna.trial.TrialState) -> int:
+    """Trials of the study in ``states``, counted by the database for RDB stores.
+
+    ``Study.get_trials`` re-reads every unfinished trial with all its parameters on each call (the
+    cache keeps only finished ones): with an evo generation's staged trials (210 parameters each)
+    that was 75 ms per call. A ``count(*)`` on Optuna's ``trials`` table (state stored by enum name)
+    costs a fraction of a millisecond; other stores count their trial list.
+    """
+    backend = backend_of(study)
+    engine = getattr(backend, "engine", None)
+    if engine is None:
+        return len(study.get_trials(deepcopy=False, states=states))
+    names = {f"s{i}": state.name for i, state in enumerate(states)}
+    query = text(f"SELECT count(*) FROM trials WHERE study_id = :study AND state IN "
+                 f"({', '.join(':' + k for k in names)})")
+    with engine.connect() as conn:
+        return int(conn.execute(query, {"study": study._study_id, **names}).scalar_one())
+
+
+def create_running_trial(study: optuna.Study, params: dict[str, Any],
+                         distributions: dict[str, optuna.distributions.BaseDistribution],
+                         user_attrs: dict[str, Any]) -> tuple[int, int]:
+    """A RUNNING trial with these parameters and attributes, written in one transaction.
+
+    ``Study.ask`` writes each suggested parameter in its own transaction, and even a template trial
+    (``BaseStorage.create_new_trial``) costs two queries per parameter in RDBStorage
+    (``_set_trial_param_without_commit`` looks the trial up and checks the parameter's earlier
+    distribution): 0.32 s per trial for a per-Linear SmolLM2 genome (210 parameters) on SQLite.
+    Here, for RDB stores, the parameters of the template are added to the same session without those
+    two queries (the caller's distributions are the study's fixed ones, so there is nothing to check).
+    Returns ``(number, trial_id)``.
+    """
+    import datetime
+
+    storage, backend = study._storage, backend_of(study)
+    template = optuna.trial.FrozenTrial(
+        number=-1, state=optuna.trial.TrialState.RUNNING, value=None, values=None,
+        datetime_start=datetime.datetime.now(), datetime_complete=None, params=dict(params),
+        distributions={k: distributions[k] for k in params}, user_attrs=dict(user_attrs), system_attrs={},
+        intermediate_values={}, trial_id=-1)
+    if hasattr(backend, "_set_trial_param_without_commit") and hasattr(backend, "engine"):
+        from optuna.distributions import distribution_to_json
+        from optuna.storages._rdb import models
+
+        json_of: dict[int, str] = {}
+
+        def add_param(session, trial_id, param_name, param_value_internal, distribution,
+                      previous_distribution=None):
+            text_ = json_of.setdefault(id(distribution), distribution_to_json(distribution))
+            session.add(models.TrialParamModel(trial_id=trial_id, param_name=param_name,
+                                               param_value=param_value_internal, distribution_json=text_))
+
+        backend._set_trial_param_without_commit = add_param  # instance attribute: this call only
+        try:
+            trial_id = storage.create_new_trial(study._study_id, template_trial=template)
+        finally:
+            del backend._set_trial_param_without_commit
+    else:
+        trial_id = storage.create_new_trial(study._study_id, template_trial=template)
+    return storage.get_trial_number_from_id(trial_id), trial_id
+
+
 def set_trial_user_attr(study: optuna.Study, trial_id: int, key: str, value: Any) -> None:
     """Write a user attribute of any trial (``Study.tell`` would refuse a finished one too)."""
     study._storage.set_trial_user_attr(trial_id, key, value)

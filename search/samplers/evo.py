@@ -42,7 +42,7 @@ from sparsealloc.core.types import Outcome, Proposal
 from sparsealloc.search.samplers.base import Sampler
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
 from sparsealloc.spaces.space import SearchSpace
-from sparsealloc.storage.optuna_adapter import storage_of, trial_id_of
+from sparsealloc.storage.optuna_adapter import create_running_trial, storage_of, trial_id_of
 
 #: ``user_attrs[SOURCE]`` of every trial this sampler creates.
 EVO_SOURCE = "evo"
@@ -50,8 +50,6 @@ ROLE = EVO_ROLE
 PARENT_ATTR = EVO_PARENT
 #: Parents kept in the study attr's ``history`` (validation re-scores the latest ones).
 HISTORY = 32
-#: Trial attr (private): identifies our own enqueued trial among WAITING ones.
-TICKET = "evo_ticket"
 
 
 @dataclass(eq=False)
@@ -146,7 +144,6 @@ class EvoSampler(Sampler):
         self._results: list[_Candidate] = []  # told complete in this stage
         self._parked: list[_Candidate] = []  # survivors and queued trials waiting for a later stage
         self._seen: set[tuple] = set()
-        self._tickets = 0
 
     # ------------------------------------------------------------------------------ ask / tell
     def ask(self, n: int = 1) -> list[Proposal]:
@@ -298,29 +295,21 @@ class EvoSampler(Sampler):
         return Proposal(cand.number, dict(cand.params), attrs, cand.trial_id, self._windows(), self._is_final())
 
     def _open_trial(self, cand: _Candidate) -> None:
-        """Create the candidate's RUNNING trial (pop a WAITING one for queued candidates). Foreign
-        WAITING trials popped on the way join this generation's last stage."""
+        """Create the candidate's RUNNING trial, all parameters in one transaction (a queued
+        candidate pops a WAITING one instead; foreign WAITING trials popped on the way join this
+        generation's last stage)."""
         generation = self.generation
         if not cand.waiting:
-            self._tickets += 1
-            ticket = f"{generation}:{self._tickets}:{id(cand)}"
             params = {k: self.space.by_name[k].clip(v) for k, v in cand.params.items()}
-            self.study.enqueue_trial(params, user_attrs={GENERATION: generation, SOURCE: EVO_SOURCE,
-                                                         ROLE: cand.role, TICKET: ticket})
-        while True:
-            trial = self.study.ask(fixed_distributions=self.distributions)
-            mine = cand.waiting or trial.user_attrs.get(TICKET) == ticket
-            target = cand if mine else _Candidate(dict(trial.params), "queued")
-            target.number, target.trial_id = trial.number, trial_id_of(trial)
-            target.params, target.attrs = dict(trial.params), dict(trial.user_attrs)
-            target.attrs.pop(TICKET, None)
-            if target.waiting or not mine:
-                trial.set_user_attr(GENERATION, generation)
-                trial.set_user_attr(SOURCE, EVO_SOURCE)
-                trial.set_user_attr(ROLE, "queued")
-            if mine:
-                return
-            self._parked.append(target)  # a retry or warm start queued meanwhile: last stage
+            attrs = {GENERATION: generation, SOURCE: EVO_SOURCE, ROLE: cand.role}
+            cand.number, cand.trial_id = create_running_trial(self.study, params, self.distributions, attrs)
+            cand.params, cand.attrs = params, attrs
+            return
+        trial = self.study.ask(fixed_distributions=self.distributions)  # pops a WAITING trial
+        cand.number, cand.trial_id = trial.number, trial_id_of(trial)
+        cand.params, cand.attrs = dict(trial.params), dict(trial.user_attrs)
+        for key, value in ((GENERATION, generation), (SOURCE, EVO_SOURCE), (ROLE, "queued")):
+            trial.set_user_attr(key, value)
 
     def _waiting(self) -> list[_Candidate]:
         trials = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))

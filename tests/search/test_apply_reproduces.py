@@ -22,7 +22,9 @@ def test_applied_plan_scores_the_trials_proxy(tiny_llama_dir, text_file, tmp_pat
     spec = StudySpec(name=f"repro-{metric}", model=str(tiny_llama_dir), target_sparsity=0.6, sampler="evo",
                      metric=MetricSpec(name=metric), trials=5, warm_start=("uniform", "depth_ramp"),
                      calibration=CalibrationSpec(text=str(text_file), samples=6, seq_len=16, batch_size=2, seed=3),
-                     evo=EvoSpec(offspring=3, stages=((6, 1),)))
+                     evo=EvoSpec(offspring=3, stages=((6, 1),)), proxy_dtype="float32")
+    # float32 trials: the same weights give the same proxy to float rounding (bfloat16 trials run a
+    # bfloat16 copy of these weights, test_evo.py::test_bfloat16_trials_run_a_copy...).
     result = run(spec, f"sqlite:///{tmp_path / 's.db'}", validate=False, export_dir=tmp_path / "export")
     plan = AllocationPlan.load(result.exported[0])
     assert plan.provenance["calibration"]["samples"] == 6 and plan.provenance["calibration"]["seed"] == 3

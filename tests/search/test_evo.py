@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
 
+from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.core.types import Outcome
 from sparsealloc.objectives import EvalContext, TrialEvaluator
@@ -227,7 +228,9 @@ def test_windows_score_exactly_the_chosen_calibration_windows(llama_ctx, model_b
 
 
 def test_sparsegpt_trials_stitch_the_level_database_and_apply_reproduces_them(llama_ctx, tmp_path):
-    spec = StudySpec(target_sparsity=0.5, sampler="evo", metric=MetricSpec(name="sparsegpt"), objectives=("kl",))
+    # float32 trials: the proxy of the applied model must equal the trial's to float rounding.
+    spec = StudySpec(target_sparsity=0.5, sampler="evo", metric=MetricSpec(name="sparsegpt"), objectives=("kl",),
+                     proxy_dtype="float32")
     evaluator = TrialEvaluator(llama_ctx, spec, database_root=str(tmp_path / "db"))
     db = evaluator.database
     assert db is not None and evaluator.space.levels is not None
@@ -263,3 +266,51 @@ def test_sparsegpt_trials_stitch_the_level_database_and_apply_reproduces_them(ll
     # Another calibration set is another database.
     other = EvalContext.build(llama_ctx.model, llama_ctx.windows[:4], batch_size=3, gram=True)
     assert TrialEvaluator(other, spec, database_root=str(tmp_path / "db")).database.key != db.key
+
+
+@pytest.mark.parametrize("metric", ["wanda", "sparsegpt"])
+def test_bfloat16_trials_run_a_copy_and_stay_close_to_float32(llama_ctx, tmp_path, metric):
+    spec32 = StudySpec(target_sparsity=0.5, sampler="evo", metric=MetricSpec(name=metric), proxy_dtype="float32")
+    spec16 = StudySpec(target_sparsity=0.5, sampler="evo", metric=MetricSpec(name=metric))
+    assert spec16.proxy_dtype == "bfloat16" and spec16.spec_hash() != spec32.spec_hash()
+    assert StudySpec().spec_hash() == StudySpec(proxy_dtype="float32").spec_hash()  # older studies' hashes kept
+    dense = {n: p.detach().clone() for n, p in llama_ctx.model.named_parameters()}
+    ev32 = TrialEvaluator(llama_ctx, spec32, database_root=str(tmp_path / "db"))
+    ev16 = TrialEvaluator(llama_ctx, spec16, database_root=str(tmp_path / "db"))
+    values = ev16.space.defaults()
+    groups = list(ev16.space.groups)
+    values.update(ev16.space.levels.ratios({g: (1 if i == 0 else -1 if i == len(groups) - 1 else 0)
+                                            for i, g in enumerate(groups)}))
+    out32, out16 = ev32(values), ev16(values)
+    assert out32.state == out16.state == "complete"
+    assert ev16.last_model is llama_ctx.compute_model(torch.bfloat16) and ev16.last_model is not llama_ctx.model
+    assert ev16.last_model.dtype == torch.bfloat16 and ev32.last_model is llama_ctx.model
+    assert out16.values[0] != out32.values[0]
+    assert out16.values[0] == pytest.approx(out32.values[0], rel=0.1)
+    # Nothing of the float32 model changed (weights are stitched into the copy, never written).
+    assert all(torch.equal(p, dense[n]) for n, p in llama_ctx.model.named_parameters())
+    with pytest.raises(SpecError, match="proxy_dtype"):
+        StudySpec(proxy_dtype="int8")
+
+
+@pytest.mark.parametrize("url", ["sqlite", "memory"])
+def test_running_trials_created_in_one_transaction_read_back_as_asked_ones(tmp_path, url):
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from sparsealloc.storage.optuna_adapter import count_trials, create_running_trial
+
+    storage = f"sqlite:///{tmp_path / 's.db'}" if url == "sqlite" else None
+    study = optuna.create_study(storage=storage, study_name="t")
+    dists = {f"p{i}": FloatDistribution(0.0, 0.9) for i in range(5)} | {"k": IntDistribution(-3, 3)}
+    asked = study.ask(fixed_distributions={k: d for k, d in dists.items()})
+    params = {**{f"p{i}": 0.1 * i for i in range(5)}, "k": -2}
+    number, tid = create_running_trial(study, params, dists, {"generation": 4})
+    assert number == asked.number + 1
+    frozen = study._storage.get_trial(tid)
+    assert frozen.state == TrialState.RUNNING and frozen.params == params and frozen.user_attrs == {"generation": 4}
+    assert frozen.distributions == {k: dists[k] for k in params}
+    assert count_trials(study, TrialState.RUNNING) == 2 and count_trials(study, TrialState.COMPLETE) == 0
+    study.tell(number, 0.5)
+    assert count_trials(study, TrialState.COMPLETE) == 1 and count_trials(study, TrialState.RUNNING, TrialState.COMPLETE) == 2
+    if storage is not None:  # a fresh reader of the store sees the same trial
+        assert optuna.load_study(study_name="t", storage=storage).trials[number].params == params
