@@ -14,7 +14,8 @@ import json
 import shlex
 from pathlib import Path
 
-from sparsealloc.cli.common import add_calibration_args, add_model_args, calibrate_and_prune, calibration_source, load
+from sparsealloc.cli.common import (add_calibration_args, add_model_args, calibrate_and_prune, calibration_source,
+                                    check_plan_modules, load)
 from sparsealloc.cli.save_options import add_save_format_args, check_save_args, save_with_format
 from sparsealloc.core.errors import check_output_dir, writing
 
@@ -63,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
     check_save_args(args, args.save)
     calib = calibration_source(args, plan)  # the study's calibration unless flags say otherwise
     calib_text = calib.read()
+    check_plan_modules(plan, args.model)  # a plan for another model fails before the model loads
     model, tokenizer, _ = load(args)
     layout = model_layout(model)
-    resolve_plan(plan, layout)  # a plan for another model fails before the calibration pass
+    resolve_plan(plan, layout)
     plan, report, timings = calibrate_and_prune(args, model, tokenizer, layout, plan, calib, calib_text)
     save = Path(args.save)
     with writing(f"the pruned checkpoint to {args.save!r}"):

@@ -146,6 +146,27 @@ def eval_source(path: str | None):
     return TextSource("file", path) if path else TextSource("builtin", "eval")
 
 
+def check_plan_modules(plan, model_name: str) -> None:
+    """Check a plan's module names against the model's structure read from its config alone (the
+    model built on the ``meta`` device: no weights read, no GGUF de-quantized), before any load.
+
+    Where the config cannot be read this way (a hub id not in the local cache, an architecture
+    transformers cannot build from a config), nothing is decided here: the same check runs again
+    after the model has loaded.
+
+    Raises:
+        SpecError: the plan names a module the model lacks (or misses one), with the names.
+    """
+    from sparsealloc.pruning import resolve_plan
+    from sparsealloc.pruning.models import load_layout
+
+    try:
+        layout = load_layout(model_name)
+    except SpecError:
+        return
+    resolve_plan(plan, layout)
+
+
 def load(args: argparse.Namespace):
     """Load the model named by ``--model`` on ``--device``."""
     from sparsealloc.pruning.models import load_model

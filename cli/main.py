@@ -40,12 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-format", choices=("bar", "json"), default="bar",
-                        help="progress as bars (default) or JSON lines on stderr")
+                        help="progress as bars (default; one plain line per step when stderr is not a terminal) "
+                             "or JSON lines on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(f"sparsealloc.cli.{name}").register(sub)
     return parser
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     from sparsealloc.core import progress
 
-    progress.set_mode("quiet" if args.quiet else ("json" if args.log_format == "json" else "bar"))
+    # Bars only on a terminal: piped or logged stderr gets one line per step, no cursor codes.
+    bar = "bar" if _is_terminal(sys.stderr) else "plain"
+    progress.set_mode("quiet" if args.quiet else ("json" if args.log_format == "json" else bar))
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
     _quiet_libraries(args.debug)
     try:

@@ -12,6 +12,7 @@ from sparsealloc.cli.common import (
     add_model_args,
     calibrate_and_prune,
     calibration_source,
+    check_plan_modules,
     eval_source,
     fraction,
     key_value,
@@ -140,10 +141,13 @@ def run(args: argparse.Namespace) -> int:
     check_save_args(args, args.save)
     from sparsealloc.core.plan import AllocationPlan
 
-    calib = calibration_source(args, AllocationPlan.load(args.plan) if args.plan else None)
+    given = AllocationPlan.load(args.plan) if args.plan else None
+    calib = calibration_source(args, given)
     calib_text = calib.read()
     evaluation = None if args.no_eval else eval_source(args.eval_text)
     eval_text = evaluation.read() if evaluation is not None else None
+    if given is not None:
+        check_plan_modules(given, args.model)  # a plan for another model fails before the model loads
     model, tokenizer, _ = load(args)
     layout = model_layout(model)
     plan = build_plan(args, layout, args.model)

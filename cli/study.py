@@ -67,6 +67,9 @@ def register(sub) -> None:
                      help=f"tokens per validation window (default {d.validation.seq_len})")
     run.add_argument("--validate-top", type=int, default=None,
                      help=f"re-score this many best trials by held-out perplexity (default {d.validation.top_k})")
+    run.add_argument("--validate-seconds", type=float, default=None,
+                     help="time bound of validation (default: as long as the search took, at least 120 s; the "
+                          "best plan is always validated)")
     run.add_argument("--no-validate", action="store_true", help="skip re-scoring the best trials on held-out text")
     run.add_argument("--export", metavar="DIR", default=None, help="export the result here when done")
     _add_workers(run)
@@ -126,7 +129,7 @@ def spec_from_args(args: argparse.Namespace):
         "calibration": {"text": args.calib_text, "dataset": args.calib_dataset, "samples": args.calib_samples,
                         "seq_len": args.calib_seq_len, "windows_file": args.calib_windows},
         "validation": {"text": args.eval_text, "windows": args.eval_windows, "seq_len": args.eval_seq_len,
-                       "top_k": args.validate_top},
+                       "top_k": args.validate_top, "max_seconds": args.validate_seconds},
         "early_stopping": {"pruner": args.early_stopping, "gram_rung": args.gram_rung},
     }
     for key, values in sections.items():

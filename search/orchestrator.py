@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sparsealloc.core.errors import SparseAllocError
-from sparsealloc.core.progress import get_mode, log_event
+from sparsealloc.core.progress import duration, get_mode, log_event, say
 from sparsealloc.search.dispatch.base import Dispatcher
 from sparsealloc.search.samplers.base import Sampler
 from sparsealloc.storage.coordination import BudgetLock, Heartbeat, requeue, sweep_stale
@@ -127,9 +127,7 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
                 else:
                     failures_in_a_row = 0
                 if bar is not None:
-                    bar.n = min(complete_count(study), n_trials)
-                    bar.set_postfix_str(f"best={best_value_text(study)} failed={run.told['failed']}")
-                    bar.refresh()
+                    bar.show(min(complete_count(study), n_trials), best_value_text(study), run.told["failed"])
             if dispatcher.capacity == 0:
                 raise NoWorkersLeft(f"no worker is left to score trials; last reason: {run.last_failure}")
             if failures_in_a_row >= max_failures_in_a_row:
@@ -144,10 +142,43 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
     return run
 
 
-def _progress_bar(study: optuna.Study, n_trials: int):
-    if get_mode() != "bar":
-        return None
-    from tqdm.auto import tqdm
+class _TrialBar:
+    """The trials' progress: a tqdm bar ("bar" mode) or, in "plain" mode, a line at every tenth of
+    the budget and at least once a minute, with the ETA of the rate so far."""
 
-    return tqdm(total=n_trials, initial=min(complete_count(study), n_trials), desc="trials", unit="trial",
-                dynamic_ncols=True)
+    def __init__(self, study: optuna.Study, n_trials: int, mode: str) -> None:
+        self.n_trials, self.mode = n_trials, mode
+        self.initial = min(complete_count(study), n_trials)
+        self.start = self.last_line = time.perf_counter()
+        self.next_mark = self.initial + max(1, n_trials // 10)
+        self.tqdm = None
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.tqdm = tqdm(total=n_trials, initial=self.initial, desc="trials", unit="trial", dynamic_ncols=True)
+
+    def show(self, complete: int, best: str, failed: int) -> None:
+        if self.tqdm is not None:
+            self.tqdm.n = complete
+            self.tqdm.set_postfix_str(f"best={best} failed={failed}", refresh=False)
+            self.tqdm.refresh()
+            return
+        now = time.perf_counter()
+        if complete < self.next_mark and now - self.last_line < 60 and complete < self.n_trials:
+            return
+        self.next_mark = complete + max(1, self.n_trials // 10)
+        self.last_line = now
+        done, elapsed = complete - self.initial, now - self.start
+        left = self.n_trials - complete
+        eta = f", about {duration(elapsed / done * left)} left" if done > 0 and left > 0 else ""
+        say(f"trials: {complete}/{self.n_trials} complete, best {best}, {failed} failed, "
+            f"{duration(elapsed)} elapsed{eta}")
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
+
+
+def _progress_bar(study: optuna.Study, n_trials: int) -> _TrialBar | None:
+    mode = get_mode()
+    return _TrialBar(study, n_trials, mode) if mode in ("bar", "plain") else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -241,10 +242,13 @@ class ValidationResult:
     ppl: dict[int, float]
     proxy: dict[int, float]
     spearman: float | None
+    skipped: tuple[int, ...] = ()  # chosen trials left out by the time bound
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"ppl": {str(k): v for k, v in self.ppl.items()},
-                "proxy": {str(k): v for k, v in self.proxy.items()}, "spearman": self.spearman}
+                "proxy": {str(k): v for k, v in self.proxy.items()}, "spearman": self.spearman,
+                "skipped": list(self.skipped), "seconds": round(self.seconds, 1)}
 
 
 def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
@@ -269,8 +273,19 @@ def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.Fro
     return unique
 
 
-def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec) -> ValidationResult:
-    """Re-score chosen trials by perplexity on held-out text; store the result on the study."""
+#: Least time bound of validation when it follows the search's duration (``validation.max_seconds`` null).
+MIN_VALIDATION_SECONDS = 120.0
+_clock = time.perf_counter  # (tests replace it)
+
+
+def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec,
+             budget_seconds: float | None = None) -> ValidationResult:
+    """Re-score chosen trials by perplexity on held-out text; store the result on the study.
+
+    Trials go best proxy first; once the next one would end past ``budget_seconds`` (estimated
+    from the mean time per plan so far) the rest are skipped and listed in the result. The first
+    one is always validated. None: no bound.
+    """
     from scipy.stats import spearmanr
 
     from sparsealloc.core.plan import AllocationPlan
@@ -279,7 +294,12 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec) ->
     stream = tokenize_stream(ctx.tokenizer, validation_source(spec).read())
     ppl, proxy = {}, {}
     trials = trials_to_validate(study, spec.validation.top_k)
-    for trial in track(trials, desc="validation", total=len(trials), unit="plan"):
+    start, skipped = _clock(), ()
+    for i, trial in enumerate(track(trials, desc="validation", total=len(trials), unit="plan")):
+        elapsed = _clock() - start
+        if budget_seconds is not None and i > 0 and elapsed * (i + 1) / i > budget_seconds:
+            skipped = tuple(t.number for t in trials[i:])
+            break
         plan = AllocationPlan.from_dict(trial.user_attrs[PLAN])
         with evaluator.applied(plan):  # pruned, dropped blocks out, KV bits fake-quantized
             ppl[trial.number] = perplexity(ctx.model, stream, spec.validation.seq_len, spec.validation.windows)
@@ -289,7 +309,7 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec) ->
     if len(ppl) >= 3:
         value = spearmanr([proxy[n] for n in ppl], [ppl[n] for n in ppl]).statistic
         rho = None if math.isnan(value) else float(value)
-    result = ValidationResult(ppl, proxy, rho)
+    result = ValidationResult(ppl, proxy, rho, skipped, _clock() - start)
     study.set_user_attr(VALIDATION, result.to_dict())
     return result
 

@@ -20,7 +20,8 @@ from sparsealloc.search.dispatch.base import DISPATCHERS
 from sparsealloc.search.orchestrator import run_study
 from sparsealloc.search.samplers.base import SAMPLERS, Sampler
 from sparsealloc.search.session import (ValidationResult, build_evaluator, check_existing_study, enqueue_warm_starts,
-                                        open_sampler, preflight, validate as validate_study, warm_start_trials)
+                                        open_sampler, preflight, validate as validate_study, warm_start_trials,
+                                        MIN_VALIDATION_SECONDS)
 from sparsealloc.spaces.spec import StudySpec
 from sparsealloc.storage.artifacts import attach_files, default_artifact_dir
 from sparsealloc.storage.export import export_study
@@ -145,7 +146,9 @@ def run(spec: StudySpec, storage_url: str, *, dispatcher: str | None = None,
         say(f"study: {spec.name}  store: {url}  space: {','.join(spec.space)}  sampler: {spec.sampler}")
         say(f"setup: {setup_seconds:.1f} s  trials this run: {dict(done.told)}  in {done.seconds:.1f} s")
         if validate and spec.validation.top_k > 0:
-            result.validation = validate_study(study, evaluator, spec)
+            bound = spec.validation.max_seconds
+            bound = max(done.seconds, MIN_VALIDATION_SECONDS) if bound is None else bound
+            result.validation = validate_study(study, evaluator, spec, budget_seconds=bound)
             for line in validation_lines(study, result.validation.to_dict()):
                 say(line)
         if export_dir:
@@ -229,4 +232,9 @@ def validation_lines(study: optuna.Study, validation: Mapping[str, Any]) -> list
         label = names.get(int(number), "best" if int(number) == best else "")
         lines.append(f"  trial {int(number):4d}  proxy {validation['proxy'][number]:.5g}  ppl {ppl:10.3f}  {label}")
     rho = validation.get("spearman")
-    return lines + [f"  spearman(proxy, ppl) = {rho:.3f}" if rho is not None else "  spearman: too few trials"]
+    lines.append(f"  spearman(proxy, ppl) = {rho:.3f}" if rho is not None else "  spearman: too few trials")
+    skipped = validation.get("skipped") or []
+    if skipped:
+        lines.append(f"  {len(skipped)} more plan(s) not validated: validation stops when it would take longer "
+                     f"than the search (validation.max_seconds sets the bound; {validation.get('seconds', 0):.0f} s used)")
+    return lines

@@ -17,7 +17,7 @@ Example::
     evo: {offspring: 16, stages: [[2, 2], [8, 1]], max_swaps: 3}   # sampler evo only
     trials: 40
     calibration: {text: null, samples: 16, seq_len: 256, seed: 0}
-    validation: {text: null, seq_len: 512, windows: 20, top_k: 5}
+    validation: {text: null, seq_len: 512, windows: 20, top_k: 5, max_seconds: null}
     warm_start: [uniform, owl, depth_ramp]
     proxy_dtype: null             # trial forwards: float32, bfloat16 (null: bfloat16 for evo, else float32)
 
@@ -296,6 +296,9 @@ class ValidationSpec:
     seq_len: int = 512
     windows: int = 20
     top_k: int = 5
+    #: Time bound of validation; None: as long as the run's search took, at least 2 minutes (the
+    #: best plan by the proxy is always validated).
+    max_seconds: float | None = None
 
     def validate(self) -> None:
         for key in ("seq_len", "windows"):
@@ -303,6 +306,8 @@ class ValidationSpec:
             _expect(_is_int(value) and value >= 1, f"validation.{key} must be a positive integer", value)
         _expect(_is_int(self.top_k) and self.top_k >= 0, "validation.top_k must be an integer >= 0", self.top_k)
         _expect(_optional_text(self.text), "validation.text must be null or a non-empty string", self.text)
+        _expect(self.max_seconds is None or (_is_number(self.max_seconds) and 0 < self.max_seconds < float("inf")),
+                "validation.max_seconds must be null or a positive number of seconds", self.max_seconds)
 
 
 @dataclass(frozen=True)

@@ -549,3 +549,49 @@ def test_a_missing_relative_sqlite_store_says_where_it_looked(tmp_path, monkeypa
     code, _, err = cli(["study", "list", "--storage", "sqlite:///runs/s.db"])
     assert code == 2
     one_error_line(err, "'runs/s.db' does not exist", f"relative to {Path.cwd()}", "four slashes")
+
+
+# --------------------------------------------------------------------------- 2. checks before the model loads
+@pytest.mark.parametrize("command", ["apply", "prune"])
+def test_a_plan_naming_a_missing_module_fails_before_the_model_loads(command, tiny_llama_dir, text_file, tmp_path,
+                                                                      monkeypatch):
+    from sparsealloc.pruning.models import load_layout
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sparsealloc.pruning.models.load_model", no_load)
+    linears = load_layout(str(tiny_llama_dir)).linears
+    plan = AllocationPlan(sparsity={**{name: 0.5 for name in linears[1:]}, "model.layers.0.mlp.gate_projj": 0.5})
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    argv = [command, "--plan", str(path), "--model", str(tiny_llama_dir), "--calib-text", str(text_file),
+            "--save", str(tmp_path / "out")]
+    code, out, err = cli(argv)
+    assert code == 2
+    one_error_line(err, "gate_projj")
+    # The same plan with the right names passes the check (and then loads the model).
+    good = tmp_path / "good.json"
+    AllocationPlan(sparsity={name: 0.5 for name in linears}).save(good)
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main([command, "--plan", str(good), *argv[3:]])
+
+
+# --------------------------------------------------------------------------- 4. logs outside a terminal
+def test_outside_a_terminal_progress_is_plain_lines_without_cursor_codes(tiny_llama_dir, text_file, tmp_path):
+    from sparsealloc.core import progress
+
+    db = tmp_path / "s.db"
+    code, out, err = cli(["study", "run", "--name", "logged", "--storage", f"sqlite:///{db}", "--trials", "10",
+                          "--validate-top", "2", "--export", str(tmp_path / "export"),
+                          *data_args(tiny_llama_dir, text_file)])
+    assert code == 0, err
+    assert progress.get_mode() == "plain"  # StringIO is not a terminal
+    assert "\r" not in err and "\x1b[" not in err and "it/s" not in err, err[:500]
+    lines = err.splitlines()
+    trial_lines = [line for line in lines if line.startswith("trials: ")]
+    assert trial_lines and trial_lines[-1].startswith("trials: 10/10 complete, best ")
+    assert len(trial_lines) == len(set(trial_lines)) <= 12  # a tenth of the budget per line, each once
+    assert any(line.startswith("validation: done,") for line in lines), err
+    assert not any(line.startswith("evaluation:") for line in lines)  # steps inside validation stay quiet
+    assert not trial_lines[-1].endswith("left")

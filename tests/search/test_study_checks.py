@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from sparsealloc.core.errors import SpecError
+from sparsealloc.core.plan import AllocationPlan
 from sparsealloc.search import study as study_api
 from sparsealloc.spaces.spec import CalibrationSpec, StudySpec
 
@@ -23,3 +26,40 @@ def test_a_name_taken_by_another_spec_fails_before_the_model_loads(tiny_llama_di
         study_api.run(spec.override(target_sparsity=0.6), url, validate=False)
     with pytest.raises(AssertionError, match="the model was loaded"):  # the same spec goes on to load it
         study_api.run(spec.override(trials=2), url, validate=False)
+
+
+def test_validation_stops_at_its_time_bound_and_says_what_it_left(monkeypatch):
+    from types import SimpleNamespace
+
+    from sparsealloc.search import session
+    from sparsealloc.search.study import validation_lines
+
+    clock = [0.0]
+    monkeypatch.setattr(session, "_clock", lambda: clock[0])
+    trials = [SimpleNamespace(number=n, values=(0.1 * n,), user_attrs={"plan": {}}, params={"x": n})
+              for n in range(5)]
+    monkeypatch.setattr(session, "trials_to_validate", lambda study, k: trials)
+    monkeypatch.setattr(session, "validation_source", lambda spec: SimpleNamespace(read=lambda: "text"))
+    monkeypatch.setattr(session, "tokenize_stream", lambda tok, text: None)
+    monkeypatch.setattr(AllocationPlan, "from_dict", staticmethod(lambda d: None))
+
+    def perplexity(*args):
+        clock[0] += 40.0  # each plan takes 40 s
+        return 10.0
+
+    monkeypatch.setattr(session, "perplexity", perplexity)
+    evaluator = SimpleNamespace(ctx=SimpleNamespace(tokenizer=None, model=None, restore_=lambda: None),
+                                applied=lambda plan: contextlib.nullcontext())
+    stored = {}
+    study = SimpleNamespace(set_user_attr=lambda k, v: stored.update({k: v}), directions=[1],
+                            best_trial=trials[0])
+    spec = StudySpec()
+    result = session.validate(study, evaluator, spec, budget_seconds=100.0)
+    assert sorted(result.ppl) == [0, 1] and result.skipped == (2, 3, 4)  # a third plan would end at 120 s
+    result = session.validate(study, evaluator, spec, budget_seconds=1.0)
+    assert sorted(result.ppl) == [0]  # the best one always
+    result = session.validate(study, evaluator, spec)
+    assert sorted(result.ppl) == [0, 1, 2, 3, 4] and result.skipped == ()
+    monkeypatch.setattr("sparsealloc.search.study.warm_start_trials", lambda study: {})
+    lines = validation_lines(study, session.validate(study, evaluator, spec, budget_seconds=100.0).to_dict())
+    assert "3 more plan(s) not validated" in lines[-1]
