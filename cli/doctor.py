@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         (check_python, True),
         (check_torch, True),
         (check_cpu_load, False),
+        (check_bfloat16, False),
         *[(lambda p=p: check_package(p), p.required) for p in PACKAGES],
         (lambda: check_model(args.model, args.load_model), True),
         (lambda: check_store(args.storage), True),
@@ -155,6 +156,32 @@ def check_cpu_load(threads: int | None = None) -> Check:
                                          f"slower; torch threads oversubscribed",
                      f"wait for the other job, or give torch the free cores: OMP_NUM_THREADS={max(1, free)}")
     return Check("cpu load", "OK", detail)
+
+
+def check_bfloat16(size: int = 768, repeats: int = 5, timer: Callable[[], float] = time.perf_counter) -> Check:
+    """Compare a bfloat16 with a float32 matrix product on the trial device: evo trials run in
+    bfloat16 (``proxy_dtype``), which only pays where the hardware has it (AMX/AVX-512 BF16, GPUs).
+    """
+    import torch
+
+    from sparsealloc.pruning.models import resolve_device
+
+    device = resolve_device(None)
+
+    def seconds(dtype) -> float:
+        a = torch.randn(size, size, device=device).to(dtype)
+        (a @ a).sum().item()  # warm up
+        start = timer()
+        for _ in range(repeats):
+            (a @ a).sum().item()
+        return (timer() - start) / repeats
+
+    fp32, bf16 = seconds(torch.float32), seconds(torch.bfloat16)
+    detail = f"{size}² product on {device}: bfloat16 {bf16 * 1e3:.2f} ms, float32 {fp32 * 1e3:.2f} ms"
+    if bf16 > fp32:
+        return Check("bfloat16", "WARN", f"{detail}: bfloat16 is slower here",
+                     "set proxy_dtype: float32 in evo study specs (trials then run in float32)")
+    return Check("bfloat16", "OK", f"{detail} ({fp32 / max(bf16, 1e-9):.1f}× faster; evo trials use it)")
 
 
 def check_package(package: Package) -> Check:

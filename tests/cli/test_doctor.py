@@ -156,3 +156,13 @@ def test_no_load_average_is_no_warning(monkeypatch):
 
     monkeypatch.setattr(doctor.os, "getloadavg", unavailable)
     assert doctor.check_cpu_load(2).status == "OK"
+
+
+@pytest.mark.parametrize("ticks, status", [((0, 1, 0, 5), "WARN"), ((0, 5, 0, 1), "OK")])
+def test_bfloat16_check_warns_where_bfloat16_products_are_slower(ticks, status):
+    from sparsealloc.cli.doctor import check_bfloat16
+
+    clock = iter(ticks)  # float32 timed first, then bfloat16
+    result = check_bfloat16(size=8, repeats=1, timer=lambda: next(clock))
+    assert result.status == status
+    assert ("proxy_dtype: float32" in result.fix) == (status == "WARN")
