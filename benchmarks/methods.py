@@ -69,7 +69,7 @@ def methods(args: argparse.Namespace) -> str:
     from sparsealloc.core import AllocationPlan, MetricChoice
     from sparsealloc.pruning import collect_stats, model_layout, prune_
     from sparsealloc.pruning.allocators import AllocationInputs, allocate
-    from sparsealloc.pruning.masks import row_order
+    from sparsealloc.pruning.masks import row_rank
     from sparsealloc.pruning.metrics import score
 
     csv_path = Path(args.csv)
@@ -108,15 +108,15 @@ def methods(args: argparse.Namespace) -> str:
                 allocations[(allocator, sparsity)] = allocate(allocator, inputs, sparsity)
         ratios = allocations[(allocator, sparsity)]
         with Timer() as t_score:
-            if metric != orders_metric:  # score and sort once per metric; prune_ slices the order
+            if metric != orders_metric:  # score and rank once per metric; prune_ masks rank < k
                 orders = None
                 if _orders_apply(metric):
-                    orders = {n: row_order(score(metric, w, stats[n], {})) for n, w in pristine.items()}
+                    orders = {n: row_rank(score(metric, w, stats[n], {})) for n, w in pristine.items()}
                 orders_metric = metric
         restore()
         plan = AllocationPlan(sparsity=ratios, metric=MetricChoice(metric))
         with Timer() as t_prune:
-            report = prune_(model, plan, stats, layout=layout, orders=orders)
+            report = prune_(model, plan, stats, layout=layout, ranks=orders)
         _append(csv_path, {"metric": metric, "allocator": allocator, "sparsity": sparsity,
                            "ppl": _ppl(model, stream, args.eval_windows), "achieved": report.achieved_mean,
                            "prune_s": round(t_prune.seconds + t_score.seconds, 2),

@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 
 from sparsealloc.cli.common import (add_calibration_args, add_model_args, calibrate_and_prune, calibration_source,
-                                    check_plan_modules, load)
+                                    check_plan_modules, check_sequential, load)
 from sparsealloc.cli.save_options import add_save_format_args, check_save_args, save_with_format
 from sparsealloc.core.errors import check_output_dir, writing
 
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything that needs no model first: plan file, metric, calibration text.
     plan = check_plan(args.plan)
+    check_sequential(args, plan)
     check_output_dir(args.save, "--save")
     check_save_args(args, args.save)
     calib = calibration_source(args, plan)  # the study's calibration unless flags say otherwise

@@ -79,6 +79,10 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calib-batch-size", type=positive_int, default=None,
                        help="windows per forward (default: the plan's calibration, else 4)")
     group.add_argument("--seed", type=int, default=None, help="window sampling seed (default: the plan's, else 0)")
+    group.add_argument("--sequential", action="store_true",
+                       help="compress block by block on the inputs of the already-compressed blocks (SparseGPT's "
+                            "order; one calibration pass per block) instead of each Linear from the dense model's "
+                            "inputs as a study's level database does: a different model than the study scored")
 
 
 #: Calibration when neither the flags nor the plan say otherwise.
@@ -144,6 +148,14 @@ def eval_source(path: str | None):
     from sparsealloc.pruning.calibration import TextSource
 
     return TextSource("file", path) if path else TextSource("builtin", "eval")
+
+
+def check_sequential(args: argparse.Namespace, plan) -> None:
+    """``--sequential`` compresses the plan's blocks in order; a plan that drops blocks (Prune&Comp's
+    scales fitted on the dense model) or ``--drop-blocks`` cannot go with it."""
+    if getattr(args, "sequential", False) and (plan is not None and plan.dropped_layers
+                                               or getattr(args, "drop_blocks", 0)):
+        raise SpecError("expected a plan without dropped blocks for --sequential, but it drops blocks")
 
 
 def check_plan_modules(plan, model_name: str) -> None:
@@ -224,7 +236,14 @@ def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan
     scales = plan.provenance.get("layer_prune", {}).get("compensation") if plan.dropped_layers else None
     if scales:  # Prune&Comp: fuse the dropped blocks' scales before the blocks go
         compensate_(model, scales)
-    report = prune_(model, plan, stats, layout=layout, database=_plan_database(plan, model, layout, stats, windows))
+    if getattr(args, "sequential", False):
+        from sparsealloc.pruning.sequential import prune_sequential_
+
+        plan = plan.replace(provenance={**{k: v for k, v in plan.provenance.items() if k != "level_db"},
+                                        "sequential": True})
+        report = prune_sequential_(model, plan, windows, batch_size=args.calib_batch_size, layout=layout)
+    else:
+        report = prune_(model, plan, stats, layout=layout, database=_plan_database(plan, model, layout, stats, windows))
     timings["prune_s"] = time.perf_counter() - start
     return plan, report, timings
 

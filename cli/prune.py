@@ -13,6 +13,7 @@ from sparsealloc.cli.common import (
     calibrate_and_prune,
     calibration_source,
     check_plan_modules,
+    check_sequential,
     eval_source,
     fraction,
     key_value,
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     calib_text = calib.read()
     evaluation = None if args.no_eval else eval_source(args.eval_text)
     eval_text = evaluation.read() if evaluation is not None else None
+    check_sequential(args, given)
     if given is not None:
         check_plan_modules(given, args.model)  # a plan for another model fails before the model loads
     model, tokenizer, _ = load(args)

@@ -19,7 +19,7 @@ from sparsealloc.core.plan import AllocationPlan, MetricChoice, parse_pattern, w
 from sparsealloc.core.progress import track
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.layer_drop import drop_blocks_
-from sparsealloc.pruning.masks import masked_copy_, row_mask_from_order, select_mask
+from sparsealloc.pruning.masks import masked_copy_, select_mask
 from sparsealloc.pruning.metrics import check_params, metric_traits, metric_uses_bias, score
 from sparsealloc.pruning.structure import ModelLayout, model_layout
 
@@ -128,7 +128,6 @@ def prune_(
     plan: AllocationPlan,
     stats: Mapping[str, LayerStats] | None,
     layout: ModelLayout | None = None,
-    orders: Mapping[str, torch.Tensor] | None = None,
     ranks: Mapping[str, torch.Tensor] | None = None,
     pristine: Mapping[str, torch.Tensor] | None = None,
     database: LevelDatabaseLike | None = None,
@@ -147,12 +146,10 @@ def prune_(
         plan: The allocation plan.
         stats: Calibration statistics per Linear FQN (None only for data-free metrics).
         layout: Precomputed layout of ``model``.
-        orders: Cached :func:`~sparsealloc.pruning.masks.row_order` of the plan's metric per FQN
+        ranks: Cached :func:`~sparsealloc.pruning.masks.row_rank` of the plan's metric per FQN
             (studies with a fixed metric); used for unstructured masks without bias compensation,
-            and never for metrics that need the module name or update weights.
-        ranks: Cached :func:`~sparsealloc.pruning.masks.row_rank` of the plan's metric per FQN,
-            used where ``orders`` would be (without ``pristine``, the mask is applied to the
-            current weights in place).
+            never for metrics that need the module name or update weights (without ``pristine``,
+            the mask is applied to the current weights in place).
         pristine: Dense weights per FQN. When given, every Linear starts from them (the caller
             need not restore weights first): with ``ranks`` a layer is restored and pruned in one
             fused pass (:func:`~sparsealloc.pruning.masks.masked_copy_`), otherwise it is copied
@@ -188,9 +185,6 @@ def prune_(
         weight = module.weight.data
         if name in fused:  # restore (when pristine is given) and prune in one pass
             masked_copy_(weight, weight if pristine is None else pristine[name], ranks[name], ratios[name])
-            continue
-        if plain[name] and orders is not None and name in orders:
-            weight.masked_fill_(row_mask_from_order(orders[name], ratios[name]), 0)
             continue
         if database is not None:  # the same layer, computed once and kept on disk
             new_weight, delta = database.entry(name, ratios[name])

@@ -264,6 +264,30 @@ def test_apply_sparsegpt_plan_collects_the_gram(tiny_llama_dir, text_file, tmp_p
     assert ratios["model.layers.0.mlp.up_proj"] == 0.25 and ratios["model.layers.3.mlp.up_proj"] == 0.5
 
 
+def test_apply_sequential_compresses_block_by_block_and_says_so(tiny_llama_dir, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    plan_path = AllocationPlan(sparsity={"*": 0.5}, metric=MetricChoice("sparsegpt")).save(tmp_path / "plan.json")
+    saved = {}
+    for mode in ("independent", "sequential"):
+        extra = ["--sequential"] if mode == "sequential" else []
+        code, _, err = run_cli(["--quiet", "apply", "--plan", str(plan_path), *calib_args(tiny_llama_dir, text_file),
+                                "--save", str(tmp_path / mode), *extra])
+        assert code == 0, err
+        saved[mode] = load_file(str(tmp_path / mode / "model.safetensors"))
+        provenance = AllocationPlan.load(tmp_path / mode / "plan.json").provenance
+        assert provenance.get("sequential", False) == (mode == "sequential")
+    first = "model.layers.0.self_attn.q_proj.weight"
+    last = "model.layers.3.mlp.down_proj.weight"
+    assert torch.equal(saved["independent"][first], saved["sequential"][first])  # dense inputs either way
+    assert not torch.equal(saved["independent"][last], saved["sequential"][last])
+    dropped = AllocationPlan(sparsity={"*": 0.5}, metric=MetricChoice("sparsegpt"),
+                             dropped_layers=("model.layers.3",)).save(tmp_path / "dropped.json")
+    code, _, err = run_cli(["apply", "--plan", str(dropped), *calib_args(tiny_llama_dir, text_file),
+                            "--save", str(tmp_path / "d"), "--sequential"])
+    assert code == 2 and "without dropped blocks" in err and not (tmp_path / "d").exists()
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("case", ["apply-missing-plan", "apply-foreign-plan", "apply-no-save", "apply-save-is-file",
                                   "report-unknown-study", "report-missing-store"])

@@ -10,7 +10,7 @@ from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.apply import prune_
-from sparsealloc.pruning.masks import nm_mask, row_mask, row_order
+from sparsealloc.pruning.masks import nm_mask, row_mask, row_rank
 from sparsealloc.pruning.metrics import check_params, metric_traits, metric_uses_bias, score
 from sparsealloc.pruning.sparsegpt import sparsegpt_prune
 from sparsealloc.pruning.structure import model_layout
@@ -97,7 +97,7 @@ def test_stadew_bias_only_on_output_projection_and_lowers_error():
     assert errors[True] < 0.5 * errors[False]
 
 
-def test_stadew_on_llama_ignores_cached_orders(fresh_model, tiny_calib):
+def test_stadew_on_llama_ignores_cached_ranks(fresh_model, tiny_calib):
     from sparsealloc.pruning.calibration import collect_stats
 
     model = fresh_model("llama")
@@ -105,8 +105,8 @@ def test_stadew_on_llama_ignores_cached_orders(fresh_model, tiny_calib):
     stats = collect_stats(model, tiny_calib, layout=layout)
     plan = AllocationPlan.uniform(layout.linears, 0.5, MetricChoice("stadew"))
     modules = dict(model.named_modules())
-    bogus = {n: row_order(-modules[n].weight.abs()) for n in layout.linears}  # would prune the largest
-    report = prune_(model, plan, stats, layout=layout, orders=bogus)
+    bogus = {n: row_rank(-modules[n].weight.abs()) for n in layout.linears}  # would prune the largest
+    report = prune_(model, plan, stats, layout=layout, ranks=bogus)
     expected = [n for n in layout.linears if n.endswith(("o_proj", "down_proj"))]
     assert sorted(report.biased) == sorted(expected)
     reference = fresh_model("llama")
