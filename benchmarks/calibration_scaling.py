@@ -87,7 +87,7 @@ def block_allocations(layout, inputs, n_random: int = 11) -> dict[str, dict[str,
 
 def rankings(features, k: int) -> dict[str, list[int]]:
     """Ranking name → pool indices, most preferred first (ssp and loss: hardest first)."""
-    from sparsealloc.pruning.data_selection import score_windows, select
+    from sparsealloc.pruning.calibration.data_selection import score_windows, select
 
     out = {}
     for name in RANKINGS:
@@ -120,8 +120,8 @@ def main() -> None:
     from sparsealloc.objectives import EvalContext, TrialEvaluator
     from sparsealloc.pruning import TextSource, collect_stats, model_layout, perplexity, tokenize_stream
     from sparsealloc.pruning.allocators import AllocationInputs
-    from sparsealloc.pruning.calibration_select import candidate_offsets, candidate_pool, embedding_block, window_features
-    from sparsealloc.pruning.data_selection import WindowFeatures
+    from sparsealloc.pruning.calibration.data_selection import WindowFeatures
+    from sparsealloc.pruning.calibration.select import candidate_offsets, candidate_pool, embedding_block, window_features
     from sparsealloc.spaces.spec import StudySpec
 
     progress.set_mode("quiet")

@@ -7,7 +7,7 @@ at 2 bits, the reverse, and a plan searched on calibration data (WikiText-2 *val
 (layer, K|V) slots is scored by the KL rise when it alone drops from 4 to 2 bits (all others at 4);
 bits in {2, 3, 4} are then allocated greedily for Σ w·4^(−b) with w = sensitivity^alpha, and the
 alpha whose allocation has the lowest calibration KL wins (alpha 0 is uniform 3-bit). Memory: the
-packed cache (:mod:`sparsealloc.pruning.kv_cache`) after 512 greedily generated tokens, measured
+packed cache (:mod:`sparsealloc.pruning.kv.cache`) after 512 greedily generated tokens, measured
 against the exact analytic count and against the study objective (bytes per token × tokens).
 
     python benchmarks/kv_cache.py          # about 20 minutes on 2 shared CPU cores
@@ -111,7 +111,7 @@ def mean_bits(kv_bits) -> float:
 
 def perplexity_with(model, stream, kv_bits, windows: int, residual: int = 0) -> float:
     from sparsealloc.pruning import perplexity
-    from sparsealloc.pruning.kv_quant import kv_fake_quant
+    from sparsealloc.pruning.kv.quant import kv_fake_quant
 
     with kv_fake_quant(model, kv_bits, GROUP, residual):
         return perplexity(model, stream, 512, windows)
@@ -121,7 +121,7 @@ def calibration_kl(model, windows):
     """``kl(kv_bits)``: mean per-token KL(dense ‖ quantized KV) on ``windows`` (the study's ``kl`` proxy)."""
     import torch.nn.functional as F
 
-    from sparsealloc.pruning.kv_quant import kv_fake_quant
+    from sparsealloc.pruning.kv.quant import kv_fake_quant
 
     batches = windows.split(2)
     with torch.inference_mode():
@@ -182,8 +182,8 @@ def search(kl, sensitivity, attention, alphas=(0.0, 0.25, 0.5, 0.75, 1.0)) -> tu
 
 def measure_generation(model, tokenizer, layout, kv_bits, name, args, heads, head_dim) -> dict:
     from sparsealloc.objectives.kv_memory import kv_bytes_per_token, kv_cache_bytes
-    from sparsealloc.pruning.generation import generate_text
-    from sparsealloc.pruning.kv_cache import packed_cache
+    from sparsealloc.pruning.kv.cache import packed_cache
+    from sparsealloc.pruning.kv.generation import generate_text
 
     cache = packed_cache(layout, kv_bits, GROUP)
     generation = generate_text(model, tokenizer, args.prompt, cache, args.new_tokens, seed=SEED, ignore_eos=True)

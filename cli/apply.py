@@ -1,7 +1,7 @@
 """``sparsealloc apply``: prune a model by a plan file and save it for evaluation elsewhere.
 
 Writes a Hugging Face checkpoint (``--format dense`` or ``compressed-tensors`` sparse-bitmask, at
-``--dtype``; see :mod:`sparsealloc.pruning.checkpoint_formats`) with ``plan.json`` beside it (as
+``--dtype``; see :mod:`sparsealloc.pruning.model.checkpoint_formats`) with ``plan.json`` beside it (as
 ``prune --save`` does) and an llm-compressor ``recipe.yaml`` that ``llmcompressor.oneshot`` runs (see
 :mod:`sparsealloc.storage.recipes`), then prints the checkpoint's size next to the dense size and the
 lm-evaluation-harness command for it.

@@ -46,7 +46,7 @@ def register(sub) -> None:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Reject an unknown metric or contradictory flags before the model loads."""
-    from sparsealloc.pruning.data_selection import SELECTION_METRICS
+    from sparsealloc.pruning.calibration.data_selection import SELECTION_METRICS
 
     SELECTION_METRICS.get(args.metric)  # lists the valid names
     if args.balanced and args.metric != "ssp":
@@ -58,8 +58,8 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def select_command(args: argparse.Namespace) -> int:
-    from sparsealloc.pruning.calibration import tokenize_stream
-    from sparsealloc.pruning.calibration_select import select_calibration_set, write_calibration_set
+    from sparsealloc.pruning.calibration.select import select_calibration_set, write_calibration_set
+    from sparsealloc.pruning.calibration.text import tokenize_stream
 
     check_flags(args)
     source = calibration_source(args)

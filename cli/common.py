@@ -110,7 +110,7 @@ def calibration_source(args: argparse.Namespace, plan=None):
     the study scored; flags given override it, and what is still unset takes
     :data:`CALIBRATION_DEFAULTS`. Fills those values into ``args``.
     """
-    from sparsealloc.pruning.calibration import TextSource
+    from sparsealloc.pruning.calibration.text import TextSource
 
     recorded = dict((plan.provenance.get("calibration") or {}) if plan is not None else {})
     builtin = "calib"
@@ -134,7 +134,7 @@ def calibration_source(args: argparse.Namespace, plan=None):
         if getattr(args, dest, None) is None:
             setattr(args, dest, default)
     if getattr(args, "calib_windows", None):
-        from sparsealloc.pruning.calibration_select import read_calibration_set
+        from sparsealloc.pruning.calibration.select import read_calibration_set
 
         return read_calibration_set(args.calib_windows)
     if args.calib_text:
@@ -145,7 +145,7 @@ def calibration_source(args: argparse.Namespace, plan=None):
 
 
 def eval_source(path: str | None):
-    from sparsealloc.pruning.calibration import TextSource
+    from sparsealloc.pruning.calibration.text import TextSource
 
     return TextSource("file", path) if path else TextSource("builtin", "eval")
 
@@ -170,7 +170,7 @@ def check_plan_modules(plan, model_name: str) -> None:
         SpecError: the plan names a module the model lacks (or misses one), with the names.
     """
     from sparsealloc.pruning import resolve_plan
-    from sparsealloc.pruning.models import load_layout
+    from sparsealloc.pruning.model.models import load_layout
 
     try:
         layout = load_layout(model_name)
@@ -181,7 +181,7 @@ def check_plan_modules(plan, model_name: str) -> None:
 
 def load(args: argparse.Namespace):
     """Load the model named by ``--model`` on ``--device``."""
-    from sparsealloc.pruning.models import load_model
+    from sparsealloc.pruning.model.models import load_model
 
     if args.device is not None:
         import torch
@@ -208,7 +208,7 @@ def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan
     import time
 
     from sparsealloc.pruning import collect_stats, prune_, sample_windows, tokenize_stream
-    from sparsealloc.pruning.calibration_select import CalibrationSet
+    from sparsealloc.pruning.calibration.select import CalibrationSet
     from sparsealloc.pruning.layer_prune import compensate_, with_dropped_blocks
     from sparsealloc.pruning.metrics import metric_traits
 

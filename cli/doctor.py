@@ -206,7 +206,7 @@ def _version(distribution: str) -> str:
 
 
 def check_model(name: str, load: bool) -> Check:
-    from sparsealloc.pruning.models import EMBEDDED_MODELS, INSTALL_HINT, resolve_source
+    from sparsealloc.pruning.model.models import EMBEDDED_MODELS, INSTALL_HINT, resolve_source
 
     label = f"model {name}"
     try:
@@ -218,7 +218,7 @@ def check_model(name: str, load: bool) -> Check:
     found = f"{where}" + (f" ({where.stat().st_size / 2**20:.0f} MiB)" if where.is_file() else "")
     if not load:
         return Check(label, "OK", f"found {found}; weights not loaded (--load-model loads them)")
-    from sparsealloc.pruning.models import load_model
+    from sparsealloc.pruning.model.models import load_model
 
     start = time.perf_counter()
     try:

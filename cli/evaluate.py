@@ -1,5 +1,5 @@
 """``sparsealloc evaluate``: perplexity of a model (dense, pruned directory, GGUF, embedded), or
-lm-evaluation-harness tasks on it with ``--tasks`` (see :mod:`sparsealloc.pruning.lm_harness`)."""
+lm-evaluation-harness tasks on it with ``--tasks`` (see :mod:`sparsealloc.pruning.model.lm_harness`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def register(sub) -> None:
 def run_harness(args: argparse.Namespace) -> int:
     """``--tasks``: check the task names, load the model, run lm-eval, print one line per metric."""
     from sparsealloc.core.errors import SpecError
-    from sparsealloc.pruning.lm_harness import run_tasks, task_manager
+    from sparsealloc.pruning.model.lm_harness import run_tasks, task_manager
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
     if not tasks:
@@ -52,8 +52,8 @@ def run_harness(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparsealloc.pruning.calibration import tokenize_stream
-    from sparsealloc.pruning.evaluation import perplexity, sparsity_report
+    from sparsealloc.pruning.calibration.text import tokenize_stream
+    from sparsealloc.pruning.model.evaluation import perplexity, sparsity_report
 
     if args.tasks is not None:
         return run_harness(args)

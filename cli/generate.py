@@ -1,7 +1,7 @@
 """``sparsealloc generate``: try a compressed model — prune by a plan, generate through the real
 quantized KV cache of the plan's per-layer bits, print the text, tokens/s and the cache's bytes.
 
-The cache (:mod:`sparsealloc.pruning.kv_cache`) stores packed low-bit codes plus fp16 scales and
+The cache (:mod:`sparsealloc.pruning.kv.cache`) stores packed low-bit codes plus fp16 scales and
 zeros; its measured bytes are printed beside the analytic count
 (:func:`sparsealloc.objectives.kv_memory.kv_cache_bytes`) and the bytes an fp16 cache would hold.
 """
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from sparsealloc.cli.apply import check_plan
     from sparsealloc.objectives.kv_memory import kv_cache_bytes, kv_geometry
     from sparsealloc.pruning import model_layout, resolve_plan
-    from sparsealloc.pruning.generation import generate_text
-    from sparsealloc.pruning.kv_cache import packed_cache
+    from sparsealloc.pruning.kv.cache import packed_cache
+    from sparsealloc.pruning.kv.generation import generate_text
 
     # Everything that needs no model first: prompt, plan, calibration text (only if the plan prunes).
     if not args.prompt:

@@ -26,7 +26,7 @@ def register(sub) -> None:
 def layout_numels(name: str | None) -> dict[str, int] | None:
     """Linear FQN → weights of model ``name`` from its config (meta device), or None if unavailable."""
     from sparsealloc.core.errors import SparseAllocError
-    from sparsealloc.pruning.models import load_layout
+    from sparsealloc.pruning.model.models import load_layout
 
     if not name:
         return None

@@ -11,7 +11,7 @@ MIB = 1024 * 1024
 
 def add_save_format_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--format dense|compressed-tensors`` and ``--dtype fp32|bf16|fp16``."""
-    from sparsealloc.pruning.checkpoint_formats import DTYPES, FORMATS
+    from sparsealloc.pruning.model.checkpoint_formats import DTYPES, FORMATS
 
     group = parser.add_argument_group("checkpoint")
     group.add_argument("--format", choices=FORMATS, default="dense",
@@ -23,7 +23,7 @@ def add_save_format_args(parser: argparse.ArgumentParser) -> None:
 def check_save_args(args: argparse.Namespace, save: str | None) -> None:
     """Reject ``--format``/``--dtype`` without a folder to save to, or a format whose package is
     missing; needs no model."""
-    from sparsealloc.pruning.checkpoint_formats import check_format
+    from sparsealloc.pruning.model.checkpoint_formats import check_format
 
     if save is None and (args.format != "dense" or args.dtype is not None):
         raise SpecError("expected --format/--dtype only with --save DIR, but got no --save")
@@ -32,7 +32,7 @@ def check_save_args(args: argparse.Namespace, save: str | None) -> None:
 
 def save_with_format(args: argparse.Namespace, model, tokenizer, directory, plan):
     """Save by ``--format``/``--dtype``; returns (CheckpointInfo, result fields to print)."""
-    from sparsealloc.pruning.checkpoint_formats import DTYPES, save_checkpoint
+    from sparsealloc.pruning.model.checkpoint_formats import DTYPES, save_checkpoint
 
     info = save_checkpoint(model, tokenizer, directory, plan, format=args.format,
                            dtype=DTYPES[args.dtype] if args.dtype else None)

@@ -33,8 +33,8 @@ from torch import nn
 from sparsealloc.core.types import LayerStats
 from sparsealloc.objectives.divergence import CHUNK, kl_reference
 from sparsealloc.objectives.layer_local import compact_grams, summed_error
-from sparsealloc.pruning.calibration import collect_stats, decoder_trunk
-from sparsealloc.pruning.structure import ModelLayout, model_layout
+from sparsealloc.pruning.calibration.stats import collect_stats, decoder_trunk
+from sparsealloc.pruning.model.structure import ModelLayout, model_layout
 
 
 def lm_head_of(model: nn.Module) -> nn.Module:

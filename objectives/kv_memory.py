@@ -1,6 +1,6 @@
 """Analytic KV-cache memory for per-layer K/V bit-widths (no model forward).
 
-Two views of the same storage layout (:mod:`sparsealloc.pruning.kv_cache`, KIVI-style asymmetric
+Two views of the same storage layout (:mod:`sparsealloc.pruning.kv.cache`, KIVI-style asymmetric
 group quantization, Liu et al. 2024, arXiv:2402.02750):
 
 * :func:`kv_bytes_per_token` — the study objective ``kv_bytes``: what one more token costs once the
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from sparsealloc.pruning.kv_pack import packed_width
-from sparsealloc.pruning.kv_quant import key_quantized_length, value_quantized_length
+from sparsealloc.pruning.kv.pack import packed_width
+from sparsealloc.pruning.kv.quant import key_quantized_length, value_quantized_length
 
 FULL_PRECISION_BYTES = 2  # fp16 / bf16: the 16-bit setting and the residual window
 GROUP_PARAM_BYTES = 4  # fp16 scale + fp16 zero per group
@@ -63,7 +63,7 @@ def kv_bytes_per_token(attention: Sequence[str], kv_bits: Mapping[str, Mapping[s
 
 def kv_cache_bytes(attention: Sequence[str], kv_bits: Mapping[str, Mapping[str, int]], n_kv_heads: int,
                    head_dim: int, n_tokens: int, group_size: int = 32, residual: int = 0, batch: int = 1) -> int:
-    """Exact bytes a :class:`~sparsealloc.pruning.kv_cache.PackedKVCache` holds after ``n_tokens`` tokens.
+    """Exact bytes a :class:`~sparsealloc.pruning.kv.cache.PackedKVCache` holds after ``n_tokens`` tokens.
 
     Args:
         attention: Attention module FQNs (one cache layer each).

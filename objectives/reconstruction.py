@@ -24,7 +24,7 @@ import torch
 
 from sparsealloc.objectives.context import EvalContext, lm_head_of
 from sparsealloc.objectives.divergence import kl_sum
-from sparsealloc.pruning.calibration import decoder_trunk
+from sparsealloc.pruning.calibration.stats import decoder_trunk
 
 #: ``report(batches_done, value_so_far)``; a True return asks the caller's loop to stop (early
 #: stopping is decided by the trial evaluator, which raises; the forward loop itself never stops).

@@ -36,8 +36,8 @@ from sparsealloc.objectives.base import OBJECTIVES
 from sparsealloc.objectives.context import EvalContext
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
 from sparsealloc.pruning.apply import PruneReport, prune_, rank_maskable, resolve_plan
-from sparsealloc.pruning.calibration import TextSource
-from sparsealloc.pruning.kv_quant import kv_fake_quant
+from sparsealloc.pruning.calibration.text import TextSource
+from sparsealloc.pruning.kv.quant import kv_fake_quant
 from sparsealloc.pruning.layer_drop import blocks_removed
 from sparsealloc.pruning.layer_prune import compensate_, first_dropped
 from sparsealloc.pruning.level_db import LevelDatabase, needs_database

@@ -24,7 +24,7 @@ from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.esd import matrix_alpha
 from sparsealloc.pruning.masks import row_mask, row_mask_from_order, row_order
 from sparsealloc.pruning.metrics import wanda
-from sparsealloc.pruning.structure import ModelLayout
+from sparsealloc.pruning.model.structure import ModelLayout
 from sparsealloc.spaces.budget import project_to_budget
 
 MAX_RATIO = 0.99

@@ -21,7 +21,7 @@ from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.layer_drop import drop_blocks_
 from sparsealloc.pruning.masks import masked_copy_, select_mask
 from sparsealloc.pruning.metrics import check_params, metric_traits, metric_uses_bias, score
-from sparsealloc.pruning.structure import ModelLayout, model_layout
+from sparsealloc.pruning.model.structure import ModelLayout, model_layout
 
 
 class LevelDatabaseLike(Protocol):
@@ -247,10 +247,10 @@ def save_pruned(model: nn.Module, tokenizer, directory: str | Path, plan: Alloca
     """Save a pruned model as a plain Hugging Face checkpoint (safetensors), plus ``plan.json``.
 
     The weight files get ordinary permissions (0644 under umask 022). Other formats and dtypes:
-    :func:`sparsealloc.pruning.checkpoint_formats.save_checkpoint`.
+    :func:`sparsealloc.pruning.model.checkpoint_formats.save_checkpoint`.
     """
-    from sparsealloc.pruning.checkpoint_formats import fix_permissions
-    from sparsealloc.pruning.models import forget_gguf_quantization_, library_bars_follow_progress_mode
+    from sparsealloc.pruning.model.checkpoint_formats import fix_permissions
+    from sparsealloc.pruning.model.models import forget_gguf_quantization_, library_bars_follow_progress_mode
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from sparsealloc.pruning.structure import find_blocks
+from sparsealloc.pruning.model.structure import find_blocks
 
 
 def drop_blocks_(model: nn.Module, block_names: Sequence[str]) -> list[int]:

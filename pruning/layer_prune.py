@@ -33,10 +33,10 @@ from torch import nn
 
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan, weighted_mean_sparsity
-from sparsealloc.pruning.calibration import decoder_trunk
+from sparsealloc.pruning.calibration.stats import decoder_trunk
 from sparsealloc.pruning.layer_drop import drop_blocks_
 from sparsealloc.pruning.metrics import is_output_projection
-from sparsealloc.pruning.structure import find_blocks, model_layout
+from sparsealloc.pruning.model.structure import find_blocks, model_layout
 from sparsealloc.spaces.budget import budget_with_removed
 
 

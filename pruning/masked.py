@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from sparsealloc.pruning.apply import PruneReport
 from sparsealloc.pruning.masks import masked_copy_, pruned_count
-from sparsealloc.pruning.structure import ModelLayout
+from sparsealloc.pruning.model.structure import ModelLayout
 
 
 def _masked_linear(module: nn.Linear, rank: Tensor, sparsity: float):

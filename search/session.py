@@ -21,11 +21,11 @@ from sparsealloc.core.progress import track
 from sparsealloc.objectives.context import EvalContext
 from sparsealloc.objectives.trial import TrialEvaluator
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
-from sparsealloc.pruning.calibration import TextSource, sample_windows, tokenize_stream
-from sparsealloc.pruning.calibration_select import read_calibration_set
-from sparsealloc.pruning.evaluation import perplexity
+from sparsealloc.pruning.calibration.select import read_calibration_set
+from sparsealloc.pruning.calibration.text import TextSource, sample_windows, tokenize_stream
 from sparsealloc.pruning.metrics import check_params, metric_traits
-from sparsealloc.pruning.models import load_model, resolve_device, resolve_source
+from sparsealloc.pruning.model.evaluation import perplexity
+from sparsealloc.pruning.model.models import load_model, resolve_device, resolve_source
 from sparsealloc.search.pruners import make_pruner
 from sparsealloc.search.samplers.base import SAMPLERS, Sampler
 from sparsealloc.spaces.space import SearchSpace

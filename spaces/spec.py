@@ -140,7 +140,7 @@ class KVSpec:
     """Per-layer KV-cache bit-widths for K and V (KIVI group quantization).
 
     ``residual`` is the full-precision window of recent tokens; 0 quantizes every token in the
-    proxy (see :mod:`sparsealloc.pruning.kv_quant`).
+    proxy (see :mod:`sparsealloc.pruning.kv.quant`).
     """
 
     bits: tuple[int, ...] = (2, 3, 4, 8, 16)

@@ -15,13 +15,13 @@ from sparsealloc.cli.main import main
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan
 from sparsealloc.pruning import collect_stats, load_model, model_layout, prune_
-from sparsealloc.pruning.calibration import tokenize_stream
-from sparsealloc.pruning.calibration_select import (
+from sparsealloc.pruning.calibration.select import (
     candidate_offsets,
     read_calibration_set,
     select_calibration_set,
     window_features,
 )
+from sparsealloc.pruning.calibration.text import tokenize_stream
 from sparsealloc.spaces.spec import StudySpec
 
 

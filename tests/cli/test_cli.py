@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from sparsealloc.cli.main import main
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.model.structure import model_layout
 
 
 def common_args(model_dir: Path, text: Path) -> list[str]:

@@ -555,12 +555,12 @@ def test_a_missing_relative_sqlite_store_says_where_it_looked(tmp_path, monkeypa
 @pytest.mark.parametrize("command", ["apply", "prune"])
 def test_a_plan_naming_a_missing_module_fails_before_the_model_loads(command, tiny_llama_dir, text_file, tmp_path,
                                                                       monkeypatch):
-    from sparsealloc.pruning.models import load_layout
+    from sparsealloc.pruning.model.models import load_layout
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("sparsealloc.pruning.models.load_model", no_load)
+    monkeypatch.setattr("sparsealloc.pruning.model.models.load_model", no_load)
     linears = load_layout(str(tiny_llama_dir)).linears
     plan = AllocationPlan(sparsity={**{name: 0.5 for name in linears[1:]}, "model.layers.0.mlp.gate_projj": 0.5})
     path = tmp_path / "plan.json"

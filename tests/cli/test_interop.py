@@ -27,7 +27,7 @@ import torch
 from sparsealloc.cli.main import main
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.pruning import model_layout
-from sparsealloc.pruning.models import load_model
+from sparsealloc.pruning.model.models import load_model
 from sparsealloc.storage.recipes import write_recipe
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_bitmask_codec_matches_compressed_tensors_packing():
     pytest.importorskip("compressed_tensors", reason="needs compressed-tensors: pip install 'sparsealloc[interop]'")
     from compressed_tensors.utils import unpack_bitmasks
 
-    from sparsealloc.pruning.checkpoint_formats import bitmask_compress, bitmask_decompress
+    from sparsealloc.pruning.model.checkpoint_formats import bitmask_compress, bitmask_decompress
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(13, 21, generator=gen)

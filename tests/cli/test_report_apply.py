@@ -18,7 +18,7 @@ import yaml
 
 from sparsealloc.cli.main import main
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
-from sparsealloc.pruning.models import load_layout
+from sparsealloc.pruning.model.models import load_layout
 from sparsealloc.storage import figures
 from sparsealloc.storage.recipes import recipe_sparsity
 from sparsealloc.storage.report import (

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sparsealloc.pruning.allocators import ALLOCATORS, AllocationInputs, allocate
-from sparsealloc.pruning.calibration import collect_stats
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.calibration.stats import collect_stats
+from sparsealloc.pruning.model.structure import model_layout
 
 
 @pytest.fixture(scope="module")

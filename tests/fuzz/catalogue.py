@@ -324,7 +324,7 @@ def make_env(root: Path, model_dir: Path, text_file: Path) -> Env:
     """Build the store: study "a" (3 completed trials, model ``model_dir``), a 2-objective study "m"
     and a study "empty" with no completed trial; no weights are loaded (layout from the config)."""
     from sparsealloc.core.types import Outcome
-    from sparsealloc.pruning.models import load_layout
+    from sparsealloc.pruning.model.models import load_layout
     from sparsealloc.search.session import open_sampler
     from sparsealloc.spaces.space import SearchSpace
     from sparsealloc.spaces.spec import StudySpec
@@ -437,7 +437,7 @@ def run_main(argv: Sequence[str]) -> tuple[int | None, str, str, BaseException |
 @contextlib.contextmanager
 def counting_model_loads() -> Iterator[list[int]]:
     """Count models loaded by ``load_model`` (wherever the CLI reaches it from)."""
-    from sparsealloc.pruning import models
+    from sparsealloc.pruning.model import models
     from sparsealloc.search import session
 
     real = models.load_model

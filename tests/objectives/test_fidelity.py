@@ -17,7 +17,7 @@ from sparsealloc.objectives.divergence import kl_reference, kl_sum
 from sparsealloc.objectives.layer_local import compact_grams, quadratic_error
 from sparsealloc.objectives.reconstruction import forward_errors
 from sparsealloc.pruning.apply import prune_
-from sparsealloc.pruning.calibration import collect_stats, decoder_trunk
+from sparsealloc.pruning.calibration.stats import collect_stats, decoder_trunk
 from sparsealloc.pruning.masks import masked_copy_, pruned_part, row_mask, row_mask_from_rank, row_rank
 from sparsealloc.pruning.metrics import score
 from sparsealloc.spaces.spec import StudySpec

@@ -13,8 +13,8 @@ from sparsealloc.core.errors import IncompatiblePlanError, SpecError, UnknownNam
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.apply import prune_, resolve_plan, save_pruned
-from sparsealloc.pruning.calibration import collect_stats
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.calibration.stats import collect_stats
+from sparsealloc.pruning.model.structure import model_layout
 
 ARCHS = ["llama", "mistral", "qwen2", "opt"]
 PROBE = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 120, 64, 31, 9, 11]])

@@ -15,7 +15,7 @@ from sparsealloc.pruning.calibration import (
     stats_sharing,
     tokenize_stream,
 )
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.model.structure import model_layout
 
 
 # ----------------------------------------------------------------------------- windows

@@ -19,7 +19,7 @@ import yaml
 from sparsealloc.cli.main import main
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.pruning import model_layout, prune_
-from sparsealloc.pruning.checkpoint_formats import DTYPES, save_checkpoint
+from sparsealloc.pruning.model.checkpoint_formats import DTYPES, save_checkpoint
 from sparsealloc.storage.recipes import plan_recipe, recipe_sparsity, write_recipe
 
 

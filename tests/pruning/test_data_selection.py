@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsealloc.core.errors import SpecError, UnknownNameError
-from sparsealloc.pruning.data_selection import (
+from sparsealloc.pruning.calibration.data_selection import (
     METRIC_NEEDS,
     SELECTION_METRICS,
     WindowFeatures,

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan
-from sparsealloc.pruning import evaluation
 from sparsealloc.pruning.apply import prune_
-from sparsealloc.pruning.calibration import collect_stats
-from sparsealloc.pruning.evaluation import eval_windows, perplexity, sparsity_report
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.calibration.stats import collect_stats
+from sparsealloc.pruning.model import evaluation
+from sparsealloc.pruning.model.evaluation import eval_windows, perplexity, sparsity_report
+from sparsealloc.pruning.model.structure import model_layout
 
 
 @pytest.fixture(scope="module")

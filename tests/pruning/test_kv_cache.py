@@ -6,9 +6,9 @@ from transformers import DynamicCache
 
 from sparsealloc.core.errors import IncompatiblePlanError, SpecError
 from sparsealloc.objectives.kv_memory import kv_bytes_per_token, kv_cache_bytes
-from sparsealloc.pruning.kv_cache import PackedKVLayer, packed_cache
-from sparsealloc.pruning.kv_pack import pack_codes, packed_width, unpack_codes
-from sparsealloc.pruning.kv_quant import (
+from sparsealloc.pruning.kv.cache import PackedKVLayer, packed_cache
+from sparsealloc.pruning.kv.pack import pack_codes, packed_width, unpack_codes
+from sparsealloc.pruning.kv.quant import (
     dequantize_groups,
     fake_quant,
     key_quantized_length,
@@ -16,7 +16,7 @@ from sparsealloc.pruning.kv_quant import (
     quantize_groups,
     value_quantized_length,
 )
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.model.structure import model_layout
 
 
 # ----------------------------------------------------------------------------------------- packing

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparsealloc.pruning.kv_quant import fake_quant, kv_fake_quant, quantize_kv
+from sparsealloc.pruning.kv.quant import fake_quant, kv_fake_quant, quantize_kv
 
 
 def test_fake_quant_hand_example():
@@ -54,7 +54,7 @@ def test_hook_changes_logits_only_inside_block(family, model_builder, windows_bu
 
 
 def test_residual_regions_follow_the_cache():
-    from sparsealloc.pruning.kv_quant import residual_regions
+    from sparsealloc.pruning.kv.quant import residual_regions
 
     key_full, value_full = residual_regions(6, residual=2, group_size=2)
     # After token t the cache holds t+1 tokens: values of all but the 2 newest are quantized,

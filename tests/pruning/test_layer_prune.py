@@ -16,7 +16,7 @@ from sparsealloc.pruning.layer_prune import (
     compensate_,
     prune_layers_,
 )
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.model.structure import model_layout
 
 
 def hidden_states(model, ids):

@@ -12,10 +12,10 @@ import torch
 from sparsealloc.core.plan import AllocationPlan
 from sparsealloc.objectives.kv_memory import kv_cache_bytes
 from sparsealloc.pruning.apply import prune_
-from sparsealloc.pruning.calibration import collect_stats
-from sparsealloc.pruning.kv_cache import packed_cache
-from sparsealloc.pruning.kv_quant import kv_fake_quant
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.calibration.stats import collect_stats
+from sparsealloc.pruning.kv.cache import packed_cache
+from sparsealloc.pruning.kv.quant import kv_fake_quant
+from sparsealloc.pruning.model.structure import model_layout
 
 IMAGE_TOKEN = 127
 IMAGE_TOKENS = 4  # (16 / 8)² patches, CLS dropped

@@ -25,7 +25,7 @@ from sparsealloc.pruning.allocators import (
     solve_budget_dp,
 )
 from sparsealloc.pruning.esd import esd, hill_alpha, matrix_alpha
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.model.structure import model_layout
 
 ARCHS = ("llama", "mistral", "qwen2", "opt")
 NAMES = ("uniform", "owl", "depth_ramp", "alphapruning", "mrp", "dp")

@@ -12,8 +12,8 @@ from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.apply import prune_
 from sparsealloc.pruning.masks import nm_mask, row_mask, row_rank
 from sparsealloc.pruning.metrics import check_params, metric_traits, metric_uses_bias, score
+from sparsealloc.pruning.model.structure import model_layout
 from sparsealloc.pruning.sparsegpt import sparsegpt_prune
-from sparsealloc.pruning.structure import model_layout
 
 
 def stats_of(x: torch.Tensor, gram: bool = True) -> LayerStats:
@@ -98,7 +98,7 @@ def test_stadew_bias_only_on_output_projection_and_lowers_error():
 
 
 def test_stadew_on_llama_ignores_cached_ranks(fresh_model, tiny_calib):
-    from sparsealloc.pruning.calibration import collect_stats
+    from sparsealloc.pruning.calibration.stats import collect_stats
 
     model = fresh_model("llama")
     layout = model_layout(model)
@@ -203,7 +203,7 @@ def test_sparsegpt_exact_counts(per_row, sparsity):
 
 
 def test_sparsegpt_needs_gram(fresh_model, tiny_calib):
-    from sparsealloc.pruning.calibration import collect_stats
+    from sparsealloc.pruning.calibration.stats import collect_stats
 
     model = fresh_model("llama")
     layout = model_layout(model)

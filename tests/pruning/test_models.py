@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sparsealloc.core.errors import SpecError
-from sparsealloc.pruning import models
-from sparsealloc.pruning.models import INSTALL_HINT, ModelSource, load_model, resolve_source
+from sparsealloc.pruning.model import models
+from sparsealloc.pruning.model.models import INSTALL_HINT, ModelSource, load_model, resolve_source
 
 
 def test_embedded_name_without_its_package(monkeypatch):

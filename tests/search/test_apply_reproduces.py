@@ -10,7 +10,7 @@ import torch
 from sparsealloc.cli.main import main
 from sparsealloc.core.plan import AllocationPlan
 from sparsealloc.objectives.reconstruction import forward_errors
-from sparsealloc.pruning.models import load_model
+from sparsealloc.pruning.model.models import load_model
 from sparsealloc.search.session import build_evaluator
 from sparsealloc.search.study import run
 from sparsealloc.spaces.spec import CalibrationSpec, EvoSpec, MetricSpec, StudySpec

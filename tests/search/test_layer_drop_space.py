@@ -15,10 +15,10 @@ import torch
 from sparsealloc.core.errors import SpecError
 from sparsealloc.objectives import EvalContext, TrialEvaluator
 from sparsealloc.pruning.apply import prune_
-from sparsealloc.pruning.calibration import collect_stats
+from sparsealloc.pruning.calibration.stats import collect_stats
 from sparsealloc.pruning.layer_drop import blocks_removed, drop_blocks_
 from sparsealloc.pruning.layer_prune import compensate_, prune_layers_
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.model.structure import model_layout
 from sparsealloc.spaces.budget import budget_with_removed
 from sparsealloc.spaces.space import DROP_PARAM, SearchSpace
 from sparsealloc.spaces.spec import StudySpec

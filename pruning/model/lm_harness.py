@@ -1,7 +1,7 @@
 """lm-evaluation-harness on a loaded model (``sparsealloc evaluate --tasks``).
 
 The model is handed to lm-eval as an instance (``HFLM(pretrained=model, tokenizer=...)``), so
-everything :func:`~sparsealloc.pruning.models.load_model` reads works, the compressed-tensors
+everything :func:`~sparsealloc.pruning.model.models.load_model` reads works, the compressed-tensors
 sparse-bitmask checkpoints included. Tasks are lm-eval's own or YAML files under ``include_path``
 (``tests/data/lm_eval`` ships two offline tasks over local JSONL files).
 """

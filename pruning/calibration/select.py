@@ -1,6 +1,6 @@
 """Select a calibration set from a larger candidate pool, and read/write it as JSON lines.
 
-Lifecycle around :mod:`sparsealloc.pruning.data_selection` (the math): draw a seeded pool of
+Lifecycle around :mod:`sparsealloc.pruning.calibration.data_selection` (the math): draw a seeded pool of
 non-overlapping candidate windows from the calibration text, run the dense model over them once to
 get each window's mean-pooled hidden state at one block (the self-supervised embedding of
 Sorscher et al. 2022) and its mean next-token loss, score them with a selection metric, keep
@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from sparsealloc.core.errors import SpecError, read_user_file
 from sparsealloc.core.progress import log_event, track
-from sparsealloc.pruning.calibration import decoder_trunk
-from sparsealloc.pruning.data_selection import METRIC_NEEDS, SELECTION_METRICS, WindowFeatures, score_windows, select
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.calibration.data_selection import METRIC_NEEDS, SELECTION_METRICS, WindowFeatures, score_windows, select
+from sparsealloc.pruning.calibration.stats import decoder_trunk
+from sparsealloc.pruning.model.structure import model_layout
 
 FORMAT = "sparsealloc.calibration-set"
 VERSION = 1

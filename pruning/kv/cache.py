@@ -2,16 +2,16 @@
 
 Each attention layer gets a :class:`PackedKVLayer` (a transformers ``DynamicLayer``) with its own K
 and V bit-widths. Quantization is KIVI's (Liu et al. 2024, arXiv:2402.02750) and the very same
-function the study's proxy simulates (:func:`sparsealloc.pruning.kv_quant.quantize_groups`):
+function the study's proxy simulates (:func:`sparsealloc.pruning.kv.quant.quantize_groups`):
 
 * **keys per channel**: groups of ``group_size`` consecutive tokens of one channel; a group is
   quantized once it is complete and at least ``residual`` newer tokens stay in full precision
-  (:func:`~sparsealloc.pruning.kv_quant.key_quantized_length`);
+  (:func:`~sparsealloc.pruning.kv.quant.key_quantized_length`);
 * **values per token**: groups of ``group_size`` channels of one token; a token's value is quantized
   as soon as it is older than the ``residual`` newest
-  (:func:`~sparsealloc.pruning.kv_quant.value_quantized_length`).
+  (:func:`~sparsealloc.pruning.kv.quant.value_quantized_length`).
 
-Quantized codes are bit-packed (:mod:`sparsealloc.pruning.kv_pack`: 8 codes in ``b`` bytes, 3-bit
+Quantized codes are bit-packed (:mod:`sparsealloc.pruning.kv.pack`: 8 codes in ``b`` bytes, 3-bit
 included) along the head dimension, with one fp16 scale and one fp16 zero per group. The
 full-precision part (the residual window, and every token of a 16-bit K or V) is stored as fp16
 (bf16 for bf16 models). Reads dequantize the whole cache into the model's dtype for attention, so
@@ -31,14 +31,14 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
 from sparsealloc.core.errors import IncompatiblePlanError, SpecError
-from sparsealloc.pruning.kv_pack import pack_codes, packed_width, unpack_codes
-from sparsealloc.pruning.kv_quant import (
+from sparsealloc.pruning.kv.pack import pack_codes, packed_width, unpack_codes
+from sparsealloc.pruning.kv.quant import (
     dequantize_groups,
     key_quantized_length,
     quantize_groups,
     value_quantized_length,
 )
-from sparsealloc.pruning.structure import ModelLayout
+from sparsealloc.pruning.model.structure import ModelLayout
 
 CACHE_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 

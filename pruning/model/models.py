@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sparsealloc.core.errors import SpecError
-from sparsealloc.pruning.checkpoint_formats import is_bitmask_checkpoint, load_bitmask_model
+from sparsealloc.pruning.model.checkpoint_formats import is_bitmask_checkpoint, load_bitmask_model
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def load_model(
     """Load a causal LM and its tokenizer, in eval mode on ``device`` (default: cuda if present).
 
     A compressed-tensors sparse-bitmask folder (``apply --format compressed-tensors``) is read by
-    :func:`~sparsealloc.pruning.checkpoint_formats.load_bitmask_model`, its weights decompressed.
+    :func:`~sparsealloc.pruning.model.checkpoint_formats.load_bitmask_model`, its weights decompressed.
 
     Args:
         name: Embedded name, ``.gguf`` path, local directory or hub id (see :func:`resolve_source`).
@@ -220,7 +220,7 @@ def _call_loader(loader, source: ModelSource, **kwargs: Any):
 
 
 def load_layout(name: str, local_only: bool = True):
-    """The :class:`~sparsealloc.pruning.structure.ModelLayout` of model ``name`` from its config alone.
+    """The :class:`~sparsealloc.pruning.model.structure.ModelLayout` of model ``name`` from its config alone.
 
     The model is instantiated on the ``meta`` device, so no weights are read or allocated (a GGUF
     file's metadata is parsed). With ``local_only`` a hub id resolves only from the local cache.
@@ -230,7 +230,7 @@ def load_layout(name: str, local_only: bool = True):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sparsealloc.pruning.structure import model_layout
+    from sparsealloc.pruning.model.structure import model_layout
 
     source = resolve_source(name)
     kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}

@@ -11,7 +11,7 @@ from torch import nn
 
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.progress import track
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.model.structure import model_layout
 
 
 def eval_windows(stream: torch.Tensor, seq_len: int, n_windows: int | None = None,

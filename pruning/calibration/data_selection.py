@@ -7,7 +7,7 @@ official scores use cosine similarity. Far from every prototype = hard, close = 
 theory says to keep the hard examples when data is abundant and the easy ones when it is scarce.
 
 Here the examples are candidate calibration windows and the embedding is the LM's own mean-pooled
-hidden state (see :mod:`sparsealloc.pruning.calibration_select`). Everything in this module is a
+hidden state (see :mod:`sparsealloc.pruning.calibration.select`). Everything in this module is a
 pure function of tensors and a seed: the same inputs and seed give the same clusters and selection.
 
 Selection metrics (registry :data:`SELECTION_METRICS`; score: higher = harder):

@@ -27,7 +27,7 @@ in its load report. The last stack with the sparse path (transformers 4.57.6, co
 0.14.0.1) fails in ``from_pretrained`` on any sparse-bitmask checkpoint, the package's own included
 ("Cannot copy out of meta tensor"). llm-compressor stopped writing the format by default in 2024
 because vLLM did not load it (llm-compressor PR #60); vLLM's sparse kernels are 2:4. sparsealloc reads
-it itself: :func:`~sparsealloc.pruning.models.load_model` (so ``--model DIR`` of every command, and
+it itself: :func:`~sparsealloc.pruning.model.models.load_model` (so ``--model DIR`` of every command, and
 ``sparsealloc evaluate --tasks`` for lm-eval) detects the layout and decompresses the weights exactly.
 """
 
@@ -237,7 +237,7 @@ def save_checkpoint(model: nn.Module, tokenizer, directory: str | Path, plan=Non
         SpecError: unknown format, or compressed-tensors without the package.
     """
     from sparsealloc.pruning.apply import save_pruned
-    from sparsealloc.pruning.structure import model_layout
+    from sparsealloc.pruning.model.structure import model_layout
 
     check_format(format)
     dtype = dtype or next(model.parameters()).dtype

@@ -4,7 +4,7 @@ The quantizer is KIVI's (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Q
 Cache", arXiv:2402.02750): asymmetric min/max round-to-nearest in groups of ``group_size``,
 **keys per channel** (groups of ``group_size`` tokens of one channel), **values per token** (groups of
 ``group_size`` channels of one token). Scale and zero point are stored as fp16, as the real cache
-(:mod:`sparsealloc.pruning.kv_cache`) stores them, so both dequantize to the same numbers. Keys are
+(:mod:`sparsealloc.pruning.kv.cache`) stores them, so both dequantize to the same numbers. Keys are
 post-RoPE and pre-``repeat_kv``, as a cache holds them.
 
 transformers' ``QuantizedCache`` never quantizes the prefill pass, so a single calibration forward
