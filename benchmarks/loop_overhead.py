@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     require_data()
     from sparsealloc.core import progress
-    from sparsealloc.pruning.models import load_tokenizer, resolve_source
+    from sparsealloc.pruning.model.models import load_tokenizer, resolve_source
     from sparsealloc.search.study import run
     from sparsealloc.spaces.spec import StudySpec
 

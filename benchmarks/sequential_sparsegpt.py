@@ -39,7 +39,7 @@ def main() -> None:
     from sparsealloc.core.plan import AllocationPlan, MetricChoice
     from sparsealloc.pruning import TextSource, collect_stats, model_layout, perplexity, prune_, tokenize_stream
     from sparsealloc.pruning.allocators import AllocationInputs, allocate
-    from sparsealloc.pruning.calibration import sample_windows
+    from sparsealloc.pruning.calibration.text import sample_windows
     from sparsealloc.pruning.sequential import prune_sequential_
 
     progress.set_mode("quiet")

@@ -164,7 +164,7 @@ def check_bfloat16(size: int = 768, repeats: int = 5, timer: Callable[[], float]
     """
     import torch
 
-    from sparsealloc.pruning.models import resolve_device
+    from sparsealloc.pruning.model.models import resolve_device
 
     device = resolve_device(None)
 

@@ -8,7 +8,8 @@ Knows nothing of search or storage; its only instruction is an
   :mod:`~sparsealloc.pruning.apply` (``prune_``, ``save_pruned``), :mod:`~sparsealloc.pruning.masked`
   (forwards through masks without writing weights), :mod:`~sparsealloc.pruning.sparsegpt`,
   :mod:`~sparsealloc.pruning.esd`, :mod:`~sparsealloc.pruning.layer_drop`,
-  :mod:`~sparsealloc.pruning.layer_prune` and :mod:`~sparsealloc.pruning.level_db`;
+  :mod:`~sparsealloc.pruning.layer_prune`, :mod:`~sparsealloc.pruning.level_db` and
+  :mod:`~sparsealloc.pruning.sequential` (block-by-block compression);
 * :mod:`sparsealloc.pruning.model`: model loading and structure (layouts, checkpoint formats,
   perplexity, lm-evaluation-harness);
 * :mod:`sparsealloc.pruning.calibration`: calibration text and windows, the statistics pass, and the

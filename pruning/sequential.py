@@ -22,9 +22,9 @@ from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan
 from sparsealloc.core.progress import track
 from sparsealloc.pruning.apply import PruneReport, prune_, resolve_plan
-from sparsealloc.pruning.calibration import collect_stats
+from sparsealloc.pruning.calibration.stats import collect_stats
 from sparsealloc.pruning.metrics import metric_traits
-from sparsealloc.pruning.structure import ModelLayout, model_layout
+from sparsealloc.pruning.model.structure import ModelLayout, model_layout
 
 
 def block_plans(plan: AllocationPlan, layout: ModelLayout) -> list[tuple[str, AllocationPlan]]:

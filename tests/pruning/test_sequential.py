@@ -8,9 +8,9 @@ import torch
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.pruning.apply import prune_
-from sparsealloc.pruning.calibration import collect_stats
+from sparsealloc.pruning.calibration.stats import collect_stats
 from sparsealloc.pruning.sequential import block_plans, prune_sequential_
-from sparsealloc.pruning.structure import model_layout
+from sparsealloc.pruning.model.structure import model_layout
 
 
 @pytest.mark.parametrize("metric", ["sparsegpt", "wanda"])
