@@ -18,13 +18,14 @@ of a few levels that a database can hold.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.spaces.budget import project_to_budget
+from sparsealloc.spaces.kv_budget import budget_total, fit_to_budget
 from sparsealloc.spaces.levels import LevelGrid
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam, Param
 from sparsealloc.spaces.spec import StudySpec
@@ -158,6 +159,12 @@ class SearchSpace:
                     self.params += [ChoiceParam(f"{stem}/k", bits), ChoiceParam(f"{stem}/v", bits)]
                 else:
                     self.params.append(ChoiceParam(stem, bits))
+        #: KV parameters (one per slot, or per layer when K and V share a width) and, under
+        #: ``kv.budget``, the bit total they must stay within (:mod:`sparsealloc.spaces.kv_budget`).
+        self.kv_params = [p.name for p in self.params if p.name.startswith("kv_bits/")]
+        self.kv_ladder = tuple(sorted(set(spec.kv.bits)))
+        self.kv_total = (budget_total(spec.kv.budget, len(self.kv_params))
+                         if self.kv_params and spec.kv.budget is not None else None)
         if "layer_drop" in spec.space:
             self.params.append(IntParam(DROP_PARAM, 0, min(spec.layer_drop.max_blocks, len(layout.blocks) - 1)))
         self.by_name = {p.name: p for p in self.params}
@@ -207,9 +214,23 @@ class SearchSpace:
         keys = ("w_coef", "w_transform", "x_coef", "x_transform", "w_exponent", "x_exponent")
         return MetricChoice("generalized", {k: get(self.by_name[f"metric/{k}"]) for k in keys})
 
+    def snap_kv(self, values: Mapping[str, Any], protect: Collection[str] = ()) -> dict[str, Any]:
+        """``values`` with the KV widths fitted to ``kv.budget`` (:func:`fit_to_budget`; unchanged
+        without a budget). Missing or off-ladder widths take their default / clipped value first."""
+        out = dict(values)
+        if self.kv_total is None:
+            return out
+        bits = {n: int(self.by_name[n].clip(out[n])) if n in out else int(self.default(self.by_name[n]))
+                for n in self.kv_params}
+        out.update(fit_to_budget(bits, self.kv_ladder, self.kv_total, protect))
+        return out
+
     def _kv_bits(self, get) -> dict[str, dict[str, int]]:
         if "kv" not in self.spec.space:
             return {}
+        if self.kv_total is not None:  # every candidate meets the bit budget
+            fitted = self.snap_kv({n: get(self.by_name[n]) for n in self.kv_params})
+            get = lambda p: fitted[p.name]  # noqa: E731
         out = {}
         for i, attn in enumerate(self.layout.attention):
             stem = f"kv_bits/layer_{i:02d}"
@@ -238,8 +259,8 @@ class SearchSpace:
 
     # ----------------------------------------------------------------------------- encoding
     def defaults(self) -> dict[str, Any]:
-        """All parameters at their defaults (the uniform warm start)."""
-        return {p.name: self.default(p) for p in self.params}
+        """All parameters at their defaults (the uniform warm start; KV widths fitted to the budget)."""
+        return self.snap_kv({p.name: self.default(p) for p in self.params})
 
     def uniform_kv(self) -> dict[str, dict[str, Any]]:
         """The defaults at every lower uniform KV bit-width (``"uniform-kv8"``: all K and V at 8 bits...).
@@ -247,7 +268,7 @@ class SearchSpace:
         Empty unless KV bits are searched; the highest width is :meth:`defaults` itself.
         """
         kv = [p for p in self.params if p.name.startswith("kv_bits/")]
-        if not kv:
+        if not kv or self.kv_total is not None:  # under a budget the defaults already sit on it
             return {}
         lower = sorted(set(self.spec.kv.bits), reverse=True)[1:]
         return {f"uniform-kv{b}": {**self.defaults(), **{p.name: b for p in kv}} for b in lower}

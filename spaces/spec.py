@@ -8,7 +8,7 @@ Example::
     space: [layerwise]            # any of: layerwise, metric, kv, allocator, layer_drop
     layerwise: {granularity: block, radius: 0.3}
     metric: {name: wanda}
-    kv: {bits: [2, 3, 4, 8, 16], group_size: 32, residual: 0}
+    kv: {bits: [2, 3, 4, 8, 16], group_size: 32, residual: 0, budget: null}   # budget: mean bits
     allocator: {name: owl}        # low-dimensional alternative to layerwise
     layer_drop: {max_blocks: 4, compensate: true}   # searched number of dropped blocks
     objectives: [hidden]          # first one is the error proxy (hidden, kl, reconstruction, layer_local)
@@ -147,6 +147,8 @@ class KVSpec:
     group_size: int = 32
     separate_kv: bool = True
     residual: int = 0
+    #: Mean bits per K/V slot every candidate meets (:mod:`sparsealloc.spaces.kv_budget`); None: free.
+    budget: float | None = None
 
     def validate(self) -> None:
         bits = tuple(self.bits)
@@ -156,6 +158,9 @@ class KVSpec:
         _expect(isinstance(self.residual, int) and not isinstance(self.residual, bool) and self.residual >= 0,
                 "kv.residual must be an integer >= 0", self.residual)
         _expect(isinstance(self.separate_kv, bool), "kv.separate_kv must be true or false", self.separate_kv)
+        if self.budget is not None:
+            _expect(_is_number(self.budget) and min(bits) <= self.budget <= max(bits),
+                    f"kv.budget must be null or mean bits within the ladder [{min(bits)}, {max(bits)}]", self.budget)
 
 
 @dataclass(frozen=True)
@@ -401,6 +406,8 @@ class StudySpec:
         for section in (self.layerwise, self.metric, self.kv, self.allocator, self.layer_drop, self.calibration,
                         self.validation, self.early_stopping, self.evo):
             section.validate()
+        if self.kv.budget is not None:
+            _expect("kv" in space, "kv.budget needs kv in the space", list(space))
         if self.sampler == "evo":
             _expect(self.calibration.samples >= max(st[0] for st in self.evo.stages),
                     "calibration.samples (the window pool) must hold the largest evo stage", self.calibration.samples)
@@ -481,6 +488,8 @@ class StudySpec:
             data.pop("early_stopping", None)
         if self.sampler != "evo":  # likewise
             data.pop("evo", None)
+        if self.kv.budget is None:  # likewise
+            data["kv"].pop("budget", None)
         if self.proxy_dtype == "float32":  # likewise (trials computed in float32 before the field existed)
             data.pop("proxy_dtype", None)
         if self.layerwise.level_step == LayerwiseSpec.level_step:  # likewise

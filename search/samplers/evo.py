@@ -29,7 +29,7 @@ first parent.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -101,6 +101,31 @@ def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]
     return out
 
 
+def bit_switch(bits: Mapping[str, int], ladder: Sequence[int], swaps: int, rng: np.random.Generator
+               ) -> tuple[dict[str, int], set[str]]:
+    """``swaps`` ladder switches: each raises one slot by a rung and lowers another by one (the
+    level switch of EvoPress on bit-widths). Returns the widths and the raised slots, to protect in
+    :func:`~sparsealloc.spaces.kv_budget.fit_to_budget`, which restores the budget where the two
+    rungs differ in size."""
+    rungs = sorted(set(int(b) for b in ladder))
+    index = {b: i for i, b in enumerate(rungs)}
+    out = dict(bits)
+    names = sorted(out)
+    raised: set[str] = set()
+    for _ in range(swaps):
+        up = [n for n in names if index[out[n]] + 1 < len(rungs)]
+        down = [n for n in names if index[out[n]] > 0]
+        if not up or not down or (len(up) == 1 and up == down):
+            break
+        a = up[int(rng.integers(len(up)))]
+        choices = [n for n in down if n != a]
+        b = choices[int(rng.integers(len(choices)))]
+        out[a] = rungs[index[out[a]] + 1]
+        out[b] = rungs[index[out[b]] - 1]
+        raised.add(a)
+    return out, raised
+
+
 class EvoSampler(Sampler):
     """EvoPress's (1+λ) search behind the ask/tell seam (see the module docstring).
 
@@ -133,8 +158,11 @@ class EvoSampler(Sampler):
         self.seed = int(spec.seed)
         self.pool = int(spec.calibration.samples)
         self.grid = space.levels
-        self.others = [p for p in space.params if not (self.grid is not None and p.name in space.groups)]
-        self.parent: dict[str, Any] = self._stored_parent() or space.defaults()
+        #: KV widths under a bit budget mutate by bit switches (then fitted), not one at a time.
+        self.kv_switched = set(space.kv_params) if space.kv_total is not None else set()
+        self.others = [p for p in space.params if not (self.grid is not None and p.name in space.groups)
+                       and p.name not in self.kv_switched]
+        self.parent: dict[str, Any] = space.snap_kv(self._stored_parent() or space.defaults())
         done = [t.user_attrs.get(GENERATION) for t in study.get_trials(deepcopy=False)]
         self.generation = max([g for g in done if isinstance(g, int)] + [-1]) + 1
         self._stage: int | None = None  # stage index of the generation in progress; None: between
@@ -216,7 +244,7 @@ class EvoSampler(Sampler):
         if self._is_final():
             if results:
                 best = results[0]
-                self.parent = dict(best.params)
+                self.parent = self.space.snap_kv(dict(best.params))
                 history = [*(self.study.user_attrs.get(PARENT_ATTR) or {}).get("history", []), best.number]
                 self.study.set_user_attr(PARENT_ATTR, {"generation": self.generation, "trial": best.number,
                                                        "history": history[-HISTORY:]})
@@ -268,15 +296,21 @@ class EvoSampler(Sampler):
 
     def _mutate(self, rng: np.random.Generator) -> dict[str, Any]:
         child = dict(self.parent)
+        K = self.config.max_swaps
         if self.grid is not None:
-            K = self.config.max_swaps
             swaps = int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))
             levels = self.grid.levels_of({g: child[g] for g in self.space.groups})
             for g, ratio in self.grid.ratios(level_switch(levels, self.grid.bounds, swaps, rng)).items():
                 child[g] = self.space.by_name[g].clip(ratio)
+        if self.kv_switched:
+            swaps = int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))
+            bits = {n: int(child[n]) for n in sorted(self.kv_switched)}
+            switched, raised = bit_switch(bits, self.space.kv_ladder, swaps, rng)
+            child = self.space.snap_kv({**child, **switched}, protect=raised)
         if self.others:
             rate = 1.0 / len(self.others)
-            forced = None if self.grid is not None else int(rng.integers(len(self.others)))
+            leveled = self.grid is not None or bool(self.kv_switched)
+            forced = None if leveled else int(rng.integers(len(self.others)))
             for i, p in enumerate(self.others):
                 if i == forced or rng.random() < rate:
                     child[p.name] = _step(p, child[p.name], rng)

@@ -314,3 +314,35 @@ def test_running_trials_created_in_one_transaction_read_back_as_asked_ones(tmp_p
     assert count_trials(study, TrialState.COMPLETE) == 1 and count_trials(study, TrialState.RUNNING, TrialState.COMPLETE) == 2
     if storage is not None:  # a fresh reader of the store sees the same trial
         assert optuna.load_study(study_name="t", storage=storage).trials[number].params == params
+
+
+class KVEvaluator(RampEvaluator):
+    """Ramp error plus a KV term that favours wide V in the first layer and narrow K elsewhere."""
+
+    def error(self, params) -> float:
+        decoded = self.space.decode(params)
+        kv = decoded.kv_bits
+        first = self.space.layout.attention[0]
+        return super().error(params) + sum((bits["v"] - (8 if name == first else 2)) ** 2 * 1e-3
+                                           for name, bits in kv.items())
+
+
+def test_evo_searches_kv_bits_under_an_exact_bit_budget(store):
+    from sparsealloc.spaces.spec import KVSpec
+
+    spec = StudySpec(name="kv-budget", target_sparsity=TARGET, sampler="evo", seed=5, space=("layerwise", "kv"),
+                     kv=KVSpec(bits=(2, 3, 4, 8), budget=3.0), evo=EvoSpec(offspring=6, stages=((8, 1),)))
+    space = SearchSpace(spec, layout())
+    sampler = open_sampler(spec, open_storage(store), space)
+    assert sampler.kv_switched == set(space.kv_params)
+    sampler.enqueue(space.defaults(), "uniform")
+    run_study(sampler, LocalDispatcher(KVEvaluator(space)), n_trials=40)
+    total = 3 * len(space.kv_params)
+    trials = sampler.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sums = {sum(t.params[p] for p in space.kv_params) for t in trials}
+    assert sums == {total}  # every candidate on the budget exactly (1-bit rungs are left at 3 bits)
+    widths = {tuple(t.params[p] for p in space.kv_params) for t in trials}
+    assert len(widths) > 5  # the KV genes move
+    best = min(trials, key=lambda t: t.values[0])
+    first_v = "kv_bits/layer_00/v"
+    assert best.params[first_v] > 3  # moved toward the wide first V the fake error rewards
