@@ -6,6 +6,7 @@ The orchestrator is the single writer of the store: workers only score.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from functools import partial
@@ -78,7 +79,7 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
     start = time.perf_counter()
     failures_in_a_row = 0
     lock, heartbeat = BudgetLock(study), Heartbeat(study)
-    bar = _progress_bar(study, n_trials)
+    bar = _progress_bar(study, n_trials, timeout)
     staged: dict[int, bool] = {}
     try:
         while True:
@@ -146,8 +147,8 @@ class _TrialBar:
     """The trials' progress: a tqdm bar ("bar" mode) or, in "plain" mode, a line at every tenth of
     the budget and at least once a minute, with the ETA of the rate so far."""
 
-    def __init__(self, study: optuna.Study, n_trials: int, mode: str) -> None:
-        self.n_trials, self.mode = n_trials, mode
+    def __init__(self, study: optuna.Study, n_trials: int, mode: str, timeout: float | None = None) -> None:
+        self.n_trials, self.mode, self.timeout = n_trials, mode, timeout
         self.initial = min(complete_count(study), n_trials)
         self.start = self.last_line = time.perf_counter()
         self.next_mark = self.initial + max(1, n_trials // 10)
@@ -170,7 +171,10 @@ class _TrialBar:
         self.last_line = now
         done, elapsed = complete - self.initial, now - self.start
         left = self.n_trials - complete
-        eta = f", about {duration(elapsed / done * left)} left" if done > 0 and left > 0 else ""
+        seconds = elapsed / done * left if done > 0 and left > 0 else None
+        if self.timeout is not None and left > 0:  # the timeout ends the run first
+            seconds = min(seconds if seconds is not None else math.inf, max(self.timeout - elapsed, 0.0))
+        eta = f", about {duration(seconds)} left" if seconds is not None else ""
         say(f"trials: {complete}/{self.n_trials} complete, best {best}, {failed} failed, "
             f"{duration(elapsed)} elapsed{eta}")
 
@@ -179,6 +183,6 @@ class _TrialBar:
             self.tqdm.close()
 
 
-def _progress_bar(study: optuna.Study, n_trials: int) -> _TrialBar | None:
+def _progress_bar(study: optuna.Study, n_trials: int, timeout: float | None = None) -> _TrialBar | None:
     mode = get_mode()
-    return _TrialBar(study, n_trials, mode) if mode in ("bar", "plain") else None
+    return _TrialBar(study, n_trials, mode, timeout) if mode in ("bar", "plain") else None

@@ -188,3 +188,21 @@ def test_a_timeout_stops_the_study_between_trials(new_study):
     run = run_study(sampler, LocalDispatcher(slow), n_trials=50, timeout=0.12)
     assert 1 <= run.told["complete"] < 50
     assert states(sampler.study) == {"COMPLETE": run.told["complete"]}
+
+
+def test_plain_trial_lines_count_down_to_the_timeout(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from sparsealloc.core import progress
+    from sparsealloc.search import orchestrator
+
+    monkeypatch.setattr(orchestrator, "complete_count", lambda study: 0)
+    clock = iter([0.0, 60.0, 120.0])
+    monkeypatch.setattr(orchestrator.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(progress, "_MODE", "plain")
+    bar = orchestrator._TrialBar(SimpleNamespace(), 100_000, "plain", timeout=150.0)
+    bar.show(20, "0.5", 0)
+    bar.show(40, "0.4", 0)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("1 min 00 s elapsed, about 1 min 30 s left")  # the timeout, not 100,000 trials
+    assert lines[1].endswith("2 min 00 s elapsed, about 30 s left")
