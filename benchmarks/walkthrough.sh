@@ -68,12 +68,12 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from sparsealloc.core import AllocationPlan
+from sparsealloc.storage.recipes import recipe_sparsity
 
 work = Path(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(work / "ckpt")  # plain transformers loads it
 recipe = yaml.safe_load((work / "ckpt" / "recipe.yaml").read_text())
-(modifier,) = recipe["sparsity_stage"]["sparsity_modifiers"].values()
-per_layer = modifier["sparsity"]
+per_layer = recipe_sparsity(recipe)  # module FQN -> ratio (the recipe lists one ratio per target)
 plan = AllocationPlan.load(work / "ckpt" / "plan.json").expand(list(per_layer))
 assert per_layer == plan, "recipe and plan differ"
 modules = dict(model.named_modules())
