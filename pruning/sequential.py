@@ -14,6 +14,7 @@ better one for weight-updating methods; ``benchmarks/sequential_sparsegpt.md`` m
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -73,8 +74,7 @@ def prune_sequential_(model: nn.Module, plan: AllocationPlan, windows: torch.Ten
         report.achieved[name] = 0.0
     for block, block_plan in track(block_plans(plan, layout), desc="sequential", unit="block"):
         names = tuple(block_plan.sparsity)
-        sub = ModelLayout(layout.blocks_path, layout.blocks, names, {n: block for n in names}, layout.attention,
-                          {n: layout.numels[n] for n in names}, {n: layout.in_features[n] for n in names})
+        sub = replace(layout, linears=names)  # collect_stats hooks only the layout's Linears
         stats: Mapping = collect_stats(model, windows, batch_size=batch_size, gram=gram, layout=sub)
         part = prune_(model, block_plan, stats, layout=layout)
         report.biased.extend(part.biased)
