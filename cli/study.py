@@ -33,6 +33,13 @@ def register(sub) -> None:
     run.add_argument("--radius", type=fraction, default=None,
                      help=f"ratio window around the target (default {d.layerwise.radius})")
     run.add_argument("--metric", default=None, help="fixed pruning metric (default wanda)")
+    run.add_argument("--kv-budget", type=float, default=None, metavar="BITS",
+                     help="with kv in the space: mean bits per K/V slot every candidate meets")
+    run.add_argument("--kv-budget-bytes", type=float, default=None, metavar="BYTES",
+                     help="with kv in the space: KV-cache bytes per token (all layers) every candidate meets")
+    run.add_argument("--seed-plan", action="append", default=None, metavar="PLAN.json",
+                     help="queue this exported plan as an extra warm start (repeatable; e.g. budgeted optima "
+                          "seeding a front)")
     run.add_argument("--objectives", default=None,
                      help="comma list: kl|reconstruction|hidden|layer_local[,remaining_weights][,kv_bytes] "
                           "(default hidden; kl for the evo sampler)")
@@ -121,11 +128,13 @@ def spec_from_args(args: argparse.Namespace):
     base = StudySpec.load(args.spec).to_dict() if args.spec else {}
     flat = {"name": args.name, "model": args.model, "device": args.device, "target_sparsity": args.target_sparsity,
             "space": args.space, "objectives": args.objectives, "sampler": args.sampler,
-            "population_size": args.population_size, "trials": args.trials, "timeout": args.timeout, "seed": args.seed}
+            "population_size": args.population_size, "trials": args.trials, "timeout": args.timeout, "seed": args.seed,
+            "seed_plans": args.seed_plan}
     base.update({k: v for k, v in flat.items() if v is not None})
     sections = {
         "layerwise": {"granularity": args.granularity, "radius": args.radius},
         "metric": {"name": args.metric},
+        "kv": {"budget": args.kv_budget, "budget_bytes": args.kv_budget_bytes},
         "calibration": {"text": args.calib_text, "dataset": args.calib_dataset, "samples": args.calib_samples,
                         "seq_len": args.calib_seq_len, "windows_file": args.calib_windows},
         "validation": {"text": args.eval_text, "windows": args.eval_windows, "seq_len": args.eval_seq_len,

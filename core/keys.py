@@ -17,6 +17,7 @@ SOURCE = "source"  #: which sampler proposed the trial (e.g. "pymoo-nsga3")
 TRIAL_SECONDS = "trial_seconds"  #: the evaluator's own time for the trial
 PRUNED_AT_STEP = "pruned_at_step"  #: step at which early stopping stopped the trial
 ACHIEVED_SPARSITY = "achieved_sparsity"  #: parameter-weighted sparsity the pruned model reached
+KV_BYTES = "kv_bytes_per_token"  #: KV-cache bytes per token of the plan (analytic; plans with KV bits)
 DATABASE_BUILD_SECONDS = "database_build_seconds"  #: time the trial spent filling the level database
 CALIBRATION_TOKENS = "calibration_tokens"  #: tokens a selection stage scored the trial on (evo)
 EVO_ROLE = "evo_role"  #: evo: offspring, parent (re-scored) or queued (warm start, retry)

@@ -1,14 +1,9 @@
 """Analytic KV-cache memory for per-layer K/V bit-widths (no model forward).
 
-Two views of the same storage layout (:mod:`sparsealloc.pruning.kv.cache`, KIVI-style asymmetric
-group quantization, Liu et al. 2024, arXiv:2402.02750):
+Two views of the packed storage layout (:mod:`sparsealloc.core.kv_layout`, defined there once):
 
 * :func:`kv_bytes_per_token` — the study objective ``kv_bytes``: what one more token costs once the
-  cache is long, over all attention layers. Per layer and token, ``H_kv · D`` elements for K and as
-  many for V. A b-bit tensor (b < 16) stores its codes packed (``ceil(D/8)·b`` bytes per token and
-  head, 8 codes in b bytes; ``D`` bytes at 8 bits) plus an fp16 scale and an fp16 zero per group:
-  keys are grouped along tokens (``D`` groups per ``group_size`` tokens), values along channels
-  (``ceil(D/group_size)`` groups per token). 16-bit stores 2 bytes per element.
+  cache is long, over all attention layers (``H_kv · D`` elements for K and as many for V per layer).
 * :func:`kv_cache_bytes` — the exact bytes a cache of ``n`` tokens holds, including the
   full-precision part the per-token rate leaves out: the residual window of recent tokens and the
   incomplete key group (at most ``residual + group_size − 1`` tokens of keys and ``residual`` of
@@ -19,11 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from sparsealloc.pruning.kv.pack import packed_width
+from sparsealloc.core.kv_layout import (FULL_PRECISION_BYTES, GROUP_PARAM_BYTES, key_bytes_per_token,
+                                        packed_width, value_bytes_per_token)
+from sparsealloc.pruning.model.structure import kv_geometry  # noqa: F401  (re-exported)
 from sparsealloc.pruning.kv.quant import key_quantized_length, value_quantized_length
-
-FULL_PRECISION_BYTES = 2  # fp16 / bf16: the 16-bit setting and the residual window
-GROUP_PARAM_BYTES = 4  # fp16 scale + fp16 zero per group
 
 
 def bytes_per_element(bits: int, group_size: int = 32) -> float:
@@ -31,18 +25,6 @@ def bytes_per_element(bits: int, group_size: int = 32) -> float:
     if bits >= 16:
         return float(FULL_PRECISION_BYTES)
     return bits / 8 + GROUP_PARAM_BYTES / group_size
-
-
-def _key_bytes_per_token(bits: int, head_dim: int, group_size: int) -> float:
-    if bits >= 16:
-        return float(FULL_PRECISION_BYTES * head_dim)
-    return packed_width(head_dim, bits) + head_dim * GROUP_PARAM_BYTES / group_size
-
-
-def _value_bytes_per_token(bits: int, head_dim: int, group_size: int) -> float:
-    if bits >= 16:
-        return float(FULL_PRECISION_BYTES * head_dim)
-    return packed_width(head_dim, bits) + -(-head_dim // group_size) * GROUP_PARAM_BYTES
 
 
 def _bits(kv_bits: Mapping[str, Mapping[str, int]], name: str) -> tuple[int, int]:
@@ -56,8 +38,8 @@ def kv_bytes_per_token(attention: Sequence[str], kv_bits: Mapping[str, Mapping[s
     total = 0.0
     for name in attention:
         k, v = _bits(kv_bits, name)
-        total += n_kv_heads * (_key_bytes_per_token(k, head_dim, group_size)
-                               + _value_bytes_per_token(v, head_dim, group_size))
+        total += n_kv_heads * (key_bytes_per_token(k, head_dim, group_size)
+                               + value_bytes_per_token(v, head_dim, group_size))
     return total
 
 
@@ -93,12 +75,3 @@ def kv_cache_bytes(attention: Sequence[str], kv_bits: Mapping[str, Mapping[str, 
             value += (n_tokens - q) * full_token
         total += batch * n_kv_heads * (key + value)
     return total
-
-
-def kv_geometry(config) -> tuple[int, int]:
-    """(number of KV heads, head dim) from a transformers config (text config for multimodal)."""
-    config = getattr(config, "text_config", None) or config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return int(kv_heads), int(head_dim)

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from sparsealloc.core.errors import TrialFailed
-from sparsealloc.core.keys import (ACHIEVED_SPARSITY, CALIBRATION_TOKENS, DATABASE_BUILD_SECONDS, PLAN, PRUNED_AT_STEP,
-                                   TRIAL_SECONDS)
+from sparsealloc.core.keys import (ACHIEVED_SPARSITY, CALIBRATION_TOKENS, DATABASE_BUILD_SECONDS, KV_BYTES, PLAN,
+                                   PRUNED_AT_STEP, TRIAL_SECONDS)
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.core.types import Outcome
 from sparsealloc.objectives.base import OBJECTIVES
@@ -275,6 +275,8 @@ class TrialEvaluator:
             ACHIEVED_SPARSITY: prune_report.achieved_mean,
             TRIAL_SECONDS: time.perf_counter() - start,
         }
+        if plan.kv_bits:
+            attrs[KV_BYTES] = float(OBJECTIVES.get("kv_bytes")(self.ctx, state))
         if self.database is not None:
             attrs[DATABASE_BUILD_SECONDS] = self.database.build_seconds - built
         if windows is not None:

@@ -10,12 +10,14 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from sparsealloc.core.errors import SpecError, StorageError
+from sparsealloc.core.plan import AllocationPlan
 from sparsealloc.core.keys import PLAN, SAMPLER, SPEC_ATTR, SPEC_HASH, VALIDATION, WARM_START, WARM_START_GRID
 from sparsealloc.core.progress import track
 from sparsealloc.objectives.context import EvalContext
@@ -93,6 +95,8 @@ def preflight(spec: StudySpec, validate: bool = True) -> None:
         calibration_source(spec).read()
     if validate and spec.validation.top_k > 0 and spec.validation.text:
         validation_source(spec).read()
+    for path in spec.seed_plans:
+        AllocationPlan.load(path)
 
 
 def open_sampler(spec: StudySpec, storage: optuna.storages.BaseStorage, space: SearchSpace) -> Sampler:
@@ -219,6 +223,8 @@ def warm_start_values(evaluator: TrialEvaluator, names: tuple[str, ...],
             out[name] = space.encode_sparsity(allocate(name, inputs, spec.target_sparsity))
         elif "allocator" in spec.space and spec.allocator.name == name:
             out[name] = space.defaults()
+    for path in spec.seed_plans:
+        out[f"plan:{Path(path).stem}"] = space.encode_plan(AllocationPlan.load(path))
     return out
 
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.plan import AllocationPlan, MetricChoice
 from sparsealloc.spaces.budget import project_to_budget
-from sparsealloc.spaces.kv_budget import budget_total, fit_to_budget
+from sparsealloc.spaces.kv_budget import budget_total, fit_to_budget, slot_bytes
 from sparsealloc.spaces.levels import LevelGrid
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam, Param
 from sparsealloc.spaces.spec import StudySpec
@@ -160,14 +160,33 @@ class SearchSpace:
                 else:
                     self.params.append(ChoiceParam(stem, bits))
         #: KV parameters (one per slot, or per layer when K and V share a width) and, under
-        #: ``kv.budget``, the bit total they must stay within (:mod:`sparsealloc.spaces.kv_budget`).
+        #: ``kv.budget`` / ``kv.budget_bytes``, the total they must stay within: bits, or bytes per
+        #: token with ``kv_cost`` the bytes of each slot at each rung (:mod:`sparsealloc.spaces.kv_budget`).
         self.kv_params = [p.name for p in self.params if p.name.startswith("kv_bits/")]
         self.kv_ladder = tuple(sorted(set(spec.kv.bits)))
-        self.kv_total = (budget_total(spec.kv.budget, len(self.kv_params))
-                         if self.kv_params and spec.kv.budget is not None else None)
+        self.kv_total: float | None = None
+        self.kv_cost: dict[str, dict[int, float]] | None = None
+        if self.kv_params and spec.kv.budget is not None:
+            self.kv_total = budget_total(spec.kv.budget, len(self.kv_params))
+        elif self.kv_params and spec.kv.budget_bytes is not None:
+            self.kv_cost = self._slot_costs()
+            self.kv_total = float(spec.kv.budget_bytes)
+            floor = sum(min(c.values()) for c in self.kv_cost.values())
+            if self.kv_total < floor:
+                raise SpecError(f"kv.budget_bytes must be at least {floor:g} bytes per token (every slot at "
+                                f"{self.kv_ladder[0]} bits), but got {self.kv_total:g}")
         if "layer_drop" in spec.space:
             self.params.append(IntParam(DROP_PARAM, 0, min(spec.layer_drop.max_blocks, len(layout.blocks) - 1)))
         self.by_name = {p.name: p for p in self.params}
+
+    def _slot_costs(self) -> dict[str, dict[int, float]]:
+        heads, head_dim = getattr(self.layout, "kv_heads", 0), getattr(self.layout, "head_dim", 0)
+        if not heads or not head_dim:
+            raise SpecError("kv.budget_bytes needs the model's KV heads and head dim, but the layout has none; "
+                            "use kv.budget (mean bits)")
+        kv = self.spec.kv
+        return {n: slot_bytes(n.rsplit("/", 1)[-1] if kv.separate_kv else "kv", self.kv_ladder, heads, head_dim,
+                              kv.group_size) for n in self.kv_params}
 
     def _allocator_params(self) -> list[Param]:
         name = self.spec.allocator.name
@@ -215,14 +234,15 @@ class SearchSpace:
         return MetricChoice("generalized", {k: get(self.by_name[f"metric/{k}"]) for k in keys})
 
     def snap_kv(self, values: Mapping[str, Any], protect: Collection[str] = ()) -> dict[str, Any]:
-        """``values`` with the KV widths fitted to ``kv.budget`` (:func:`fit_to_budget`; unchanged
-        without a budget). Missing or off-ladder widths take their default / clipped value first."""
+        """``values`` with the KV widths fitted to ``kv.budget`` / ``kv.budget_bytes``
+        (:func:`fit_to_budget`; unchanged without a budget). Missing or off-ladder widths take their
+        default / clipped value first."""
         out = dict(values)
         if self.kv_total is None:
             return out
         bits = {n: int(self.by_name[n].clip(out[n])) if n in out else int(self.default(self.by_name[n]))
                 for n in self.kv_params}
-        out.update(fit_to_budget(bits, self.kv_ladder, self.kv_total, protect))
+        out.update(fit_to_budget(bits, self.kv_ladder, self.kv_total, protect, self.kv_cost))
         return out
 
     def _kv_bits(self, get) -> dict[str, dict[str, int]]:
@@ -272,6 +292,28 @@ class SearchSpace:
             return {}
         lower = sorted(set(self.spec.kv.bits), reverse=True)[1:]
         return {f"uniform-kv{b}": {**self.defaults(), **{p.name: b for p in kv}} for b in lower}
+
+    def encode_plan(self, plan: AllocationPlan) -> dict[str, Any]:
+        """Parameters approximating ``plan``: its sparsity (:meth:`encode_sparsity`, layerwise spaces),
+        KV widths (fitted to the KV budget, if any) and dropped-block count; the rest at defaults.
+
+        Raises:
+            IncompatiblePlanError: the plan names modules this model does not have.
+        """
+        values = self.encode_sparsity(plan.expand(self.layout.linears)) if self.groups else self.defaults()
+        if self.kv_params:
+            plan.check_kv_layers(self.layout.attention)
+            for i, attn in enumerate(self.layout.attention):
+                bits = plan.kv_bits.get(attn, {"k": 16, "v": 16})
+                stem = f"kv_bits/layer_{i:02d}"
+                if self.spec.kv.separate_kv:
+                    values[f"{stem}/k"], values[f"{stem}/v"] = (self.by_name[f"{stem}/{x}"].clip(int(bits[x]))
+                                                                for x in ("k", "v"))
+                else:
+                    values[stem] = self.by_name[stem].clip(max(int(bits["k"]), int(bits["v"])))
+        if DROP_PARAM in self.by_name:
+            values[DROP_PARAM] = self.by_name[DROP_PARAM].clip(len(plan.dropped_layers))
+        return self.snap_kv(values)
 
     def encode_sparsity(self, ratios: Mapping[str, float]) -> dict[str, Any]:
         """Parameters approximating per-Linear ``ratios`` (e.g. OWL's): weighted mean per group, clipped.

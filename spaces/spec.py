@@ -8,7 +8,7 @@ Example::
     space: [layerwise]            # any of: layerwise, metric, kv, allocator, layer_drop
     layerwise: {granularity: block, radius: 0.3}
     metric: {name: wanda}
-    kv: {bits: [2, 3, 4, 8, 16], group_size: 32, residual: 0, budget: null}   # budget: mean bits
+    kv: {bits: [2, 3, 4, 8, 16], group_size: 32, residual: 0, budget: null, budget_bytes: null}  # mean bits | bytes/token
     allocator: {name: owl}        # low-dimensional alternative to layerwise
     layer_drop: {max_blocks: 4, compensate: true}   # searched number of dropped blocks
     objectives: [hidden]          # first one is the error proxy (hidden, kl, reconstruction, layer_local)
@@ -149,6 +149,9 @@ class KVSpec:
     residual: int = 0
     #: Mean bits per K/V slot every candidate meets (:mod:`sparsealloc.spaces.kv_budget`); None: free.
     budget: float | None = None
+    #: KV-cache bytes per token (all layers; the ``kv_bytes`` objective's unit) every candidate
+    #: meets, instead of ``budget``; None: free.
+    budget_bytes: float | None = None
 
     def validate(self) -> None:
         bits = tuple(self.bits)
@@ -161,6 +164,11 @@ class KVSpec:
         if self.budget is not None:
             _expect(_is_number(self.budget) and min(bits) <= self.budget <= max(bits),
                     f"kv.budget must be null or mean bits within the ladder [{min(bits)}, {max(bits)}]", self.budget)
+        if self.budget_bytes is not None:
+            _expect(_is_number(self.budget_bytes) and self.budget_bytes > 0,
+                    "kv.budget_bytes must be null or a positive number of bytes per token", self.budget_bytes)
+            _expect(self.budget is None, "kv.budget and kv.budget_bytes are alternatives; set one of them",
+                    {"budget": self.budget, "budget_bytes": self.budget_bytes})
 
 
 @dataclass(frozen=True)
@@ -340,6 +348,8 @@ class StudySpec:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     warm_start: tuple[str, ...] = ("uniform", "owl", "depth_ramp")
+    #: AllocationPlan JSON files queued as extra warm starts (e.g. budgeted optima seeding a front).
+    seed_plans: tuple[str, ...] = ()
     device: str | None = None
     proxy_dtype: str | None = None  # None: "bfloat16" for evo, else "float32" (see README)
 
@@ -397,6 +407,8 @@ class StudySpec:
                 "timeout must be null or a positive number of seconds", self.timeout)
         _expect(_is_int(self.seed), "seed must be an integer", self.seed)
         _expect(all(w in WARM_STARTS for w in self.warm_start), f"warm_start must be names among {list(WARM_STARTS)}", self.warm_start)
+        _expect(all(isinstance(p, str) and p for p in self.seed_plans), "seed_plans must be a list of plan file paths",
+                self.seed_plans)
         if self.pattern != "unstructured":
             _expect("layerwise" not in space and "allocator" not in space,
                     "N:M patterns fix the sparsity; drop layerwise/allocator from the space", self.pattern)
@@ -406,8 +418,8 @@ class StudySpec:
         for section in (self.layerwise, self.metric, self.kv, self.allocator, self.layer_drop, self.calibration,
                         self.validation, self.early_stopping, self.evo):
             section.validate()
-        if self.kv.budget is not None:
-            _expect("kv" in space, "kv.budget needs kv in the space", list(space))
+        if self.kv.budget is not None or self.kv.budget_bytes is not None:
+            _expect("kv" in space, "kv.budget / kv.budget_bytes need kv in the space", list(space))
         if self.sampler == "evo":
             _expect(self.calibration.samples >= max(st[0] for st in self.evo.stages),
                     "calibration.samples (the window pool) must hold the largest evo stage", self.calibration.samples)
@@ -430,7 +442,7 @@ class StudySpec:
                     "layer_drop": LayerDropSpec, "calibration": CalibrationSpec, "validation": ValidationSpec,
                     "early_stopping": EarlyStoppingSpec, "evo": EvoSpec}
         kwargs = {k: v for k, v in data.items() if k not in sections}
-        for key in ("space", "objectives", "warm_start"):
+        for key in ("space", "objectives", "warm_start", "seed_plans"):
             if key in kwargs:
                 value = kwargs[key]
                 if value is None:  # the default (objectives: chosen by the sampler)
@@ -488,8 +500,11 @@ class StudySpec:
             data.pop("early_stopping", None)
         if self.sampler != "evo":  # likewise
             data.pop("evo", None)
-        if self.kv.budget is None:  # likewise
-            data["kv"].pop("budget", None)
+        if not self.seed_plans:  # likewise
+            data.pop("seed_plans", None)
+        for key in ("budget", "budget_bytes"):  # likewise
+            if data["kv"].get(key) is None:
+                data["kv"].pop(key, None)
         if self.proxy_dtype == "float32":  # likewise (trials computed in float32 before the field existed)
             data.pop("proxy_dtype", None)
         if self.layerwise.level_step == LayerwiseSpec.level_step:  # likewise

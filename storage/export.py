@@ -1,7 +1,9 @@
 """Export of a study's result as AllocationPlan JSON files with provenance.
 
 Single objective: the best trial → ``DIR/best.json``. Multi-objective: Optuna's constraint-aware
-``study.best_trials`` (the Pareto set) → ``DIR/pareto/trial_NNNN.json``.
+``study.best_trials`` (the Pareto set) → ``DIR/pareto/trial_NNNN.json``, with ``DIR/pareto/front.csv``:
+one row per plan with its objective values, KV-cache bytes per token and mean KV bits, achieved
+sparsity and validation perplexity (empty where the study was not validated).
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from sparsealloc.core.errors import StorageError
-from sparsealloc.core.keys import PLAN, SAMPLER, SPEC_HASH, VALIDATION, WARM_START
+from sparsealloc.core.keys import ACHIEVED_SPARSITY, KV_BYTES, PLAN, SAMPLER, SPEC_HASH, VALIDATION, WARM_START
 from sparsealloc.core.plan import AllocationPlan
 
 
@@ -33,12 +36,28 @@ def plan_of(study: optuna.Study, trial: FrozenTrial) -> AllocationPlan:
         "spec_hash": study.user_attrs.get(SPEC_HASH),
         "warm_start": trial.user_attrs.get(WARM_START),
     }
+    if KV_BYTES in trial.user_attrs:
+        provenance["kv_bytes_per_token"] = trial.user_attrs[KV_BYTES]
     if validation:
         provenance["validation"] = {
             "perplexity": validation.get("ppl", {}).get(str(trial.number)),
             "proxy_ppl_spearman": validation.get("spearman"),
         }
     return plan.replace(provenance=provenance)
+
+
+def front_frame(study: optuna.Study, trials: list[FrozenTrial]) -> pd.DataFrame:
+    """The exported plans as a table: objectives, KV bytes per token, mean KV bits, validation PPL."""
+    ppl = (study.user_attrs.get(VALIDATION) or {}).get("ppl") or {}
+    names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    rows = []
+    for t in sorted(trials, key=lambda t: t.values[-1]):
+        widths = [b for bits in (t.user_attrs.get(PLAN) or {}).get("kv_bits", {}).values() for b in bits.values()]
+        rows.append({"trial": t.number, **dict(zip(names, t.values)), "kv_bytes_per_token": t.user_attrs.get(KV_BYTES),
+                     "mean_kv_bits": sum(widths) / len(widths) if widths else 16.0,
+                     "achieved_sparsity": t.user_attrs.get(ACHIEVED_SPARSITY),
+                     "validation_ppl": ppl.get(str(t.number)), "warm_start": t.user_attrs.get(WARM_START)})
+    return pd.DataFrame(rows)
 
 
 def best_validated(study: optuna.Study) -> FrozenTrial | None:
@@ -87,7 +106,9 @@ def export_study(study: optuna.Study, out_dir: str | Path, pareto: bool | None =
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob("trial_*.json"):
             old.unlink()
-        return [plan_of(study, t).save(folder / f"trial_{t.number:04d}.json") for t in trials]
+        paths = [plan_of(study, t).save(folder / f"trial_{t.number:04d}.json") for t in trials]
+        front_frame(study, trials).to_csv(folder / "front.csv", index=False)
+        return paths
     if multi:
         raise StorageError(f"study {study.study_name!r} has {len(study.directions)} objectives; export it with --pareto")
     return [plan_of(study, trials[0]).save(out_dir / "best.json")]

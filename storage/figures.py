@@ -67,12 +67,29 @@ def pareto_figure(pareto: pd.DataFrame, names: Sequence[str]) -> Figure:
     for row in front.itertuples(index=False):
         ax.annotate(str(row.trial), (getattr(row, x), getattr(row, y)), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
+    ladder = uniform_ladder(pareto)
+    if len(ladder):  # the uniform KV bit-widths (warm starts "uniform", "uniform-kv8"...) on the same axes
+        ax.plot(ladder[x], ladder[y], "x--", color="black", markersize=8, linewidth=0.8, label="uniform ladder",
+                zorder=4)
+        for row in ladder.itertuples(index=False):
+            bits = "16" if row.warm_start == "uniform" else str(row.warm_start).removeprefix("uniform-kv")
+            ax.annotate(f"{bits}-bit", (getattr(row, x), getattr(row, y)), textcoords="offset points",
+                        xytext=(-10, -12), fontsize=7)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title("Pareto front" + (f" ({x} vs {y})" if len(names) > 2 else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
+
+
+def uniform_ladder(pareto: pd.DataFrame) -> pd.DataFrame:
+    """The uniform warm starts of a study with KV bits ("uniform", "uniform-kv8", ...), by bytes."""
+    if "warm_start" not in pareto or "kv_bytes" not in pareto:
+        return pareto.iloc[0:0]
+    names = pareto["warm_start"].astype(str)
+    ladder = pareto[(names == "uniform") | names.str.startswith("uniform-kv")]
+    return ladder.sort_values("kv_bytes")
 
 
 def pareto_3d_figure(pareto: pd.DataFrame, names: Sequence[str]) -> Figure:

@@ -92,7 +92,7 @@ def fake_layout(n_blocks: int = 6, sizes: Mapping[str, int] | None = None,
     blocks = [f"model.layers.{i}" for i in range(n_blocks)]
     numels = {f"{b}.{kind}": size * growth(i) for i, b in enumerate(blocks) for kind, size in sizes.items()}
     return SimpleNamespace(blocks=blocks, linears=list(numels), block_of={n: n.rsplit(".", 2)[0] for n in numels},
-                           numels=numels, attention=[f"{b}.self_attn" for b in blocks])
+                           numels=numels, attention=[f"{b}.self_attn" for b in blocks], kv_heads=3, head_dim=64)
 
 
 def random_windows(n: int = 6, seq_len: int = 16, seed: int = 0) -> torch.Tensor:

@@ -13,12 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def packed_width(n: int, bits: int) -> int:
-    """Bytes holding ``n`` codes of ``bits`` bits (rounded up to whole runs of 8 codes below 8 bits)."""
-    if bits == 8:
-        return n
-    return -(-n // 8) * bits
+from sparsealloc.core.kv_layout import packed_width  # noqa: F401  (re-exported: the cache uses it)
 
 
 def _shifts(step: int, count: int, device: torch.device) -> Tensor:

@@ -26,6 +26,8 @@ class ModelLayout:
         attention: FQNs of the attention module of each block (for KV-cache bits), in order.
         numels: Linear FQN → number of weights.
         in_features: Linear FQN → input width.
+        kv_heads: Key/value heads per attention layer (0 when the config does not say).
+        head_dim: Head dimension (0 when the config does not say).
     """
 
     blocks_path: str
@@ -35,6 +37,8 @@ class ModelLayout:
     attention: tuple[str, ...]
     numels: dict[str, int]
     in_features: dict[str, int]
+    kv_heads: int = 0
+    head_dim: int = 0
 
     def block_linears(self, block: str) -> list[str]:
         """Linear FQNs inside ``block``."""
@@ -105,4 +109,21 @@ def model_layout(model: nn.Module) -> ModelLayout:
         attention=tuple(attention),
         numels=numels,
         in_features=in_features,
+        **dict(zip(("kv_heads", "head_dim"), _geometry(model))),
     )
+
+
+def kv_geometry(config) -> tuple[int, int]:
+    """(number of KV heads, head dim) from a transformers config (text config for multimodal)."""
+    config = getattr(config, "text_config", None) or config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(kv_heads), int(head_dim)
+
+
+def _geometry(model: nn.Module) -> tuple[int, int]:
+    try:
+        return kv_geometry(_language_config(model))
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 0, 0

@@ -158,7 +158,10 @@ class PymooNSGA3Sampler(Sampler):
     rounds the discrete genes (and snaps stepped floats to their grid), so what pymoo ranks is
     exactly what was scored. Variation is SBX crossover and polynomial mutation with a small
     distribution index (eta = 3, pymoo's advice for rounded integer genes), so that rounded genes
-    actually move. The reference directions are Das-Dennis with the largest number of partitions
+    actually move. A choice gene is its index on the (sorted) choices, so KV bit-widths mutate along
+    the ladder: a neighbouring rung is likelier than a far one (ordinal levels, not categorical
+    resampling). Under a KV budget (``kv.budget`` / ``kv.budget_bytes``) the repair also fits the
+    widths to it (:meth:`SearchSpace.snap_kv`), so pymoo ranks the widths that were scored. The reference directions are Das-Dennis with the largest number of partitions
     whose count fits in ``spec.population_size`` (one direction for a single objective: NSGA-III
     then reduces to an elitist GA with constrained tournament selection).
 
@@ -310,12 +313,19 @@ class PymooNSGA3Sampler(Sampler):
         self._slots = None
 
     # ------------------------------------------------------------------------------ generations
+    def _repair(self, X: np.ndarray) -> np.ndarray:
+        """The codec's repair, then each row's KV widths fitted to the KV budget (when there is one)."""
+        X = self.codec.repair(X)
+        if self.space.kv_total is None:
+            return X
+        return np.stack([self.codec.encode(self.space.snap_kv(self.codec.decode(x)), self.space.default) for x in X])
+
     def _new_algorithm(self, sampling=None) -> NSGA3:
         kwargs = {} if sampling is None else {"sampling": sampling}
         algorithm = NSGA3(ref_dirs=self.ref_dirs, pop_size=self.population_size,
                           crossover=SBX(prob=self.crossover_prob, eta=self.crossover_eta),
                           mutation=PM(eta=self.mutation_eta),
-                          repair=pymoo_repair(self.codec.repair), eliminate_duplicates=True, **kwargs)
+                          repair=pymoo_repair(self._repair), eliminate_duplicates=True, **kwargs)
         # Seeded by (seed, generation): a resumed study does not replay the randomness of its start.
         algorithm.setup(self.problem, termination=NoTermination(), seed=self._derived_seed())
         return algorithm
@@ -337,7 +347,7 @@ class PymooNSGA3Sampler(Sampler):
                 self.algorithm.termination.force_termination = False
                 pop = FloatRandomSampling()(self.problem, self.population_size,
                                             random_state=self.algorithm.random_state)
-            X = self.codec.repair(pop.get("X"))
+            X = self._repair(pop.get("X"))
             reserved = 0
         self._slots = [_Slot(None) for _ in range(reserved)] + [_Slot(x) for x in X]
         self._member = {}

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -313,3 +314,17 @@ def test_bad_inputs_exit_2_with_one_line(case, store, tiny_llama_dir, text_file,
     assert_one_line_error(*run_cli(["--quiet", *argv]), *fragments)
     assert not out.exists()
     assert not (tmp_path / "none.db").exists()
+
+
+def test_pareto_figure_draws_the_uniform_ladder_on_the_front_axes():
+    """The uniform KV warm starts ("uniform", "uniform-kvN") are drawn as their own line, by bytes."""
+    frame = pd.DataFrame({
+        "trial": [0, 1, 2, 3, 4], "kl": [0.01, 0.05, 0.2, 0.03, 0.04], "kv_bytes": [900.0, 500.0, 300.0, 450.0, 600.0],
+        "pareto": [True, False, True, True, False],
+        "warm_start": ["uniform", "uniform-kv4", "uniform-kv2", None, "owl"]})
+    ladder = figures.uniform_ladder(frame)
+    assert list(ladder.trial) == [2, 1, 0]  # sorted by bytes; "owl" and searched trials are not on it
+    fig = figures.pareto_figure(frame, ["kl", "kv_bytes"])
+    drawn = [line for line in fig.axes[0].lines if line.get_label() == "uniform ladder"]
+    assert len(drawn) == 1 and list(drawn[0].get_xdata()) == [0.2, 0.05, 0.01]
+    assert figures.uniform_ladder(frame.drop(columns="kv_bytes")).empty

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 
 from sparsealloc.storage.rdb import open_storage
@@ -223,6 +225,17 @@ def test_spec_file_multi_objective_pareto_export(sampler, tiny_llama_dir, text_f
             assert i == j or not dominates(a, b), (files[i].name, a, files[j].name, b)
     # the exported set is the study's Pareto set, and nothing completed dominates any of it
     assert sorted(p.provenance["trial"] for p in plans) == sorted(t.number for t in study.best_trials)
+    front = pd.read_csv(out_dir / "pareto" / "front.csv")
+    assert sorted(front["trial"]) == sorted(p.provenance["trial"] for p in plans)
+    by_trial = {p.provenance["trial"]: p for p in plans}
+    for row in front.itertuples(index=False):  # bytes of each plan = its kv_bytes objective; mean bits from its plan
+        plan = by_trial[row.trial]
+        assert row.kv_bytes_per_token == pytest.approx(plan.provenance["values"][1]) == plan.provenance["kv_bytes_per_token"]
+        widths = [b for bits in plan.kv_bits.values() for b in bits.values()]
+        assert row.mean_kv_bits == pytest.approx(sum(widths) / len(widths))
+        validated = plan.provenance.get("validation", {}).get("perplexity")
+        assert (validated is None and math.isnan(row.validation_ppl)) or row.validation_ppl == pytest.approx(validated)
+    assert (sampler != "nsga3") or front["validation_ppl"].notna().any()
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         assert not any(dominates(t.values, v) for v in values)
 
@@ -445,3 +458,27 @@ def test_exported_plans_are_study_artifacts(finished_study, tmp_path, capsys):
     assert f"--artifact-dir {other}" in capsys.readouterr().out
     assert main(["--quiet", "export", "a", "--storage", url, "--out", str(tmp_path / "y"), "--no-artifacts"]) == 0
     assert "artifacts" not in capsys.readouterr().out
+
+
+def test_kv_budget_and_seed_plan_flags_reach_the_spec(tmp_path, capsys):
+    """--kv-budget / --kv-budget-bytes / --seed-plan set the spec; bad values are one-line errors before any load."""
+    from sparsealloc.cli.main import build_parser
+    from sparsealloc.cli.study import spec_from_args
+
+    plan = AllocationPlan(sparsity={"*": 0.5}).save(tmp_path / "seed.json")
+    args = build_parser().parse_args(["study", "run", "--space", "layerwise,kv", "--kv-budget", "3",
+                                      "--seed-plan", str(plan), "--seed-plan", str(plan)])
+    spec = spec_from_args(args)
+    assert spec.kv.budget == 3.0 and spec.kv.budget_bytes is None and spec.seed_plans == (str(plan), str(plan))
+    args = build_parser().parse_args(["study", "run", "--space", "kv", "--kv-budget-bytes", "5760"])
+    assert spec_from_args(args).kv.budget_bytes == 5760.0
+    url = sqlite_url(tmp_path / "s.db")
+    code = main(["--quiet", "study", "run", "--space", "layerwise", "--kv-budget", "3", "--storage", url])
+    assert_one_line_error(code, capsys, "need kv in the space")
+    code = main(["--quiet", "study", "run", "--space", "kv", "--kv-budget", "3", "--kv-budget-bytes", "5000",
+                 "--storage", url])
+    assert_one_line_error(code, capsys, "alternatives")
+    code = main(["--quiet", "study", "run", "--space", "kv", "--seed-plan", str(tmp_path / "nope.json"),
+                 "--storage", url])
+    assert_one_line_error(code, capsys, "nope.json")
+    assert not (tmp_path / "s.db").exists()  # nothing written

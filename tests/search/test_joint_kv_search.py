@@ -70,3 +70,47 @@ def test_joint_space_searches_sparsity_budget_metric_and_kv_bits(joint_study):
         assert not any(all(x <= y for x, y in zip(b.values, a.values)) and b.values != a.values for b in front)
     paths = export_study(study, tmp_path / "export")
     assert len(paths) == len(front)
+
+
+@pytest.mark.parametrize("budget", [{"budget": 3.0}, {"budget_bytes": None}])
+def test_front_seeded_with_a_plan_and_nsga3_under_a_kv_budget(fresh_model, windows_builder, tmp_path, budget):
+    """A front study queues a seed plan (e.g. a budgeted optimum) beside the uniform ladder, encoded
+    exactly (per-Linear ratios and KV widths); under a KV budget every NSGA-III individual, seeds and
+    offspring alike, meets it (the pymoo repair fits the widths, so what pymoo ranks was scored)."""
+    model = fresh_model("llama")
+    ctx = EvalContext.build(model, windows_builder(4, 16), batch_size=2, model_info={"name": "tiny-llama"})
+    layout = ctx.layout
+    ladder = (2, 3, 4, 8, 16)
+    kv = {"bits": list(ladder), "group_size": 8}
+    if budget.get("budget_bytes", 1) is None:  # the bytes of uniform 3-bit, in bytes per token
+        from sparsealloc.spaces.kv_budget import slot_bytes
+        kv["budget_bytes"] = 2 * len(layout.attention) * slot_bytes("k", ladder, layout.kv_heads, layout.head_dim, 8)[3]
+    else:
+        kv.update(budget)
+    ratios = {n: (0.4 if i % 2 else 0.6) for i, n in enumerate(layout.linears)}  # mean 0.5 (equal sizes per pair)
+    ratios = {n: 0.5 + (r - 0.5) * (0 if "self_attn" in n else 1) for n, r in ratios.items()}
+    seed_bits = {a: {"k": 4 if i % 2 else 2, "v": 3} for i, a in enumerate(layout.attention)}
+    seed = AllocationPlan(sparsity=ratios, kv_bits=seed_bits).save(tmp_path / "budgeted.json")
+    spec = StudySpec.from_dict({
+        "name": "front", "target_sparsity": 0.5, "space": ["layerwise", "kv"],
+        "layerwise": {"granularity": "module", "radius": 0.2}, "kv": kv,
+        "objectives": ["kl", "kv_bytes"], "sampler": "nsga3", "population_size": 6,
+        "warm_start": ["uniform"], "seed_plans": [str(seed)], "seed": 0})
+    evaluator = TrialEvaluator(ctx, spec)
+    sampler = open_sampler(spec, open_storage(f"sqlite:///{tmp_path / 'front.db'}"), evaluator.space)
+    queued = enqueue_warm_starts(sampler, evaluator)
+    assert queued == ["uniform", "plan:budgeted"]  # no uniform-kvN under a budget: the defaults sit on it
+    run_study(sampler, LocalDispatcher(evaluator), 14)
+    done = sampler.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    seeded = next(t for t in done if t.user_attrs.get("warm_start") == "plan:budgeted")
+    plan = AllocationPlan.from_dict(seeded.user_attrs["plan"])
+    assert plan.kv_bits == seed_bits  # mean 3 bits (and uniform 3-bit's bytes): the seed fits as it is
+    assert plan.sparsity == pytest.approx(ratios, abs=1e-9)
+    space = evaluator.space
+    for t in done:
+        widths = [t.params[p] for p in space.kv_params]
+        spent = sum(space.kv_cost[p][w] for p, w in zip(space.kv_params, widths)) if space.kv_cost else sum(widths)
+        assert spent <= space.kv_total + 1e-6, t.number
+        bits = AllocationPlan.from_dict(t.user_attrs["plan"]).kv_bits
+        assert [w for b in bits.values() for w in (b["k"], b["v"])] == widths  # stored params = scored widths
+    assert len({tuple(t.params[p] for p in space.kv_params) for t in done}) > 2  # the widths did move

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from sparsealloc.core.errors import SpecError
 from sparsealloc.search.samplers.evo import bit_switch
-from sparsealloc.spaces.kv_budget import budget_total, fit_to_budget
+from sparsealloc.spaces.kv_budget import budget_total, fit_to_budget, slot_bytes
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import KVSpec, StudySpec
 
@@ -68,9 +68,35 @@ def test_every_decoded_candidate_meets_the_budget(layout_builder):
 
 
 def test_budget_needs_kv_in_the_space_and_lies_on_the_ladder():
-    with pytest.raises(SpecError, match="kv.budget needs kv"):
+    with pytest.raises(SpecError, match="need kv in the space"):
         StudySpec(kv=KVSpec(budget=3.0))
     with pytest.raises(SpecError, match="kv.budget"):
         StudySpec(space=("kv",), kv=KVSpec(budget=1.5))
     assert StudySpec(space=("kv",)).spec_hash() == StudySpec(space=("kv",), kv=KVSpec(budget=None)).spec_hash()
     assert StudySpec(space=("kv",), kv=KVSpec(budget=3)).spec_hash() != StudySpec(space=("kv",)).spec_hash()
+
+
+def test_a_byte_budget_fits_the_summed_slot_bytes(layout_builder):
+    """Bytes per token (kv.budget_bytes): every candidate within the budget, no rung up left that fits,
+    and the budget of uniform 3-bit admits exactly uniform 3-bit's bytes."""
+    heads, head_dim, group = 3, 64, 32
+    k3 = slot_bytes("k", LADDER, heads, head_dim, group)[3]
+    assert k3 == heads * (3 * 64 / 8 + 64 * 4 / 32)  # packed codes + fp16 scale/zero per 32-token group
+    layout = layout_builder()
+    n_slots = 2 * len(layout.attention)
+    budget = n_slots * k3  # uniform 3-bit (K and V cost the same at head dim 64, group 32)
+    spec = StudySpec(space=("layerwise", "kv"), kv=KVSpec(budget_bytes=budget))
+    space = SearchSpace(spec, layout)
+    assert {space.defaults()[p] for p in space.kv_params} == {3}
+    rng = np.random.default_rng(2)
+    for _ in range(40):
+        kv = space.decode({p: int(rng.choice(LADDER)) for p in space.kv_params}).kv_bits
+        spent = sum(space.kv_cost[p][b] for p, b in zip(space.kv_params, [w for v in kv.values() for w in (v["k"], v["v"])]))
+        assert spent <= budget + 1e-6
+        steps = [space.kv_cost[p][LADDER[LADDER.index(b) + 1]] - space.kv_cost[p][b]
+                 for p, b in zip(space.kv_params, [w for v in kv.values() for w in (v["k"], v["v"])]) if b != 16]
+        assert not steps or spent + min(steps) > budget + 1e-6
+    with pytest.raises(SpecError, match="at least"):
+        SearchSpace(StudySpec(space=("kv",), kv=KVSpec(budget_bytes=10.0)), layout)
+    with pytest.raises(SpecError, match="alternatives"):
+        StudySpec(space=("kv",), kv=KVSpec(budget=3.0, budget_bytes=budget))
