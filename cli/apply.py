@@ -14,8 +14,8 @@ import json
 import shlex
 from pathlib import Path
 
-from sparsealloc.cli.common import (add_calibration_args, add_model_args, calibrate_and_prune, calibration_source,
-                                    check_plan_modules, check_sequential, load)
+from sparsealloc.cli.common import (add_calibration_args, add_model_args, calibration_source, check_plan_modules,
+                                    check_sequential, load, prune_from_args)
 from sparsealloc.cli.save_options import add_save_format_args, check_save_args, save_with_format
 from sparsealloc.core.errors import check_output_dir, writing
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load(args)
     layout = model_layout(model)
     resolve_plan(plan, layout)
-    plan, report, timings = calibrate_and_prune(args, model, tokenizer, layout, plan, calib, calib_text)
+    plan, report, timings = prune_from_args(args, model, tokenizer, layout, plan, calib, calib_text)
     save = Path(args.save)
     with writing(f"the pruned checkpoint to {args.save!r}"):
         _, saved = save_with_format(args, model, tokenizer, save, plan)

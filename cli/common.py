@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from sparsealloc.core.errors import SpecError
@@ -193,30 +192,26 @@ def load(args: argparse.Namespace):
     return load_model(args.model, device=args.device)
 
 
-def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan, calib, calib_text: str,
-                        adjust=None):
-    """Record the calibration in the plan, collect statistics, optionally adjust the plan, prune.
-
-    Statistics include the Gram matrix XᵀX when the plan's metric needs it (SparseGPT, ACE).
-    ``adjust(plan, stats) -> plan`` runs between calibration and pruning (``prune --allocator``).
-    Uses ``--calib-samples/--calib-seq-len/--calib-batch-size/--seed`` of ``args``, or the windows of
-    ``calib`` when it is a CalibrationSet (``--calib-windows``).
+def prune_from_args(args: argparse.Namespace, model, tokenizer, layout, plan, calib, calib_text: str,
+                    adjust=None):
+    """Record the calibration in the plan, then :func:`~sparsealloc.pruning.pipeline.calibrate_and_prune_`
+    on the windows of ``calib`` (a CalibrationSet, ``--calib-windows``) or sampled from ``calib_text``
+    (``--calib-samples/--calib-seq-len/--seed``), with ``--calib-batch-size``, ``--drop-blocks``,
+    ``--no-compensation`` and ``--sequential``. ``adjust(plan, stats) -> plan``: ``prune --allocator``.
 
     Returns:
         (plan as applied, PruneReport, {"calibration_s": ..., "prune_s": ...}).
     """
     import time
 
-    from sparsealloc.pruning import collect_stats, prune_, sample_windows, tokenize_stream
+    from sparsealloc.pruning import sample_windows, tokenize_stream
     from sparsealloc.pruning.calibration.select import CalibrationSet
-    from sparsealloc.pruning.layer_prune import compensate_, with_dropped_blocks
-    from sparsealloc.pruning.metrics import metric_traits
+    from sparsealloc.pruning.pipeline import calibrate_and_prune_
 
     selected = isinstance(calib, CalibrationSet)  # --calib-windows: the windows are given
     plan = plan.replace(provenance={**plan.provenance, "calibration": calib.provenance() if selected else {
         "source": calib.describe(), "samples": args.calib_samples, "seq_len": args.calib_seq_len,
         "seed": args.seed, "batch_size": args.calib_batch_size}})
-    timings = {}
     start = time.perf_counter()
     if selected:
         calib.check_tokenizer(tokenizer)
@@ -224,41 +219,10 @@ def calibrate_and_prune(args: argparse.Namespace, model, tokenizer, layout, plan
     else:
         windows = sample_windows(tokenize_stream(tokenizer, calib_text), args.calib_samples,
                                  args.calib_seq_len, args.seed)
-    gram = metric_traits(plan.metric.name).gram is not None  # SparseGPT, ACE
-    stats = collect_stats(model, windows, batch_size=args.calib_batch_size, gram=gram, layout=layout)
-    timings["calibration_s"] = time.perf_counter() - start
-    if adjust is not None:
-        plan = adjust(plan, stats)
-    if getattr(args, "drop_blocks", 0):  # prune --drop-blocks K: BI schedule on these windows
-        plan = with_dropped_blocks(plan, model, windows, args.drop_blocks, not args.no_compensation, layout,
-                                   args.calib_batch_size)
-    start = time.perf_counter()
-    scales = plan.provenance.get("layer_prune", {}).get("compensation") if plan.dropped_layers else None
-    if scales:  # Prune&Comp: fuse the dropped blocks' scales before the blocks go
-        compensate_(model, scales)
-    if getattr(args, "sequential", False):
-        from sparsealloc.pruning.sequential import prune_sequential_
-
-        plan = plan.replace(provenance={**{k: v for k, v in plan.provenance.items() if k != "level_db"},
-                                        "sequential": True})
-        report = prune_sequential_(model, plan, windows, batch_size=args.calib_batch_size, layout=layout)
-    else:
-        report = prune_(model, plan, stats, layout=layout, database=_plan_database(plan, model, layout, stats, windows))
-    timings["prune_s"] = time.perf_counter() - start
+    sampling = time.perf_counter() - start
+    plan, report, timings = calibrate_and_prune_(
+        model, plan, windows, layout=layout, batch_size=args.calib_batch_size, adjust=adjust,
+        drop_blocks=getattr(args, "drop_blocks", 0), compensate=not getattr(args, "no_compensation", False),
+        sequential=getattr(args, "sequential", False))
+    timings["calibration_s"] += sampling
     return plan, report, timings
-
-
-def _plan_database(plan, model, layout, stats, windows):
-    """The level database a study's plan came from (``provenance.level_db``), opened on this model and
-    calibration: the same layers are read back instead of compressed again (a database with another
-    key, i.e. another model or calibration, is filled instead). None for other plans."""
-    from sparsealloc.pruning.level_db import LevelDatabase, needs_database
-
-    recorded = plan.provenance.get("level_db")
-    if not recorded or plan.dropped_layers or not needs_database(plan.metric, plan.pattern, layout.linears):
-        return None
-    root = Path(recorded["path"]).parent if recorded.get("path") else None
-    try:
-        return LevelDatabase.open(model, layout.linears, stats, plan.metric, plan.pattern, windows, root=root)
-    except OSError:  # an unwritable cache: compress the layers here instead (the same weights)
-        return None

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from sparsealloc.cli.common import add_calibration_args, add_model_args, calibrate_and_prune, calibration_source, load, positive_int
+from sparsealloc.cli.common import (add_calibration_args, add_model_args, calibration_source, load, positive_int,
+                                    prune_from_args)
 from sparsealloc.core.errors import SpecError
 
 DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL = 32, 0
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_plan(plan, layout)
         result["plan"] = args.plan
     if prunes:
-        plan, report, _ = calibrate_and_prune(args, model, tokenizer, layout, plan, calib, calib_text)
+        plan, report, _ = prune_from_args(args, model, tokenizer, layout, plan, calib, calib_text)
         result["achieved_sparsity"] = round(report.achieved_mean, 6)
     generation = generate_text(model, tokenizer, args.prompt, cache, args.max_new_tokens, args.do_sample,
                                args.temperature, args.top_p, args.seed, args.ignore_eos)

@@ -10,7 +10,6 @@ from sparsealloc.cli.common import (
     add_calibration_args,
     add_eval_args,
     add_model_args,
-    calibrate_and_prune,
     calibration_source,
     check_plan_modules,
     check_sequential,
@@ -19,6 +18,7 @@ from sparsealloc.cli.common import (
     key_value,
     load,
     non_negative_int,
+    prune_from_args,
 )
 from sparsealloc.cli.save_options import add_save_format_args, check_save_args, save_with_format
 from sparsealloc.core.errors import SpecError, check_output_dir, writing
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     layout = model_layout(model)
     plan = build_plan(args, layout, args.model)
     resolve_plan(plan, layout)  # fail on a bad plan before the calibration pass
-    plan, report, timings = calibrate_and_prune(
+    plan, report, timings = prune_from_args(
         args, model, tokenizer, layout, plan, calib, calib_text,
         adjust=lambda plan, stats: allocate_plan(args, plan, layout, model, stats))
     result = {"model": args.model, "metric": plan.metric.name, "pattern": plan.pattern,

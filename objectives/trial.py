@@ -35,13 +35,14 @@ from sparsealloc.core.types import Outcome
 from sparsealloc.objectives.base import OBJECTIVES
 from sparsealloc.objectives.context import EvalContext
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
-from sparsealloc.pruning.apply import PruneReport, prune_, rank_maskable, resolve_plan
+from sparsealloc.pruning.apply import PruneReport, rank_maskable, resolve_plan
 from sparsealloc.pruning.calibration.text import TextSource
 from sparsealloc.pruning.kv.quant import kv_fake_quant
 from sparsealloc.pruning.layer_drop import blocks_removed
-from sparsealloc.pruning.layer_prune import compensate_, first_dropped
+from sparsealloc.pruning.layer_prune import first_dropped
 from sparsealloc.pruning.level_db import LevelDatabase, needs_database
 from sparsealloc.pruning.masked import mask_report, masked_forward, stitched_forward
+from sparsealloc.pruning.pipeline import prune_with_plan_
 from sparsealloc.spaces.budget import budget_with_removed
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import StudySpec
@@ -170,10 +171,11 @@ class TrialEvaluator:
 
         When every mask is a cut of the cached ranks (:meth:`cached_ratios`), the model runs through
         :func:`~sparsealloc.pruning.masked.masked_forward`: no weight is written, nothing is restored
-        and no pristine copy is needed. Otherwise it restores the dense weights, fuses the Prune&Comp
-        scales of dropped blocks, prunes in place (restore and masks fused per Linear where the
-        ranks allow), takes the dropped blocks out, and puts everything back on exit. Either way the
-        plan's KV bits are fake-quantized; the report counts dropped blocks' Linears as fully sparse.
+        and no pristine copy is needed. Otherwise :func:`~sparsealloc.pruning.pipeline.prune_with_plan_`
+        compresses it in place from the pristine weights (Prune&Comp scales of dropped blocks fused,
+        restore and masks fused per Linear where the ranks allow), the dropped blocks are taken out,
+        and everything is put back on exit. Either way the plan's KV bits are fake-quantized; the
+        report counts dropped blocks' Linears as fully sparse.
         """
         ctx = self.ctx
         kv = (plan.kv_bits, self.spec.kv.group_size, self.spec.kv.residual)
@@ -196,21 +198,9 @@ class TrialEvaluator:
                 yield mask_report(ratios, ctx.layout)
             return
         try:
-            scales = plan.provenance.get("layer_prune", {}).get("compensation", {}) if plan.dropped_layers else {}
-            ranks = ctx.ranks_for(plan)
-            undropped = plan.replace(dropped_layers=())
-            if scales:  # masks go onto the compensated weights
-                ctx.restore_()
-                compensate_(ctx.model, scales)
-                report = prune_(ctx.model, undropped, ctx.stats, layout=ctx.layout, ranks=ranks)
-            else:  # prune_ writes every Linear from the pristine weights (fused with the masks)
-                ctx.restore_(weights=False)
-                report = prune_(ctx.model, undropped, ctx.stats, layout=ctx.layout, ranks=ranks,
-                                pristine=ctx.pristine_weight)
-            dropped = set(plan.dropped_layers)
-            for name in ctx.layout.linears:
-                if ctx.layout.block_of[name] in dropped:
-                    report.requested[name] = report.achieved[name] = 1.0
+            ctx.restore_(weights=False)  # biases, embeddings; the Linears are written from ctx.pristine_weight
+            report = prune_with_plan_(ctx.model, plan, ctx.stats, layout=ctx.layout, ranks=ctx.ranks_for(plan),
+                                      pristine=ctx.pristine_weight, remove_dropped=False)
             with kv_fake_quant(ctx.model, *kv), blocks_removed(ctx.model, list(plan.dropped_layers)):
                 yield report
         finally:

@@ -8,8 +8,9 @@ Knows nothing of search or storage; its only instruction is an
   :mod:`~sparsealloc.pruning.apply` (``prune_``, ``save_pruned``), :mod:`~sparsealloc.pruning.masked`
   (forwards through masks without writing weights), :mod:`~sparsealloc.pruning.sparsegpt`,
   :mod:`~sparsealloc.pruning.esd`, :mod:`~sparsealloc.pruning.layer_drop`,
-  :mod:`~sparsealloc.pruning.layer_prune`, :mod:`~sparsealloc.pruning.level_db` and
-  :mod:`~sparsealloc.pruning.sequential` (block-by-block compression);
+  :mod:`~sparsealloc.pruning.layer_prune`, :mod:`~sparsealloc.pruning.level_db`,
+  :mod:`~sparsealloc.pruning.sequential` (block-by-block compression) and
+  :mod:`~sparsealloc.pruning.pipeline` (the one-shot order: calibrate, compensate, prune, drop);
 * :mod:`sparsealloc.pruning.model`: model loading and structure (layouts, checkpoint formats,
   perplexity, lm-evaluation-harness);
 * :mod:`sparsealloc.pruning.calibration`: calibration text and windows, the statistics pass, and the
@@ -36,12 +37,14 @@ from sparsealloc.pruning.metrics import METRICS, score
 from sparsealloc.pruning.model.evaluation import perplexity, sparsity_report
 from sparsealloc.pruning.model.models import default_device, load_model, resolve_source
 from sparsealloc.pruning.model.structure import ModelLayout, model_layout
+from sparsealloc.pruning.pipeline import calibrate_and_prune_, prune_with_plan_
 
 __all__ = [
     "METRICS",
     "ModelLayout",
     "PruneReport",
     "TextSource",
+    "calibrate_and_prune_",
     "calibration_windows",
     "collect_stats",
     "default_device",
@@ -50,6 +53,7 @@ __all__ = [
     "nm_mask",
     "perplexity",
     "prune_",
+    "prune_with_plan_",
     "resolve_plan",
     "resolve_source",
     "row_mask",

@@ -131,6 +131,7 @@ def prune_(
     ranks: Mapping[str, torch.Tensor] | None = None,
     pristine: Mapping[str, torch.Tensor] | None = None,
     database: LevelDatabaseLike | None = None,
+    remove_dropped: bool = True,
 ) -> PruneReport:
     """Prune ``model`` in place as ``plan`` says.
 
@@ -157,6 +158,8 @@ def prune_(
         database: A :class:`~sparsealloc.pruning.level_db.LevelDatabase` of the plan's metric and
             calibration: layers that are not plain cuts of cached ranks come from it (built there on
             first use) instead of being compressed again; identical weights either way.
+        remove_dropped: False leaves the plan's dropped blocks in the model (still reported fully
+            sparse; :func:`~sparsealloc.pruning.layer_drop.blocks_removed` takes them out for a while).
 
     Raises:
         SpecError: statistics are missing, or lack the Gram matrix a metric requires (SparseGPT:
@@ -202,7 +205,8 @@ def prune_(
         weight = modules[name].weight.data
         report.requested[name] = ratios[name]
         report.achieved[name] = float((weight == 0).sum().item()) / weight.numel()
-    report.dropped_blocks = drop_blocks_(model, list(plan.dropped_layers))
+    if remove_dropped:
+        report.dropped_blocks = drop_blocks_(model, list(plan.dropped_layers))
     return report
 
 
