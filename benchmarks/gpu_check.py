@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -92,6 +93,10 @@ class Report:
 
 
 def failed(what: str, exc: BaseException) -> list[str]:
+    cause = exc
+    while cause is not None and type(cause).__name__ != "Deadline":  # an alarm raised inside C code comes
+        cause = cause.__cause__ or cause.__context__                 # back wrapped (SystemError)
+    exc = cause or exc
     log(f"{what} FAILED: {one_line(exc)}")
     traceback.print_exc()
     return [f"**{what} failed**: `{one_line(exc)}`"]
@@ -341,6 +346,8 @@ def trial_costs(args, torch, m: dict, ev: dict, report: Report) -> None:
 
     # SparseGPT level database
     try:
+        if args.budget - (time.perf_counter() - T0) < 150:
+            raise TimeoutError(f"skipped: less than 150 s of the {args.budget:.0f} s budget left for it and the studies")
         spec = base_spec(m, "gpu-check-sparsegpt", metric={"name": "sparsegpt"})
         t_build, sgpt = clock(lambda: build_evaluator(spec, model, m["tokenizer"], windows=windows))
         ev["sparsegpt"] = sgpt
@@ -464,35 +471,41 @@ def ray_study(args, torch, m: dict, ev: dict, url: str, timeout: float) -> list[
              f"detect the GPUs itself). Workers rebuild the evaluator from the spec (load_model of the saved random "
              f"model, device default: cuda when visible) on the driver's calibration windows.", ""]
     log(f"ray: init ({workers} workers, {gpus:g} GPU and {cpus} CPU each)")
+    try:
+        return ray_study_body(args, m, ev, url, timeout, ray, run, workers, cpus, gpus, cuda, lines)
+    except Exception as exc:  # noqa: BLE001 - the Deadline alarm included; keep what was learnt so far
+        return lines + failed("Ray study", exc)
+    finally:
+        ray.shutdown()
+
+
+def ray_study_body(args, m, ev, url, timeout, ray, run, workers, cpus, gpus, cuda, lines) -> list[str]:
     t = time.perf_counter()
     ray.init(num_cpus=workers * cpus, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False,
              object_store_memory=2**28, ignore_reinit_error=True)
     t_init = time.perf_counter() - t
     resources = ray.cluster_resources()
-    lines.append(f"- ray {ray.__version__} started in {t_init:.1f} s; cluster resources: "
-                 f"CPU {resources.get('CPU')}, GPU {resources.get('GPU', 0)}")
-    try:
-        spec = base_spec(m, f"gpu-check-ray-{int(time.time())}", trials=args.trials, timeout=timeout)
-        options = {"workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus,
-                   "actor_body": device_scorer_class()}
-        log(f"ray study: {args.trials} trials (timeout {timeout:.0f} s)")
-        result = run(spec, url, evaluator=ev["wanda"], dispatcher="ray", dispatcher_options=options, validate=False)
-        log(f"ray study: {dict(result.told)} in {result.seconds:.1f} s (workers started in {result.dispatcher_seconds:.1f} s)")
-        trials = [t for t in result.study.get_trials(deepcopy=False) if "gpucheck_device" in t.user_attrs]
-        per_worker: dict[int, Counter] = {}
-        for t in trials:
-            a = t.user_attrs
-            per_worker.setdefault(a["gpucheck_pid"], Counter())[
-                (a["gpucheck_device"], a["gpucheck_cuda_available"], a["gpucheck_cuda_visible_devices"],
-                 ",".join(a["gpucheck_ray_gpu_ids"]))] += 1
-        desc = "; ".join(f"pid {pid}: " + ", ".join(f"{n} trials on {d} (cuda available {c}, CUDA_VISIBLE_DEVICES={v}, "
-                                                     f"ray GPU ids [{g}])" for (d, c, v, g), n in cnt.items())
-                         for pid, cnt in per_worker.items()) or "no trial carried the worker's stamp"
-        lines += [f"TPE, hidden proxy, per-block ratios around 70% (Wanda), warm start uniform, {args.trials} complete "
-                  f"trials asked (timeout {timeout:.0f} s), SQLite store in a temp folder.", ""]
-        lines += study_summary(result, workers, f"{len(per_worker)} distinct worker processes; " + desc)
-    finally:
-        ray.shutdown()
+    lines += [f"- ray {ray.__version__} ({Path(ray.__file__).parent}) started in {t_init:.1f} s; cluster resources: "
+              f"CPU {resources.get('CPU')}, GPU {resources.get('GPU', 0)}", ""]
+    spec = base_spec(m, f"gpu-check-ray-{int(time.time())}", trials=args.trials, timeout=timeout)
+    options = {"workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus,
+               "actor_body": device_scorer_class()}
+    log(f"ray study: {args.trials} trials (timeout {timeout:.0f} s)")
+    result = run(spec, url, evaluator=ev["wanda"], dispatcher="ray", dispatcher_options=options, validate=False)
+    log(f"ray study: {dict(result.told)} in {result.seconds:.1f} s (workers started in {result.dispatcher_seconds:.1f} s)")
+    trials = [t for t in result.study.get_trials(deepcopy=False) if "gpucheck_device" in t.user_attrs]
+    per_worker: dict[int, Counter] = {}
+    for t in trials:
+        a = t.user_attrs
+        per_worker.setdefault(a["gpucheck_pid"], Counter())[
+            (a["gpucheck_device"], a["gpucheck_cuda_available"], a["gpucheck_cuda_visible_devices"],
+             ",".join(a["gpucheck_ray_gpu_ids"]))] += 1
+    desc = "; ".join(f"pid {pid}: " + ", ".join(f"{n} trials on {d} (cuda available {c}, CUDA_VISIBLE_DEVICES={v}, "
+                                                 f"ray GPU ids [{g}])" for (d, c, v, g), n in cnt.items())
+                     for pid, cnt in per_worker.items()) or "no trial carried the worker's stamp"
+    lines += [f"TPE, hidden proxy, per-block ratios around 70% (Wanda), warm start uniform, {args.trials} complete "
+              f"trials asked (timeout {timeout:.0f} s), SQLite store in a temp folder.", ""]
+    lines += study_summary(result, workers, f"{len(per_worker)} distinct worker processes; " + desc)
     return lines
 
 
@@ -558,12 +571,14 @@ def main() -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     except Exception:  # noqa: BLE001 - reported in section a
         pass
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     except Exception:  # noqa: BLE001
         pass
 

@@ -67,13 +67,9 @@ def outlier_ratios(inputs: AllocationInputs, m: float) -> dict[str, float]:
     """OWL's layerwise outlier distribution D_ℓ: % of a block's Wanda scores above M × their mean."""
     out = {}
     for block in inputs.layout.blocks:
-        count = above = 0
-        total = torch.zeros((), dtype=torch.float64)
         scores = [wanda(inputs.weights[n], inputs.stats[n]) for n in inputs.layout.block_linears(block)]
-        for s in scores:
-            total += s.double().sum()
-            count += s.numel()
-        mean = total / count
+        count, above = sum(s.numel() for s in scores), 0
+        mean = sum(float(s.double().sum()) for s in scores) / count  # on the scores' device (cuda included)
         for s in scores:
             above += int((s > m * mean).sum().item())
         out[block] = 100.0 * above / count

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import time
 from dataclasses import dataclass
 
@@ -53,11 +55,19 @@ class _ProgressStreamer:
             pass
 
 
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """``{name: cache}`` for ``model(...)`` / ``model.generate(...)``: transformers 5.24 renamed the
+    forward argument ``past_key_values`` to ``cache`` (the old name deprecated until 5.40); older
+    releases reject ``cache`` (seen with 5.17 on the GPU check, benchmarks/gpu_check.md)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
 @torch.inference_mode()
 def generate_text(model: nn.Module, tokenizer, prompt: str, cache=None, max_new_tokens: int = 64,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                   ignore_eos: bool = False) -> Generation:
-    """Generate a continuation of ``prompt`` with ``model.generate(..., cache=cache)``.
+    """Generate a continuation of ``prompt`` with ``model.generate`` through ``cache``.
 
     Args:
         model: A causal LM.
@@ -85,7 +95,7 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, cache=None, max_new_
     if ignore_eos:
         options["min_new_tokens"] = max_new_tokens
     if cache is not None:
-        options["cache"] = cache
+        options.update(cache_kwargs(model, cache))
     torch.manual_seed(seed)
     start = time.perf_counter()
     output = model.generate(**encoded, streamer=_ProgressStreamer(max_new_tokens), **options)

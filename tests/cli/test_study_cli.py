@@ -460,7 +460,7 @@ def test_exported_plans_are_study_artifacts(finished_study, tmp_path, capsys):
     assert "artifacts" not in capsys.readouterr().out
 
 
-def test_kv_budget_and_seed_plan_flags_reach_the_spec(tmp_path, capsys):
+def test_kv_budget_and_seed_plan_flags_reach_the_spec(tiny_llama_dir, tmp_path, capsys):
     """--kv-budget / --kv-budget-bytes / --seed-plan set the spec; bad values are one-line errors before any load."""
     from sparsealloc.cli.main import build_parser
     from sparsealloc.cli.study import spec_from_args
@@ -479,6 +479,6 @@ def test_kv_budget_and_seed_plan_flags_reach_the_spec(tmp_path, capsys):
                  "--storage", url])
     assert_one_line_error(code, capsys, "alternatives")
     code = main(["--quiet", "study", "run", "--space", "kv", "--seed-plan", str(tmp_path / "nope.json"),
-                 "--storage", url])
+                 "--model", str(tiny_llama_dir), "--storage", url])
     assert_one_line_error(code, capsys, "nope.json")
     assert not (tmp_path / "s.db").exists()  # nothing written

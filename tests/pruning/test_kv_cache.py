@@ -7,6 +7,7 @@ from transformers import DynamicCache
 from sparsealloc.core.errors import IncompatiblePlanError, SpecError
 from sparsealloc.objectives.kv_memory import kv_bytes_per_token, kv_cache_bytes
 from sparsealloc.pruning.kv.cache import PackedKVLayer, packed_cache
+from sparsealloc.pruning.kv.generation import cache_kwargs
 from sparsealloc.pruning.kv.pack import pack_codes, packed_width, unpack_codes
 from sparsealloc.pruning.kv.quant import (
     dequantize_groups,
@@ -148,8 +149,8 @@ def test_sixteen_bit_cache_generates_what_a_dynamic_cache_generates(model_builde
     prompt = windows_builder(2, 6, seed=4)
     cache = packed_cache(layout, {})
     with torch.no_grad():
-        ours = model.generate(prompt, cache=cache, max_new_tokens=24, do_sample=False)
-        plain = model.generate(prompt, cache=DynamicCache(), max_new_tokens=24, do_sample=False)
+        ours = model.generate(prompt, **cache_kwargs(model, cache), max_new_tokens=24, do_sample=False)
+        plain = model.generate(prompt, **cache_kwargs(model, DynamicCache()), max_new_tokens=24, do_sample=False)
     assert torch.equal(ours, plain)
     assert cache.get_seq_length() == 6 + 23
     assert cache.nbytes() == kv_cache_bytes(layout.attention, {}, 2, 16, 29, batch=2)
@@ -167,7 +168,7 @@ def test_decoding_through_the_cache_matches_the_residual_simulation(model_builde
     kv_bits = {a: {"k": 2 + i % 3, "v": 4 - i % 3} for i, a in enumerate(layout.attention)}
     with torch.no_grad():
         cache = packed_cache(layout, kv_bits, group_size=4, residual=4)
-        decoded = torch.cat([model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits
+        decoded = torch.cat([model(input_ids=ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True).logits
                              for t in range(ids.shape[1])], dim=1)
         with kv_fake_quant(model, kv_bits, group_size=4, residual=4):
             simulated = model(input_ids=ids, use_cache=False).logits
@@ -175,3 +176,16 @@ def test_decoding_through_the_cache_matches_the_residual_simulation(model_builde
     gap = (decoded - simulated).abs().max().item()
     effect = (simulated - dense).abs().max().item()
     assert effect > 1e-3 and gap < 0.25 * effect
+
+
+def test_cache_argument_named_as_the_installed_transformers_names_it():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; older releases reject ``cache``."""
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            return input_ids
+
+    assert cache_kwargs(Old(), "c") == {"past_key_values": "c"} and cache_kwargs(New(), "c") == {"cache": "c"}

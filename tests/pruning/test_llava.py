@@ -14,6 +14,7 @@ from sparsealloc.objectives.kv_memory import kv_cache_bytes
 from sparsealloc.pruning.apply import prune_
 from sparsealloc.pruning.calibration.stats import collect_stats
 from sparsealloc.pruning.kv.cache import packed_cache
+from sparsealloc.pruning.kv.generation import cache_kwargs
 from sparsealloc.pruning.kv.quant import kv_fake_quant
 from sparsealloc.pruning.model.structure import model_layout
 
@@ -100,7 +101,7 @@ def test_kv_quantization_reaches_only_the_language_model(llava):
         assert torch.equal(x, y)
 
     cache = packed_cache(layout, {a: {"k": 4, "v": 2} for a in layout.attention}, group_size=4)
-    out = llava.generate(**batch, cache=cache, max_new_tokens=6, do_sample=False)
+    out = llava.generate(**batch, **cache_kwargs(llava, cache), max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 12 + 6) and cache.get_seq_length() == 12 + 5
     expected = kv_cache_bytes(layout.attention, {a: {"k": 4, "v": 2} for a in layout.attention}, 2, 16, 17, 4, batch=2)
     assert cache.nbytes() == expected
