@@ -159,28 +159,17 @@ def check_cpu_load(threads: int | None = None) -> Check:
 
 
 def check_bfloat16(size: int = 768, repeats: int = 5, timer: Callable[[], float] = time.perf_counter) -> Check:
-    """Compare a bfloat16 with a float32 matrix product on the trial device: evo trials run in
-    bfloat16 (``proxy_dtype``), which only pays where the hardware has it (AMX/AVX-512 BF16, GPUs).
+    """Compare a bfloat16 with a float32 matrix product on the trial device: evo trials
+    (``proxy_dtype: auto``) run in bfloat16 only where it is the faster (AMX/AVX-512 BF16, GPUs).
     """
-    import torch
-
-    from sparsealloc.pruning.model.models import resolve_device
+    from sparsealloc.pruning.model.models import bfloat16_speedup, resolve_device
 
     device = resolve_device(None)
-
-    def seconds(dtype) -> float:
-        a = torch.randn(size, size, device=device).to(dtype)
-        (a @ a).sum().item()  # warm up
-        start = timer()
-        for _ in range(repeats):
-            (a @ a).sum().item()
-        return (timer() - start) / repeats
-
-    fp32, bf16 = seconds(torch.float32), seconds(torch.bfloat16)
+    fp32, bf16 = bfloat16_speedup(device, size, repeats, timer)
     detail = f"{size}² product on {device}: bfloat16 {bf16 * 1e3:.2f} ms, float32 {fp32 * 1e3:.2f} ms"
     if bf16 > fp32:
-        return Check("bfloat16", "WARN", f"{detail}: bfloat16 is slower here",
-                     "set proxy_dtype: float32 in evo study specs (trials then run in float32)")
+        return Check("bfloat16", "WARN", f"{detail}: bfloat16 is slower here, so evo trials (proxy_dtype: auto) "
+                     "run in float32", "nothing to do (proxy_dtype: float32 makes it explicit)")
     return Check("bfloat16", "OK", f"{detail} ({fp32 / max(bf16, 1e-9):.1f}× faster; evo trials use it)")
 
 

@@ -42,6 +42,7 @@ from sparsealloc.pruning.layer_drop import blocks_removed
 from sparsealloc.pruning.layer_prune import first_dropped
 from sparsealloc.pruning.level_db import LevelDatabase, needs_database
 from sparsealloc.pruning.masked import mask_report, masked_forward, stitched_forward
+from sparsealloc.pruning.model.models import resolve_proxy_dtype
 from sparsealloc.pruning.pipeline import prune_with_plan_
 from sparsealloc.spaces.budget import budget_with_removed
 from sparsealloc.spaces.space import SearchSpace
@@ -103,6 +104,8 @@ class TrialEvaluator:
         self.gram_rung = spec.early_stopping.uses_gram_rung
         #: The model of the latest :meth:`applied` block (ctx.model or the compute-dtype copy).
         self.last_model = ctx.model
+        #: Compute dtype of trial forwards (``spec.proxy_dtype``, "auto" resolved on this worker's device).
+        self.proxy_dtype = resolve_proxy_dtype(spec.proxy_dtype, ctx.device)
         if "layer_local" in spec.objectives:
             ctx.cache_layer_grams()
         if "layer_drop" in spec.space:
@@ -165,7 +168,7 @@ class TrialEvaluator:
         """The worker's model compressed as ``plan`` says, for as long as the block runs.
 
         ``fast``: where the plan's Linears are stitched (cached masks or the level database), apply
-        it to :meth:`~EvalContext.compute_model` in the spec's ``proxy_dtype`` instead of
+        it to :meth:`~EvalContext.compute_model` in :attr:`proxy_dtype` instead of
         ``ctx.model`` (how trials are scored); the model used is :attr:`last_model`. Validation
         and ``apply`` use the default, ``ctx.model`` in its own dtype.
 
@@ -179,7 +182,7 @@ class TrialEvaluator:
         """
         ctx = self.ctx
         kv = (plan.kv_bits, self.spec.kv.group_size, self.spec.kv.residual)
-        dtype = getattr(torch, self.spec.proxy_dtype) if fast else None
+        dtype = self.proxy_dtype if fast else None
         self.last_model = ctx.model
         ratios = self.cached_ratios(plan)
         if ratios is not None:

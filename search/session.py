@@ -223,8 +223,21 @@ def warm_start_values(evaluator: TrialEvaluator, names: tuple[str, ...],
             out[name] = space.encode_sparsity(allocate(name, inputs, spec.target_sparsity))
         elif "allocator" in spec.space and spec.allocator.name == name:
             out[name] = space.defaults()
-    for path in spec.seed_plans:
-        out[f"plan:{Path(path).stem}"] = space.encode_plan(AllocationPlan.load(path))
+    for label, path in seed_plan_labels(spec.seed_plans).items():
+        out[label] = space.encode_plan(AllocationPlan.load(path))
+    return out
+
+
+def seed_plan_labels(paths: tuple[str, ...]) -> dict[str, str]:
+    """Warm-start name of each seed plan: ``plan:<file stem>``, with its folder where stems repeat
+    (``runs/kv3/best.json`` and ``runs/kv4/best.json`` → ``plan:kv3/best``, ``plan:kv4/best``)."""
+    stems = [Path(p).stem for p in paths]
+    out: dict[str, str] = {}
+    for path, stem in zip(paths, stems):
+        label = f"plan:{stem}" if stems.count(stem) == 1 else f"plan:{Path(path).parent.name}/{stem}"
+        while label in out:
+            label += "'"
+        out[label] = path
     return out
 
 

@@ -19,7 +19,7 @@ Example::
     calibration: {text: null, samples: 16, seq_len: 256, seed: 0}
     validation: {text: null, seq_len: 512, windows: 20, top_k: 5, max_seconds: null}
     warm_start: [uniform, owl, depth_ramp]
-    proxy_dtype: null             # trial forwards: float32, bfloat16 (null: bfloat16 for evo, else float32)
+    proxy_dtype: null             # trial forwards: float32, bfloat16, auto (null: auto for evo, else float32)
 
 CLI flags override fields. Unknown keys, wrong types and out-of-range values raise SpecError saying
 what was expected and what was received.
@@ -48,7 +48,9 @@ FORWARD_PROXIES = ("kl", "reconstruction", "hidden")
 PRUNER_NAMES = ("none", "median", "successive_halving")
 ALLOCATOR_SPACES = ("owl", "depth_ramp")
 WARM_STARTS = ("uniform", "owl", "depth_ramp", "alphapruning", "mrp", "dp")
-PROXY_DTYPES = ("float32", "bfloat16", "float16")  #: compute dtype of trial forwards (spec.proxy_dtype)
+#: Compute dtype of trial forwards (spec.proxy_dtype); "auto": bfloat16 where the trial device runs
+#: it faster than float32, else float32 (resolved by the evaluator, ``resolve_proxy_dtype``).
+PROXY_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def _expect(cond: bool, what: str, got: Any) -> None:
@@ -351,7 +353,7 @@ class StudySpec:
     #: AllocationPlan JSON files queued as extra warm starts (e.g. budgeted optima seeding a front).
     seed_plans: tuple[str, ...] = ()
     device: str | None = None
-    proxy_dtype: str | None = None  # None: "bfloat16" for evo, else "float32" (see README)
+    proxy_dtype: str | None = None  # None: "auto" for evo, else "float32" (see README)
 
     def __post_init__(self) -> None:
         # Defaults that depend on the sampler (measured in benchmarks/search_quality.md): the evo
@@ -363,7 +365,7 @@ class StudySpec:
         if isinstance(self.layerwise, LayerwiseSpec) and self.layerwise.granularity is None:
             object.__setattr__(self, "layerwise", replace(self.layerwise, granularity="module" if evo else "block"))
         if self.proxy_dtype is None:
-            object.__setattr__(self, "proxy_dtype", "bfloat16" if evo else "float32")
+            object.__setattr__(self, "proxy_dtype", "auto" if evo else "float32")
         if isinstance(self.evo, EvoSpec) and isinstance(self.evo.stages, list):
             object.__setattr__(self, "evo", replace(self.evo, stages=tuple(
                 tuple(st) if isinstance(st, list) else st for st in self.evo.stages)))

@@ -7,6 +7,8 @@ with ``importlib.util.find_spec`` without importing the package.
 
 from __future__ import annotations
 
+import time
+
 import contextlib
 import functools
 import importlib.util
@@ -58,6 +60,32 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if (resolved.index or 0) >= count:
             raise SpecError(f"expected a CUDA device this machine has ({count} visible), but got {device!r}")
     return resolved
+
+
+def bfloat16_speedup(device: torch.device, size: int = 512, repeats: int = 3,
+                     timer=time.perf_counter) -> tuple[float, float]:
+    """Seconds of one ``size``² matrix product in float32 and in bfloat16 on ``device`` (after a
+    warm-up). bfloat16 pays only where the hardware has it (GPUs, AMX / AVX-512 BF16 CPUs): on an
+    AVX2-only CPU a bfloat16 product is several times slower than float32."""
+
+    def seconds(dtype) -> float:
+        a = torch.randn(size, size, device=device).to(dtype)
+        (a @ a).sum().item()  # warm up
+        start = timer()
+        for _ in range(repeats):
+            (a @ a).sum().item()
+        return (timer() - start) / repeats
+
+    return seconds(torch.float32), seconds(torch.bfloat16)
+
+
+def resolve_proxy_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of trial forwards: ``name`` itself, or for "auto" bfloat16 where a
+    bfloat16 product is faster than a float32 one on ``device`` (:func:`bfloat16_speedup`), else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    fp32, bf16 = bfloat16_speedup(torch.device(device))
+    return torch.bfloat16 if bf16 < fp32 else torch.float32
 
 
 def embedded_gguf(name: str = "smollm2-135m") -> Path:

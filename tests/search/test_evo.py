@@ -271,8 +271,8 @@ def test_sparsegpt_trials_stitch_the_level_database_and_apply_reproduces_them(ll
 @pytest.mark.parametrize("metric", ["wanda", "sparsegpt"])
 def test_bfloat16_trials_run_a_copy_and_stay_close_to_float32(llama_ctx, tmp_path, metric):
     spec32 = StudySpec(target_sparsity=0.5, sampler="evo", metric=MetricSpec(name=metric), proxy_dtype="float32")
-    spec16 = StudySpec(target_sparsity=0.5, sampler="evo", metric=MetricSpec(name=metric))
-    assert spec16.proxy_dtype == "bfloat16" and spec16.spec_hash() != spec32.spec_hash()
+    spec16 = StudySpec(target_sparsity=0.5, sampler="evo", metric=MetricSpec(name=metric), proxy_dtype="bfloat16")
+    assert StudySpec(sampler="evo").proxy_dtype == "auto" and spec16.spec_hash() != spec32.spec_hash()
     assert StudySpec().spec_hash() == StudySpec(proxy_dtype="float32").spec_hash()  # older studies' hashes kept
     dense = {n: p.detach().clone() for n, p in llama_ctx.model.named_parameters()}
     ev32 = TrialEvaluator(llama_ctx, spec32, database_root=str(tmp_path / "db"))
@@ -291,6 +291,18 @@ def test_bfloat16_trials_run_a_copy_and_stay_close_to_float32(llama_ctx, tmp_pat
     assert all(torch.equal(p, dense[n]) for n, p in llama_ctx.model.named_parameters())
     with pytest.raises(SpecError, match="proxy_dtype"):
         StudySpec(proxy_dtype="int8")
+
+
+@pytest.mark.parametrize("seconds, expected", [((1.0, 0.5), torch.bfloat16), ((0.5, 1.0), torch.float32)])
+def test_auto_proxy_dtype_takes_bfloat16_only_where_it_is_faster(llama_ctx, monkeypatch, seconds, expected):
+    """evo's default ``proxy_dtype: auto``: bfloat16 where a bfloat16 product beats float32 on the
+    trial device (GPUs, AMX CPUs), float32 where it is slower (AVX2-only CPUs: several times)."""
+    from sparsealloc.pruning.model import models
+
+    monkeypatch.setattr(models, "bfloat16_speedup", lambda device, *a, **k: seconds)
+    evaluator = TrialEvaluator(llama_ctx, StudySpec(target_sparsity=0.5, sampler="evo"))
+    assert evaluator.proxy_dtype == expected
+    assert evaluator(evaluator.space.defaults()).state == "complete" and evaluator.last_model.dtype == expected
 
 
 @pytest.mark.parametrize("url", ["sqlite", "memory"])

@@ -114,3 +114,13 @@ def test_front_seeded_with_a_plan_and_nsga3_under_a_kv_budget(fresh_model, windo
         bits = AllocationPlan.from_dict(t.user_attrs["plan"]).kv_bits
         assert [w for b in bits.values() for w in (b["k"], b["v"])] == widths  # stored params = scored widths
     assert len({tuple(t.params[p] for p in space.kv_params) for t in done}) > 2  # the widths did move
+
+
+def test_seed_plans_with_the_same_file_name_keep_one_warm_start_each():
+    """Exported plans are all called best.json: each still gets its own warm start (a collision
+    dropped two of the three budgeted optima seeding the first kv_front run)."""
+    from sparsealloc.search.session import seed_plan_labels
+
+    labels = seed_plan_labels(("runs/kv4/best.json", "runs/kv3/best.json", "x/front.json", "runs/kv4/best.json"))
+    assert list(labels) == ["plan:kv4/best", "plan:kv3/best", "plan:front", "plan:kv4/best'"]
+    assert list(labels.values()) == ["runs/kv4/best.json", "runs/kv3/best.json", "x/front.json", "runs/kv4/best.json"]
