@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[4.0, 3.0, 2.5, 2.0],
                         help="mean bits of the budgeted studies (KV-only studies skip the ladder's lowest rung: "
                              "uniform there); the joint optima seed the front")
+    parser.add_argument("--kinds", nargs="+", choices=["kv", "joint"], default=["kv", "joint"],
+                        help="budgeted studies to run: KV bits only, and/or joint (sparsity per Linear + KV)")
     parser.add_argument("--minutes", type=float, default=3.0, help="wall time of each budgeted evo study")
     parser.add_argument("--front-minutes", type=float, default=6.0, help="wall time of the NSGA-III study")
     parser.add_argument("--front-plans", type=int, default=10, help="front plans measured on held-out text")
@@ -58,6 +60,7 @@ def main() -> None:
     from sparsealloc.core.plan import AllocationPlan
     from sparsealloc.objectives import TrialEvaluator, kv_bytes_per_token
     from sparsealloc.pruning import perplexity, tokenize_stream
+    from sparsealloc.pruning.model.models import resolve_proxy_dtype
     from sparsealloc.search.session import build_evaluator
     from sparsealloc.search.study import run
     from sparsealloc.spaces.spec import CalibrationSpec, KVSpec, MetricSpec, StudySpec, ValidationSpec
@@ -108,7 +111,7 @@ def main() -> None:
             ladder[b] = record("uniform ladder", f"uniform {b}-bit", plan, measure(free, plan))
     # ---------------------------------------------------------------- budgeted optima
     optima: dict[tuple[str, float], tuple[Path, dict]] = {}
-    for joint in (False, True):
+    for joint in [kind == "joint" for kind in args.kinds]:
         for budget in args.budgets:
             if not joint and budget <= min(LADDER):
                 continue  # every slot at the lowest rung: the ladder's own point
@@ -125,11 +128,13 @@ def main() -> None:
             study = result.study
             n_complete = sum(1 for t in study.trials if t.state.name == "COMPLETE")
             n_pruned = sum(1 for t in study.trials if t.state.name == "PRUNED")
-            uniform_value = next((t.values[0] for t in study.trials if t.user_attrs.get("warm_start") == "uniform"
-                                  and t.state.name == "COMPLETE"), float("nan"))
+            start = next(t for t in study.trials if t.user_attrs.get("warm_start") == "uniform")
+            # Both on all calibration windows (the study scored them on different stage windows).
+            kl_start, kl_found = (evaluator(evaluator.space.encode_plan(p)).values[0]
+                                  for p in (AllocationPlan.from_dict(start.user_attrs["plan"]), plan))
             row = record(f"evo, {label}", f"budget {budget:g} bits", plan, measure(evaluator, plan),
-                         f"{n_complete}+{n_pruned} trials in {result.seconds / 60:.1f} min; KL {plan.provenance['values'][0]:.4f} "
-                         f"vs uniform-budget start {uniform_value:.4f}")
+                         f"{n_complete}+{n_pruned} trials in {result.seconds / 60:.1f} min; KL on all calibration "
+                         f"windows {kl_found:.4f} vs uniform-budget start {kl_start:.4f}")
             optima[(label, budget)] = (path, row)
     # ---------------------------------------------------------------- the front
     seeds = tuple(str(p) for (label, _), (p, _) in optima.items() if label.startswith("joint"))
@@ -203,11 +208,14 @@ def main() -> None:
         "unless the row searches it). KIVI group quantization, group 32, residual 0, K/V fake-quantized in attention "
         f"for every token, in trials and in the held-out PPL (WikiText-2 test, first {args.eval_windows}×512, seen by "
         f"no search or validation). Calibration pool {args.calib_samples}×256 from the first 70% of WikiText-2 valid; "
-        "validation 8×512 (fronts: 4×512) from its last 30%. Trials with `proxy_dtype: auto` (float32 on this AVX2 CPU; proxy KL to the dense model). "
+        "validation 8×512 (fronts: 4×512) from its last 30%. Trials with `proxy_dtype: auto` "
+        f"({str(resolve_proxy_dtype('auto', ctx.device)).removeprefix('torch.')} on this machine; proxy KL to the dense model). "
         f"Evo studies {args.minutes:g} min each, NSGA-III {args.front_minutes:g} min. Setup {t_setup.seconds:.0f} s; "
         f"ladder measured in {t_ladder.seconds:.0f} s.", "",
         f"Command: `python benchmarks/kv_front.py --minutes {args.minutes:g} --front-minutes {args.front_minutes:g} "
-        f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} --eval-windows {args.eval_windows}`", "",
+        f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} --kinds {' '.join(args.kinds)} "
+        f"--eval-windows {args.eval_windows}" + (f" --out {Path(args.out).relative_to(ROOT)}`" if Path(args.out).name != "kv_front.md"
+                                                  else "`"), "",
         "## Acceptance", "", *checks, "", *[f"- {n}" for n in notes], "",
         "## Held-out PPL against KV bytes", "", markdown_table(frame), "",
         f"![PPL against KV bytes]({plot.name})", "",

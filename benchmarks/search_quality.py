@@ -121,6 +121,7 @@ def main() -> None:
             result = run(spec, store, evaluator=evaluator, validate=True, export_dir=work / spec.name)
             study = result.study
             exported = AllocationPlan.load(result.exported[0])
+            exported.save(Path(args.out).with_name(f"{Path(args.out).stem}_{metric}{int(round(target * 100))}_{sampler}_plan.json"))
             lowest = study.best_trial
             chosen = exported.provenance["trial"]
             found = measure(evaluator, exported)
