@@ -20,13 +20,6 @@ from sparsealloc.pruning.model.structure import kv_geometry  # noqa: F401  (re-e
 from sparsealloc.pruning.kv.quant import key_quantized_length, value_quantized_length
 
 
-def bytes_per_element(bits: int, group_size: int = 32) -> float:
-    """Storage per element for ``bits``, scale and zero point included (head dim a multiple of 8 and of the group)."""
-    if bits >= 16:
-        return float(FULL_PRECISION_BYTES)
-    return bits / 8 + GROUP_PARAM_BYTES / group_size
-
-
 def _bits(kv_bits: Mapping[str, Mapping[str, int]], name: str) -> tuple[int, int]:
     bits = kv_bits.get(name, {"k": 16, "v": 16})
     return int(bits["k"]), int(bits["v"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,9 @@ def open_sampler(spec: StudySpec, storage: optuna.storages.BaseStorage, space: S
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
         study.set_user_attr(SPEC_HASH, spec.spec_hash())
         study.set_user_attr(SAMPLER, spec.sampler)
-        study.set_metric_names(list(spec.objectives))
+        with warnings.catch_warnings():  # Optuna 5 marks it experimental; the dashboard shows the names
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.objectives))
     else:
         check_same_spec(spec, stored)
     return cls(study, space)
@@ -271,17 +274,19 @@ class ValidationResult:
 
 
 def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
-    """Top-k by the first objective (single objective) or the Pareto set, plus the warm starts and
-    the evo sampler's latest parents (its own choice, each on the windows of its generation)."""
+    """The evo sampler's latest parents first (newest first: its own choice; its trials' values come
+    from different windows per generation, so the lowest ones are not the best plans), then top-k by
+    the first objective (single objective) or the Pareto set, then the warm starts. The order is
+    what a time-bounded validation keeps."""
     from sparsealloc.search.samplers.evo import recent_parents
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if PLAN in t.user_attrs]
-    if len(study.directions) == 1:
-        chosen = sorted(done, key=lambda t: t.values[0])[:top_k]
-    else:
-        chosen = list(study.best_trials)
     by_number = {t.number: t for t in done}
-    chosen += [by_number[n] for n in recent_parents(study, top_k) if n in by_number]
+    chosen = [by_number[n] for n in recent_parents(study, top_k) if n in by_number]
+    if len(study.directions) == 1:
+        chosen += sorted(done, key=lambda t: t.values[0])[:top_k]
+    else:
+        chosen += list(study.best_trials)
     chosen += [t for t in done if t.user_attrs.get(WARM_START)]
     unique, seen = [], set()
     for t in chosen:  # an evo parent re-scored is the same plan under another number
@@ -301,7 +306,7 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec,
              budget_seconds: float | None = None) -> ValidationResult:
     """Re-score chosen trials by perplexity on held-out text; store the result on the study.
 
-    Trials go best proxy first; once the next one would end past ``budget_seconds`` (estimated
+    Trials go in :func:`trials_to_validate`'s order; once the next one would end past ``budget_seconds`` (estimated
     from the mean time per plan so far) the rest are skipped and listed in the result. The first
     one is always validated. None: no bound.
     """

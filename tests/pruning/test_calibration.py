@@ -6,15 +6,9 @@ import pytest
 import torch
 
 from sparsealloc.core.errors import SpecError
-from sparsealloc.pruning.calibration import (
-    TextSource,
-    builtin_text,
-    calibration_windows,
-    collect_stats,
-    sample_windows,
-    stats_sharing,
-    tokenize_stream,
-)
+from sparsealloc.pruning.calibration.stats import collect_stats, stats_sharing
+from sparsealloc.pruning.calibration.text import (TextSource, builtin_text, calibration_windows, sample_windows,
+                                                  tokenize_stream)
 from sparsealloc.pruning.model.structure import model_layout
 
 

@@ -63,3 +63,31 @@ def test_validation_stops_at_its_time_bound_and_says_what_it_left(monkeypatch):
     monkeypatch.setattr("sparsealloc.search.study.warm_start_trials", lambda study: {})
     lines = validation_lines(study, session.validate(study, evaluator, spec, budget_seconds=100.0).to_dict())
     assert "3 more plan(s) not validated" in lines[-1]
+
+
+def test_validation_takes_the_evo_parents_first_newest_first():
+    """Under a time bound only the first candidates are validated: for evo these must be its latest
+    parents, not the trials whose values (on other generations' windows) happen to be lowest."""
+    import optuna
+
+    from sparsealloc.core.keys import PLAN, WARM_START
+    from sparsealloc.search.samplers.evo import PARENT_ATTR
+    from sparsealloc.search.session import trials_to_validate
+
+    study = optuna.create_study()
+    dist = {"x": optuna.distributions.FloatDistribution(0, 10)}
+    values = {0: 0.30, 1: 0.10, 2: 0.20, 3: 0.50, 4: 0.40}  # the stale warm start (1) scored lowest
+    for n, value in values.items():
+        attrs = {PLAN: {}, **({WARM_START: "uniform"} if n == 1 else {})}
+        study.add_trial(optuna.trial.create_trial(params={"x": float(n)}, distributions=dist, value=value,
+                                                  user_attrs=attrs))
+    study.set_user_attr(PARENT_ATTR, {"history": [1, 2, 4, 3]})
+    order = [t.number for t in trials_to_validate(study, top_k=2)]
+    assert order[:2] == [3, 4]  # newest parents first
+    assert order == [3, 4, 1, 2]  # then the lowest values, the warm start already in
+
+    plain = optuna.create_study()
+    for n, value in values.items():
+        plain.add_trial(optuna.trial.create_trial(params={"x": float(n)}, distributions=dist, value=value,
+                                                  user_attrs={PLAN: {}}))
+    assert [t.number for t in trials_to_validate(plain, top_k=2)] == [1, 2]  # other samplers: best proxy first
