@@ -214,8 +214,7 @@ def main() -> None:
         f"ladder measured in {t_ladder.seconds:.0f} s.", "",
         f"Command: `python benchmarks/kv_front.py --minutes {args.minutes:g} --front-minutes {args.front_minutes:g} "
         f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} --kinds {' '.join(args.kinds)} "
-        f"--eval-windows {args.eval_windows}" + (f" --out {Path(args.out).relative_to(ROOT)}`" if Path(args.out).name != "kv_front.md"
-                                                  else "`"), "",
+        f"--eval-windows {args.eval_windows}" + (f" --out {args.out}`" if Path(args.out).name != "kv_front.md" else "`"), "",
         "## Acceptance", "", *checks, "", *[f"- {n}" for n in notes], "",
         "## Held-out PPL against KV bytes", "", markdown_table(frame), "",
         f"![PPL against KV bytes]({plot.name})", "",
