@@ -57,6 +57,7 @@ def main() -> None:
     from pymoo.indicators.hv import HV
 
     from sparsealloc.core import progress
+    from sparsealloc.core.keys import PLAN, WARM_START
     from sparsealloc.core.plan import AllocationPlan
     from sparsealloc.objectives import TrialEvaluator, kv_bytes_per_token
     from sparsealloc.pruning import perplexity, tokenize_stream
@@ -128,10 +129,10 @@ def main() -> None:
             study = result.study
             n_complete = sum(1 for t in study.trials if t.state.name == "COMPLETE")
             n_pruned = sum(1 for t in study.trials if t.state.name == "PRUNED")
-            start = next(t for t in study.trials if t.user_attrs.get("warm_start") == "uniform")
+            start = next(t for t in study.trials if t.user_attrs.get(WARM_START) == "uniform")
             # Both on all calibration windows (the study scored them on different stage windows).
             kl_start, kl_found = (evaluator(evaluator.space.encode_plan(p)).values[0]
-                                  for p in (AllocationPlan.from_dict(start.user_attrs["plan"]), plan))
+                                  for p in (AllocationPlan.from_dict(start.user_attrs[PLAN]), plan))
             row = record(f"evo, {label}", f"budget {budget:g} bits", plan, measure(evaluator, plan),
                          f"{n_complete}+{n_pruned} trials in {result.seconds / 60:.1f} min; KL on all calibration "
                          f"windows {kl_found:.4f} vs uniform-budget start {kl_start:.4f}")

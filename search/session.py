@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from sparsealloc.search.pruners import make_pruner
 from sparsealloc.search.samplers.base import SAMPLERS, Sampler
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import StudySpec
+from sparsealloc.storage.optuna_adapter import experimental_api
 from sparsealloc.storage.rdb import create_or_load_study, load_study
 
 logger = logging.getLogger(__name__)
@@ -112,8 +112,7 @@ def open_sampler(spec: StudySpec, storage: optuna.storages.BaseStorage, space: S
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
         study.set_user_attr(SPEC_HASH, spec.spec_hash())
         study.set_user_attr(SAMPLER, spec.sampler)
-        with warnings.catch_warnings():  # Optuna 5 marks it experimental; the dashboard shows the names
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with experimental_api():  # the dashboard shows the names
             study.set_metric_names(list(spec.objectives))
     else:
         check_same_spec(spec, stored)

@@ -3,16 +3,28 @@
 Checked against Optuna 5.1.0 and pymoo 0.6.2; pyproject.toml bounds them (``optuna<6``,
 ``pymoo<0.7``). After an upgrade, check this module first. Optuna has no public way to write a
 trial's attributes by trial number outside ``Trial`` objects, which the orchestrator (writing
-outcomes that come back from workers) needs.
+outcomes that come back from workers) needs. Public APIs Optuna marks experimental are called
+inside :func:`experimental_api`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
 from sqlalchemy import text
+
+
+@contextlib.contextmanager
+def experimental_api() -> Iterator[None]:
+    """Calls of Optuna APIs marked experimental (RDB heartbeats, ``set_metric_names``), without the
+    ExperimentalWarning each would print."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:

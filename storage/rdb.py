@@ -13,7 +13,6 @@ import os
 import re
 import sqlite3
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sparsealloc.core.errors import SpecError, StorageError
 from sparsealloc.core.keys import DEFAULT_STORAGE, FAIL_REASON
 from sparsealloc.storage.coordination import requeue
-from sparsealloc.storage.optuna_adapter import set_trial_user_attr, trial_id_of
+from sparsealloc.storage.optuna_adapter import experimental_api, set_trial_user_attr, trial_id_of
 
 #: How SQLite URLs are written, for messages.
 SQLITE_FORMS = "sqlite:///relative.db or sqlite:////absolute.db"
@@ -282,8 +281,7 @@ def open_storage(url: str = DEFAULT_STORAGE, create: bool = True,
         if heartbeat_interval:
             heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": 4 * heartbeat_interval,
                          "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
-        with warnings.catch_warnings():  # "heartbeat_interval is an experimental feature"
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with experimental_api():  # "heartbeat_interval is an experimental feature"
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (SQLAlchemyError, sqlite3.Error, ImportError, RuntimeError) as exc:
         raise StorageError(f"cannot open the study store {redact(url)}: {_db_message(exc)}") from None
