@@ -13,6 +13,7 @@ import os
 import re
 import sqlite3
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -367,6 +368,11 @@ def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
         return [s.study_name for s in storage.get_all_studies()]
     except SQLAlchemyError as exc:
         raise StorageError(f"cannot read the study store: {_first_line(exc)}") from None
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials of ``study`` per state name in lower case ("complete", "fail", ...)."""
+    return dict(Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False)))
 
 
 def recover_orphans(study: optuna.Study) -> list[int]:

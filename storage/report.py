@@ -32,6 +32,7 @@ from sparsealloc.core.errors import StorageError
 from sparsealloc.core.keys import (ACHIEVED_SPARSITY, GENERATION, PLAN, SAMPLER, SPEC_ATTR, TRIAL_SECONDS,
                                    VALIDATION, WARM_START)
 from sparsealloc.core.plan import AllocationPlan
+from sparsealloc.storage.rdb import state_counts
 _INDEX_RE = re.compile(r"^\d+$")
 
 
@@ -217,12 +218,6 @@ class Report:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def _state_counts(study: optuna.Study) -> dict[str, int]:
-    from collections import Counter
-
-    return dict(Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False)))
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
@@ -243,7 +238,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def _study_facts(study: optuna.Study, trial: FrozenTrial, storage_label: str | None) -> dict[str, Any]:
     spec = study.user_attrs.get(SPEC_ATTR) or {}
     names = objective_names(study)
-    counts = _state_counts(study)
+    counts = state_counts(study)
     done = completed(study)
     facts: dict[str, Any] = {"study": study.study_name}
     if storage_label:
