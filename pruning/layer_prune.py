@@ -230,11 +230,7 @@ def drop_schedule(
     """
     import copy
 
-    clone = copy.deepcopy(model)
-    try:
-        return prune_layers_(clone, windows, n_blocks, compensate=compensate, batch_size=batch_size)
-    finally:
-        del clone
+    return prune_layers_(copy.deepcopy(model), windows, n_blocks, compensate=compensate, batch_size=batch_size)
 
 
 def first_dropped(schedule: LayerPruneResult, k: int) -> LayerPruneResult:
