@@ -496,19 +496,16 @@ class StudySpec:
         data = self.to_dict()
         for key in ("name", "trials", "timeout", "device", "validation"):
             data.pop(key, None)
-        if "layer_drop" not in self.space:  # keeps the hashes of studies made before the section existed
-            data.pop("layer_drop", None)
-        if not self.early_stopping.enabled:  # likewise
-            data.pop("early_stopping", None)
-        if self.sampler != "evo":  # likewise
-            data.pop("evo", None)
-        if not self.seed_plans:  # likewise
-            data.pop("seed_plans", None)
+        # Fields at their "off" value are left out: keeps the hashes of studies made before they existed
+        # (proxy_dtype: trials were computed in float32 before the field existed).
+        unused = {"layer_drop": "layer_drop" not in self.space, "early_stopping": not self.early_stopping.enabled,
+                  "evo": self.sampler != "evo", "seed_plans": not self.seed_plans,
+                  "proxy_dtype": self.proxy_dtype == "float32"}
+        for key in [k for k, off in unused.items() if off]:
+            data.pop(key, None)
         for key in ("budget", "budget_bytes"):  # likewise
             if data["kv"].get(key) is None:
                 data["kv"].pop(key, None)
-        if self.proxy_dtype == "float32":  # likewise (trials computed in float32 before the field existed)
-            data.pop("proxy_dtype", None)
         if self.layerwise.level_step == LayerwiseSpec.level_step:  # likewise
             data["layerwise"].pop("level_step", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
