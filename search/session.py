@@ -281,13 +281,10 @@ def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.Fro
     else:
         chosen += list(study.best_trials)
     chosen += [t for t in done if t.user_attrs.get(WARM_START)]
-    unique, seen = [], set()
+    unique: dict[tuple, optuna.trial.FrozenTrial] = {}
     for t in chosen:  # an evo parent re-scored is the same plan under another number
-        key = tuple(sorted(t.params.items()))
-        if key not in seen:
-            seen.add(key)
-            unique.append(t)
-    return unique
+        unique.setdefault(tuple(sorted(t.params.items())), t)
+    return list(unique.values())
 
 
 #: Least time bound of validation when it follows the search's duration (``validation.max_seconds`` null).
