@@ -57,15 +57,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     ppl = (study.user_attrs.get(VALIDATION) or {}).get("ppl", {})
     rows = []
     for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
-        for i, name in enumerate(names):
-            row[name] = t.values[i] if t.values is not None else math.nan
-        row["warm_start"] = t.user_attrs.get(WARM_START) or ""
-        row["generation"] = t.user_attrs.get(GENERATION)
-        row["achieved_sparsity"] = t.user_attrs.get(ACHIEVED_SPARSITY, math.nan)
-        row["trial_seconds"] = t.user_attrs.get(TRIAL_SECONDS, math.nan)
-        row["validation_ppl"] = ppl.get(str(t.number), math.nan)
-        rows.append(row)
+        values = t.values if t.values is not None else [math.nan] * len(names)
+        rows.append({"trial": t.number, "state": t.state.name.lower(), **dict(zip(names, values)),
+                     "warm_start": t.user_attrs.get(WARM_START) or "", "generation": t.user_attrs.get(GENERATION),
+                     "achieved_sparsity": t.user_attrs.get(ACHIEVED_SPARSITY, math.nan),
+                     "trial_seconds": t.user_attrs.get(TRIAL_SECONDS, math.nan),
+                     "validation_ppl": ppl.get(str(t.number), math.nan)})
     columns = ["trial", "state", *names, "warm_start", "generation", "achieved_sparsity", "trial_seconds",
                "validation_ppl"]
     frame = pd.DataFrame(rows, columns=columns)
