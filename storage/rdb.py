@@ -8,6 +8,7 @@ the writer); PostgreSQL gets ``pool_pre_ping``. SQLAlchemy errors are translated
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -269,11 +270,8 @@ def open_storage(url: str = DEFAULT_STORAGE, create: bool = True,
     engine_kwargs: dict[str, Any] = {}
     try:
         if path is not None:
-            con = sqlite3.connect(path)
-            try:
+            with contextlib.closing(sqlite3.connect(path)) as con:
                 con.execute("PRAGMA journal_mode=WAL")  # persists in the file
-            finally:
-                con.close()
             engine_kwargs["connect_args"] = {"timeout": 30}
         elif url.startswith("postgresql"):
             engine_kwargs.update(pool_size=4, max_overflow=4, pool_pre_ping=True, pool_recycle=1800,
