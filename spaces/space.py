@@ -282,11 +282,10 @@ class SearchSpace:
 
         Empty unless KV bits are searched; the highest width is :meth:`defaults` itself.
         """
-        kv = [p for p in self.params if p.name.startswith("kv_bits/")]
-        if not kv or self.kv_total is not None:  # under a budget the defaults already sit on it
+        if not self.kv_params or self.kv_total is not None:  # under a budget the defaults already sit on it
             return {}
         lower = sorted(set(self.spec.kv.bits), reverse=True)[1:]
-        return {f"uniform-kv{b}": {**self.defaults(), **{p.name: b for p in kv}} for b in lower}
+        return {f"uniform-kv{b}": {**self.defaults(), **dict.fromkeys(self.kv_params, b)} for b in lower}
 
     def encode_plan(self, plan: AllocationPlan) -> dict[str, Any]:
         """Parameters approximating ``plan``: its sparsity (:meth:`encode_sparsity`, layerwise spaces),
