@@ -8,6 +8,7 @@ received, no traceback), 1 runtime failure, 130 Ctrl-C, 141 stdout closed early 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -93,12 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _drop_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe."""
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # stdout is not a file (tests' StringIO)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # stdout is not a file (tests' StringIO)
-        pass
 
 
 def _globals_first(argv: list[str]) -> list[str]:
@@ -129,12 +128,10 @@ def _quiet_libraries(debug: bool) -> None:
         # (The variable counts when the library configures its logger later; the level when it has.)
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-        try:
+        with contextlib.suppress(ImportError):
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-        except ImportError:  # pragma: no cover
-            pass
 
 
 def _one_line(exc: BaseException) -> str:

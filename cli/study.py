@@ -178,13 +178,13 @@ def _execute(spec, args: argparse.Namespace) -> int:
 def list_command(args: argparse.Namespace) -> int:
     import optuna
 
-    from sparsealloc.storage.rdb import open_storage, store_errors
+    from sparsealloc.storage.rdb import open_storage, state_counts, store_errors
 
     rows = []
     with store_errors(args.storage):
         storage = open_storage(args.storage, create=False)
         for summary in optuna.get_all_study_summaries(storage):
-            states = _state_counts(optuna.load_study(study_name=summary.study_name, storage=storage))
+            states = state_counts(optuna.load_study(study_name=summary.study_name, storage=storage))
             rows.append((summary.study_name, len(summary.directions), states))
     if not rows:
         print("no studies")
@@ -193,20 +193,14 @@ def list_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _state_counts(study) -> dict[str, int]:
-    from collections import Counter
-
-    return dict(Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False)))
-
-
 def show_command(args: argparse.Namespace) -> int:
-    from sparsealloc.storage.rdb import load_study, open_storage, store_errors
+    from sparsealloc.storage.rdb import load_study, open_storage, state_counts, store_errors
 
     with store_errors(args.storage):
         study = load_study(open_storage(args.storage, create=False), args.name)
     print(f"study: {study.study_name}")
     print(f"objectives: {study.metric_names or ['value'] * len(study.directions)}")
-    print("trials: " + " ".join(f"{k}={v}" for k, v in _state_counts(study).items()))
+    print("trials: " + " ".join(f"{k}={v}" for k, v in state_counts(study).items()))
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if complete:
         if len(study.directions) == 1:

@@ -29,7 +29,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as replace_fields
 from pathlib import Path
 from typing import Any
 
@@ -256,13 +256,7 @@ class AllocationPlan:
 
     def replace(self, **changes: Any) -> AllocationPlan:
         """Copy with some fields replaced (validated again)."""
-        data = {
-            "sparsity": self.sparsity, "metric": self.metric, "pattern": self.pattern,
-            "kv_bits": self.kv_bits, "dropped_layers": self.dropped_layers, "model": self.model,
-            "provenance": self.provenance, "schema_version": self.schema_version,
-        }
-        data.update(changes)
-        return AllocationPlan(**data)
+        return replace_fields(self, **changes)
 
     # ----------------------------------------------------------------------------- resolution
     def expand(self, linear_names: Sequence[str]) -> dict[str, float]:

@@ -58,8 +58,7 @@ class Registry(Generic[T]):
             return self._eager[name]
         if name in self._lazy:
             module_name, _, attr = self._lazy[name].partition(":")
-            obj = getattr(importlib.import_module(module_name), attr)
-            self._eager[name] = obj
+            self._eager[name] = obj = getattr(importlib.import_module(module_name), attr)
             return obj
         raise UnknownNameError(
             f"unknown {self.kind} {name!r}; expected one of: {', '.join(self.names())}"

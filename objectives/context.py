@@ -23,6 +23,8 @@ takes the lazy copy while the model is still dense) and again when done.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,9 @@ from sparsealloc.core.types import LayerStats
 from sparsealloc.objectives.divergence import CHUNK, kl_reference
 from sparsealloc.objectives.layer_local import compact_grams, summed_error
 from sparsealloc.pruning.calibration.stats import collect_stats, decoder_trunk
+from sparsealloc.pruning.layer_prune import drop_schedule, untie_output_embeddings_
+from sparsealloc.pruning.masks import masked_copy_, pruned_count, pruned_part, row_rank
+from sparsealloc.pruning.metrics import score
 from sparsealloc.pruning.model.structure import ModelLayout, model_layout
 
 
@@ -142,8 +147,6 @@ class EvalContext:
         With compensation, Prune&Comp scales the embeddings too, so they join the pristine copy
         (and a tied LM head is untied first, so that scaling never reaches the logits).
         """
-        from sparsealloc.pruning.layer_prune import untie_output_embeddings_, drop_schedule
-
         if self.drop_schedule is not None and len(self.drop_schedule.dropped) >= max_blocks:
             return
         self.restore_()
@@ -161,9 +164,6 @@ class EvalContext:
         A trial's mask is then ``rank < k`` per row (:func:`~sparsealloc.pruning.masks.masked_copy_`):
         no per-trial scoring or sorting (int16: 2 bytes per weight).
         """
-        from sparsealloc.pruning.masks import row_rank
-        from sparsealloc.pruning.metrics import score
-
         if self.ranks_metric == metric:
             return
         self.ranks = {n: row_rank(score(metric.name, w, self.stats[n], dict(metric.params)))
@@ -184,8 +184,6 @@ class EvalContext:
         if dtype == self.model.dtype:
             return self.model
         if dtype not in self._compute_models:
-            import copy
-
             # Outside an applied plan the model is dense (trials restore it), so the copy is too.
             self._compute_models[dtype] = copy.deepcopy(self.model).to(dtype).eval()
         return self._compute_models[dtype]
@@ -199,10 +197,6 @@ class EvalContext:
         differs from an earlier one in a few Linears (the evo sampler's offspring) masks only those.
         ``dtype``: the masked weights' dtype (that of :meth:`compute_model`; None: the model's).
         """
-        from collections import OrderedDict
-
-        from sparsealloc.pruning.masks import masked_copy_, pruned_count
-
         if self._masked is None:
             self._masked = (OrderedDict(), [0])
         cache, size = self._masked
@@ -259,8 +253,6 @@ class EvalContext:
                 (the zero-forward rung, and trials run by masked_forward). None: ΔW = pristine −
                 current weights (the model as pruned in place; 0 while no pristine copy was needed).
         """
-        from sparsealloc.pruning.masks import pruned_part
-
         if not self.grams:  # not collected here: that would restore the model under a pruned trial
             raise ValueError("the layer-local error needs the Gram matrices: call cache_layer_grams() first")
         modules = dict(self.model.named_modules())

@@ -22,7 +22,7 @@ from sparsealloc.core.errors import SpecError
 from sparsealloc.core.registry import Registry, check_param_types
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.esd import matrix_alpha
-from sparsealloc.pruning.masks import row_mask, row_mask_from_order, row_order
+from sparsealloc.pruning.masks import row_mask_from_order, row_order
 from sparsealloc.pruning.metrics import wanda
 from sparsealloc.pruning.model.structure import ModelLayout
 from sparsealloc.spaces.budget import project_to_budget
@@ -68,11 +68,9 @@ def outlier_ratios(inputs: AllocationInputs, m: float) -> dict[str, float]:
     out = {}
     for block in inputs.layout.blocks:
         scores = [wanda(inputs.weights[n], inputs.stats[n]) for n in inputs.layout.block_linears(block)]
-        count, above = sum(s.numel() for s in scores), 0
+        count = sum(s.numel() for s in scores)
         mean = sum(float(s.double().sum()) for s in scores) / count  # on the scores' device (cuda included)
-        for s in scores:
-            above += int((s > m * mean).sum().item())
-        out[block] = 100.0 * above / count
+        out[block] = 100.0 * sum(int((s > m * mean).sum().item()) for s in scores) / count
     return out
 
 

@@ -80,10 +80,9 @@ class _BlockProbe:
             h_in, h_out = h_in.detach().float(), h_out.detach().float()
             cos = F.cosine_similarity(h_in, h_out, dim=-1).nan_to_num(nan=0.5)
             self.bi[index] += float((1 - cos).sum())
-            a_in = h_in.abs().reshape(-1, h_in.shape[-1]).sum(0)
-            a_out = h_out.abs().reshape(-1, h_out.shape[-1]).sum(0)
-            self.abs_in[index] = a_in if self.abs_in[index] is None else self.abs_in[index] + a_in
-            self.abs_out[index] = a_out if self.abs_out[index] is None else self.abs_out[index] + a_out
+            for sums, h in ((self.abs_in, h_in), (self.abs_out, h_out)):
+                a = h.abs().reshape(-1, h.shape[-1]).sum(0)
+                sums[index] = a if sums[index] is None else sums[index] + a
 
         return forward_hook
 
@@ -230,11 +229,7 @@ def drop_schedule(
     """
     import copy
 
-    clone = copy.deepcopy(model)
-    try:
-        return prune_layers_(clone, windows, n_blocks, compensate=compensate, batch_size=batch_size)
-    finally:
-        del clone
+    return prune_layers_(copy.deepcopy(model), windows, n_blocks, compensate=compensate, batch_size=batch_size)
 
 
 def first_dropped(schedule: LayerPruneResult, k: int) -> LayerPruneResult:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsealloc.core.plan import AllocationPlan, MetricChoice
+from sparsealloc.core.plan import AllocationPlan, MetricChoice, parse_pattern
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.apply import compress_linear, rank_maskable
 from sparsealloc.pruning.masks import pruned_count
@@ -98,8 +98,6 @@ class LevelDatabase:
     def __init__(self, folder: str | Path, metric: MetricChoice, pattern: str,
                  weights: Mapping[str, torch.Tensor], stats: Mapping[str, LayerStats] | None,
                  memory_bytes: int = 3 * 2**30) -> None:
-        from sparsealloc.core.plan import parse_pattern
-
         self.folder = Path(folder)
         self.metric, self.pattern = metric, pattern
         self.nm = parse_pattern(pattern)

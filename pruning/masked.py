@@ -12,8 +12,8 @@ call (instead of one per trial plus a restore), a few percent of the matrix prod
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,26 @@ def _masked_linear(module: nn.Linear, rank: Tensor, sparsity: float):
 
 
 @contextmanager
-def masked_forward(model: nn.Module, ratios: Mapping[str, float], ranks: Mapping[str, Tensor]) -> Iterator[None]:
+def _patched_linears(model: nn.Module, names: Iterable[str], make: Callable[[nn.Linear, str], Callable],
+                     who: str) -> Iterator[None]:
+    """Within the block, each Linear of ``names`` runs the instance ``forward`` ``make(module, name)``."""
+    modules = dict(model.named_modules())
+    patched = []
+    try:
+        for name in names:
+            module = modules[name]
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"{who} needs nn.Linear modules, but {name!r} is {type(module).__name__}")
+            module.forward = make(module, name)
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def masked_forward(model: nn.Module, ratios: Mapping[str, float], ranks: Mapping[str, Tensor]
+                   ) -> AbstractContextManager[None]:
     """Within the block, ``model`` computes as if each Linear ``name`` were pruned to ``ratios[name]``
     by the mask ``rank < k`` of ``ranks[name]`` (exactly :func:`~sparsealloc.pruning.masks.row_mask`
     of the cached scores); its weights are never written.
@@ -47,21 +66,8 @@ def masked_forward(model: nn.Module, ratios: Mapping[str, float], ranks: Mapping
     Raises:
         TypeError: a module to mask is not an ``nn.Linear``.
     """
-    modules = dict(model.named_modules())
-    patched = []
-    try:
-        for name, ratio in ratios.items():
-            if ratio <= 0:
-                continue
-            module = modules[name]
-            if not isinstance(module, nn.Linear):
-                raise TypeError(f"masked_forward needs nn.Linear modules, but {name!r} is {type(module).__name__}")
-            module.forward = _masked_linear(module, ranks[name], ratio)
-            patched.append(module)
-        yield
-    finally:
-        for module in patched:
-            del module.forward
+    return _patched_linears(model, (n for n, ratio in ratios.items() if ratio > 0),
+                            lambda module, name: _masked_linear(module, ranks[name], ratios[name]), "masked_forward")
 
 
 def _stitched_linear(module: nn.Linear, weight: Tensor, bias_delta: Tensor | None):
@@ -75,8 +81,8 @@ def _stitched_linear(module: nn.Linear, weight: Tensor, bias_delta: Tensor | Non
     return forward
 
 
-@contextmanager
-def stitched_forward(model: nn.Module, entries: Mapping[str, tuple[Tensor, Tensor | None]]) -> Iterator[None]:
+def stitched_forward(model: nn.Module, entries: Mapping[str, tuple[Tensor, Tensor | None]]
+                     ) -> AbstractContextManager[None]:
     """Within the block, each Linear ``name`` of ``entries`` computes with the given weight (and its
     bias plus the given bias change): a level database's layers stitched into the model by
     reference, no copy and no weight written (:mod:`sparsealloc.pruning.level_db`).
@@ -84,19 +90,8 @@ def stitched_forward(model: nn.Module, entries: Mapping[str, tuple[Tensor, Tenso
     Raises:
         TypeError: a module to stitch is not an ``nn.Linear``.
     """
-    modules = dict(model.named_modules())
-    patched = []
-    try:
-        for name, (weight, delta) in entries.items():
-            module = modules[name]
-            if not isinstance(module, nn.Linear):
-                raise TypeError(f"stitched_forward needs nn.Linear modules, but {name!r} is {type(module).__name__}")
-            module.forward = _stitched_linear(module, weight, delta)
-            patched.append(module)
-        yield
-    finally:
-        for module in patched:
-            del module.forward
+    return _patched_linears(model, entries, lambda module, name: _stitched_linear(module, *entries[name]),
+                            "stitched_forward")
 
 
 def mask_report(ratios: Mapping[str, float], layout: ModelLayout) -> PruneReport:

@@ -144,22 +144,19 @@ def lognorm(weight: Tensor, stats: LayerStats) -> Tensor:
 # ----------------------------------------------------------------------------- OptiShear meta-metric
 def _coefficient(name: str, a: Tensor) -> Tensor:
     """OptiShear coefficient operators on a 2-D tensor ``a`` (soda-lsq/AdaPrune operator_candidates.py)."""
-    eps = 1e-12
     if name == "no_coe":
         return torch.ones((), dtype=a.dtype, device=a.device)
-    if name == "row_sum":
-        return 1 / a.sum(dim=1, keepdim=True).clamp_min(eps)
-    if name == "column_sum":
-        return 1 / a.sum(dim=0, keepdim=True).clamp_min(eps)
-    if name == "relative_sum":
-        return 1 / (a.sum(dim=1, keepdim=True) + a.sum(dim=0, keepdim=True)).clamp_min(eps)
-    if name == "to_sum_scalar":
-        return 1 / a.sum().clamp_min(eps)
-    if name == "to_mean_scalar":
-        return 1 / a.mean().clamp_min(eps)
-    if name == "frobenius_norm":
-        return 1 / a.norm().clamp_min(eps)
-    raise SpecError(f"coefficient must be one of {list(COEFFICIENTS)}, but got {name!r}")
+    table: dict[str, Callable[[Tensor], Tensor]] = {
+        "row_sum": lambda t: t.sum(dim=1, keepdim=True),
+        "column_sum": lambda t: t.sum(dim=0, keepdim=True),
+        "relative_sum": lambda t: t.sum(dim=1, keepdim=True) + t.sum(dim=0, keepdim=True),
+        "to_sum_scalar": torch.sum,
+        "to_mean_scalar": torch.mean,
+        "frobenius_norm": torch.norm,
+    }
+    if name not in table:
+        raise SpecError(f"coefficient must be one of {list(COEFFICIENTS)}, but got {name!r}")
+    return 1 / table[name](a).clamp_min(1e-12)
 
 
 def _transform(name: str, a: Tensor) -> Tensor:

@@ -68,16 +68,13 @@ def prune_sequential_(model: nn.Module, plan: AllocationPlan, windows: torch.Ten
     layout = layout or model_layout(model)
     gram = metric_traits(plan.metric.name).gram is not None
     report = PruneReport(numels=dict(layout.numels))
-    ratios = resolve_plan(plan, layout)
-    for name in layout.linears:
-        report.requested[name] = ratios[name]
-        report.achieved[name] = 0.0
+    report.requested.update(resolve_plan(plan, layout))
+    report.achieved.update(dict.fromkeys(layout.linears, 0.0))
     for block, block_plan in track(block_plans(plan, layout), desc="sequential", unit="block"):
         names = tuple(block_plan.sparsity)
         sub = replace(layout, linears=names)  # collect_stats hooks only the layout's Linears
         stats: Mapping = collect_stats(model, windows, batch_size=batch_size, gram=gram, layout=sub)
         part = prune_(model, block_plan, stats, layout=layout)
         report.biased.extend(part.biased)
-        for name in names:
-            report.achieved[name] = part.achieved[name]
+        report.achieved.update({name: part.achieved[name] for name in names})
     return report

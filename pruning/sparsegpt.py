@@ -34,7 +34,7 @@ from torch import Tensor
 
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.types import LayerStats
-from sparsealloc.pruning.masks import pruned_count
+from sparsealloc.pruning.masks import pruned_count, row_rank
 
 
 def inverse_hessian_factor(gram: Tensor, percdamp: float = 0.01) -> Tensor:
@@ -77,10 +77,7 @@ def _block_mask(saliency: Tensor, start: int, stop: int, cols: int, row_counts: 
     """Mask of columns [start, stop) pruning each row's (or the tile's) share of this block."""
     if per_row:
         k = row_counts * stop // cols - row_counts * start // cols  # (rows,)
-        order = torch.argsort(saliency, dim=1, stable=True)
-        positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-        ranks = torch.empty_like(order).scatter_(1, order, positions)
-        return ranks < k.to(saliency.device).reshape(-1, 1)
+        return row_rank(saliency) < k.to(saliency.device).reshape(-1, 1)
     total = int(row_counts.sum())
     k = total * stop // cols - total * start // cols
     mask = torch.zeros(saliency.numel(), dtype=torch.bool, device=saliency.device)

@@ -45,7 +45,7 @@ class StudyRun:
 
 def complete_count(study: optuna.Study) -> int:
     """COMPLETE trials in the study (the budget counts these)."""
-    return _count(study, TrialState.COMPLETE)
+    return count_trials(study, TrialState.COMPLETE)
 
 
 def best_value_text(study: optuna.Study) -> str:
@@ -55,10 +55,6 @@ def best_value_text(study: optuna.Study) -> str:
     if len(study.directions) == 1:
         return f"{min(t.values[0] for t in trials):.4g}"
     return f"pareto={len(study.best_trials)}"
-
-
-def _count(study: optuna.Study, state: TrialState) -> int:
-    return count_trials(study, state)
 
 
 def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: float | None = None,
@@ -89,7 +85,7 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
             if not timed_out:
                 with lock.hold():
                     # RUNNING trials a multi-stage sampler holds between its stages are not in flight.
-                    in_flight = _count(study, TrialState.RUNNING) - sampler.parked
+                    in_flight = count_trials(study, TrialState.RUNNING) - sampler.parked
                     remaining = n_trials - complete_count(study) - in_flight
                     free = max(0, dispatcher.capacity - dispatcher.in_flight)
                     if min(free, remaining) > 0:
@@ -104,7 +100,7 @@ def run_study(sampler: Sampler, dispatcher: Dispatcher, n_trials: int, timeout: 
             if dispatcher.in_flight == 0:
                 # Nothing of ours in flight: done, unless another orchestrator's RUNNING trials may
                 # still fail (and need redoing) before the budget is reached.
-                if timed_out or complete_count(study) >= n_trials or _count(study, TrialState.RUNNING) == 0:
+                if timed_out or complete_count(study) >= n_trials or count_trials(study, TrialState.RUNNING) == 0:
                     break
                 time.sleep(poll_seconds)
                 continue

@@ -5,7 +5,6 @@ This is lifecycle code; the math lives in spaces/, pruning/ and objectives/.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping
@@ -35,9 +34,6 @@ from sparsealloc.spaces.spec import StudySpec
 from sparsealloc.storage.optuna_adapter import experimental_api
 from sparsealloc.storage.rdb import create_or_load_study, load_study
 
-logger = logging.getLogger(__name__)
-
-
 
 def calibration_source(spec: StudySpec) -> TextSource:
     return TextSource.of(spec.calibration.text, spec.calibration.dataset)
@@ -62,12 +58,10 @@ def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None) -
     text = None if selected is not None or windows is not None else calibration_source(spec).read()
     if model is None:
         model, tokenizer, _ = load_model(spec.model, device=spec.device)
-    if windows is not None:
-        pass
-    elif selected:
+    if selected:
         selected.check_tokenizer(tokenizer)
         windows = selected.windows
-    else:
+    elif windows is None:
         windows = sample_windows(tokenize_stream(tokenizer, text), spec.calibration.samples,
                                  spec.calibration.seq_len, spec.calibration.seed)
     layer_grams = spec.early_stopping.uses_gram_rung or "layer_local" in spec.objectives
@@ -287,13 +281,10 @@ def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.Fro
     else:
         chosen += list(study.best_trials)
     chosen += [t for t in done if t.user_attrs.get(WARM_START)]
-    unique, seen = [], set()
+    unique: dict[tuple, optuna.trial.FrozenTrial] = {}
     for t in chosen:  # an evo parent re-scored is the same plan under another number
-        key = tuple(sorted(t.params.items()))
-        if key not in seen:
-            seen.add(key)
-            unique.append(t)
-    return unique
+        unique.setdefault(tuple(sorted(t.params.items())), t)
+    return list(unique.values())
 
 
 #: Least time bound of validation when it follows the search's duration (``validation.max_seconds`` null).
@@ -310,8 +301,6 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec,
     one is always validated. None: no bound.
     """
     from scipy.stats import spearmanr
-
-    from sparsealloc.core.plan import AllocationPlan
 
     ctx = evaluator.ctx
     stream = tokenize_stream(ctx.tokenizer, validation_source(spec).read())

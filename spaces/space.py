@@ -18,7 +18,7 @@ of a few levels that a database can hold.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -153,12 +153,8 @@ class SearchSpace:
             ]
         if "kv" in spec.space:
             bits = tuple(sorted(set(spec.kv.bits)))
-            for i, _ in enumerate(layout.attention):
-                stem = f"kv_bits/layer_{i:02d}"
-                if spec.kv.separate_kv:
-                    self.params += [ChoiceParam(f"{stem}/k", bits), ChoiceParam(f"{stem}/v", bits)]
-                else:
-                    self.params.append(ChoiceParam(stem, bits))
+            names = [n for _, slot in self._kv_slots() for n in dict.fromkeys(slot.values())]
+            self.params += [ChoiceParam(n, bits) for n in names]
         #: KV parameters (one per slot, or per layer when K and V share a width) and, under
         #: ``kv.budget`` / ``kv.budget_bytes``, the total they must stay within: bits, or bytes per
         #: token with ``kv_cost`` the bytes of each slot at each rung (:mod:`sparsealloc.spaces.kv_budget`).
@@ -178,6 +174,13 @@ class SearchSpace:
         if "layer_drop" in spec.space:
             self.params.append(IntParam(DROP_PARAM, 0, min(spec.layer_drop.max_blocks, len(layout.blocks) - 1)))
         self.by_name = {p.name: p for p in self.params}
+
+    def _kv_slots(self) -> Iterator[tuple[str, dict[str, str]]]:
+        """(attention FQN, {"k": parameter, "v": parameter}) per layer; one parameter for both
+        without ``kv.separate_kv``."""
+        for i, attn in enumerate(self.layout.attention):
+            stem = f"kv_bits/layer_{i:02d}"
+            yield attn, {x: f"{stem}/{x}" if self.spec.kv.separate_kv else stem for x in ("k", "v")}
 
     def _slot_costs(self) -> dict[str, dict[int, float]]:
         heads, head_dim = getattr(self.layout, "kv_heads", 0), getattr(self.layout, "head_dim", 0)
@@ -251,15 +254,7 @@ class SearchSpace:
         if self.kv_total is not None:  # every candidate meets the bit budget
             fitted = self.snap_kv({n: get(self.by_name[n]) for n in self.kv_params})
             get = lambda p: fitted[p.name]  # noqa: E731
-        out = {}
-        for i, attn in enumerate(self.layout.attention):
-            stem = f"kv_bits/layer_{i:02d}"
-            if self.spec.kv.separate_kv:
-                out[attn] = {"k": int(get(self.by_name[f"{stem}/k"])), "v": int(get(self.by_name[f"{stem}/v"]))}
-            else:
-                bits = int(get(self.by_name[stem]))
-                out[attn] = {"k": bits, "v": bits}
-        return out
+        return {attn: {x: int(get(self.by_name[n])) for x, n in names.items()} for attn, names in self._kv_slots()}
 
     def default(self, param: Param) -> Any:
         """Value meaning "as the hand-made default": target ratio, Wanda metric, 16-bit KV."""
@@ -287,11 +282,10 @@ class SearchSpace:
 
         Empty unless KV bits are searched; the highest width is :meth:`defaults` itself.
         """
-        kv = [p for p in self.params if p.name.startswith("kv_bits/")]
-        if not kv or self.kv_total is not None:  # under a budget the defaults already sit on it
+        if not self.kv_params or self.kv_total is not None:  # under a budget the defaults already sit on it
             return {}
         lower = sorted(set(self.spec.kv.bits), reverse=True)[1:]
-        return {f"uniform-kv{b}": {**self.defaults(), **{p.name: b for p in kv}} for b in lower}
+        return {f"uniform-kv{b}": {**self.defaults(), **dict.fromkeys(self.kv_params, b)} for b in lower}
 
     def encode_plan(self, plan: AllocationPlan) -> dict[str, Any]:
         """Parameters approximating ``plan``: its sparsity (:meth:`encode_sparsity`, layerwise spaces),
@@ -303,14 +297,10 @@ class SearchSpace:
         values = self.encode_sparsity(plan.expand(self.layout.linears)) if self.groups else self.defaults()
         if self.kv_params:
             plan.check_kv_layers(self.layout.attention)
-            for i, attn in enumerate(self.layout.attention):
+            for attn, names in self._kv_slots():  # K and V sharing a parameter take the wider width
                 bits = plan.kv_bits.get(attn, {"k": 16, "v": 16})
-                stem = f"kv_bits/layer_{i:02d}"
-                if self.spec.kv.separate_kv:
-                    values[f"{stem}/k"], values[f"{stem}/v"] = (self.by_name[f"{stem}/{x}"].clip(int(bits[x]))
-                                                                for x in ("k", "v"))
-                else:
-                    values[stem] = self.by_name[stem].clip(max(int(bits["k"]), int(bits["v"])))
+                for name in dict.fromkeys(names.values()):
+                    values[name] = self.by_name[name].clip(max(int(bits[x]) for x in names if names[x] == name))
         if DROP_PARAM in self.by_name:
             values[DROP_PARAM] = self.by_name[DROP_PARAM].clip(len(plan.dropped_layers))
         return self.snap_kv(values)

@@ -84,9 +84,7 @@ def _unknown_keys(data: Mapping[Any, Any], names: set[str]) -> list[str]:
 
 
 def _section(data: Mapping[str, Any], key: str, cls: type) -> Any:
-    value = data.get(key, {})
-    if value is None:
-        value = {}
+    value = {} if data.get(key) is None else data[key]
     _expect(isinstance(value, Mapping), f"spec '{key}' must be a mapping", value)
     names = {f.name for f in fields(cls)}
     unknown = _unknown_keys(value, names)
@@ -160,8 +158,7 @@ class KVSpec:
         _expect(len(bits) >= 1 and all(_is_int(b) and b in (2, 3, 4, 8, 16) for b in bits),
                 "kv.bits must be a non-empty subset of [2, 3, 4, 8, 16]", self.bits)
         _expect(_is_int(self.group_size) and self.group_size >= 1, "kv.group_size must be a positive integer", self.group_size)
-        _expect(isinstance(self.residual, int) and not isinstance(self.residual, bool) and self.residual >= 0,
-                "kv.residual must be an integer >= 0", self.residual)
+        _expect(_is_int(self.residual) and self.residual >= 0, "kv.residual must be an integer >= 0", self.residual)
         _expect(isinstance(self.separate_kv, bool), "kv.separate_kv must be true or false", self.separate_kv)
         if self.budget is not None:
             _expect(_is_number(self.budget) and min(bits) <= self.budget <= max(bits),
@@ -202,8 +199,7 @@ class CalibrationSpec:
     def validate(self) -> None:
         for key in ("samples", "seq_len", "batch_size"):
             value = getattr(self, key)
-            _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                    f"calibration.{key} must be a positive integer", value)
+            _expect(_is_int(value) and value >= 1, f"calibration.{key} must be a positive integer", value)
         for key in ("text", "dataset", "windows_file"):
             _expect(_optional_text(getattr(self, key)), f"calibration.{key} must be null or a non-empty string",
                     getattr(self, key))
@@ -386,8 +382,8 @@ class StudySpec:
             parse_pattern(self.pattern)
         except SpecError as exc:
             raise SpecError(f"spec {exc}") from None
-        _expect(isinstance(self.target_sparsity, (int, float)) and not isinstance(self.target_sparsity, bool)
-                and 0 <= self.target_sparsity < 1, "target_sparsity must be in [0, 1)", self.target_sparsity)
+        _expect(_is_number(self.target_sparsity) and 0 <= self.target_sparsity < 1,
+                "target_sparsity must be in [0, 1)", self.target_sparsity)
         space = tuple(self.space)
         _expect(len(space) > 0 and all(s in SPACE_COMPONENTS for s in space) and len(set(space)) == len(space),
                 f"space must be distinct names among {list(SPACE_COMPONENTS)}", self.space)
@@ -404,7 +400,7 @@ class StudySpec:
                     "optuna-nsga3 for several", list(objectives))
         for key in ("trials", "population_size"):
             value = getattr(self, key)
-            _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{key} must be a positive integer", value)
+            _expect(_is_int(value) and value >= 1, f"{key} must be a positive integer", value)
         _expect(self.timeout is None or (_is_number(self.timeout) and 0 < self.timeout < float("inf")),
                 "timeout must be null or a positive number of seconds", self.timeout)
         _expect(_is_int(self.seed), "seed must be an integer", self.seed)
@@ -496,19 +492,16 @@ class StudySpec:
         data = self.to_dict()
         for key in ("name", "trials", "timeout", "device", "validation"):
             data.pop(key, None)
-        if "layer_drop" not in self.space:  # keeps the hashes of studies made before the section existed
-            data.pop("layer_drop", None)
-        if not self.early_stopping.enabled:  # likewise
-            data.pop("early_stopping", None)
-        if self.sampler != "evo":  # likewise
-            data.pop("evo", None)
-        if not self.seed_plans:  # likewise
-            data.pop("seed_plans", None)
+        # Fields at their "off" value are left out: keeps the hashes of studies made before they existed
+        # (proxy_dtype: trials were computed in float32 before the field existed).
+        unused = {"layer_drop": "layer_drop" not in self.space, "early_stopping": not self.early_stopping.enabled,
+                  "evo": self.sampler != "evo", "seed_plans": not self.seed_plans,
+                  "proxy_dtype": self.proxy_dtype == "float32"}
+        for key in [k for k, off in unused.items() if off]:
+            data.pop(key, None)
         for key in ("budget", "budget_bytes"):  # likewise
             if data["kv"].get(key) is None:
                 data["kv"].pop(key, None)
-        if self.proxy_dtype == "float32":  # likewise (trials computed in float32 before the field existed)
-            data.pop("proxy_dtype", None)
         if self.layerwise.level_step == LayerwiseSpec.level_step:  # likewise
             data["layerwise"].pop("level_step", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

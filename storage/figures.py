@@ -36,17 +36,11 @@ def history_figure(history: pd.DataFrame, objective: str) -> Figure:
     ax.scatter(history["trial"], history[objective], s=18, color="#9aa5b1", label=f"trial {objective}", zorder=2)
     ax.step(history["trial"], history["best_so_far"], where="post", color="#d1495b", linewidth=2,
             label="best so far", zorder=3)
-    ax.set_xlabel("trial number")
-    ax.set_ylabel(objective)
-    ax.set_title(f"Optimization history ({objective})")
+    ax.set(xlabel="trial number", ylabel=objective, title=f"Optimization history ({objective})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
-
-
-def _front_line(front: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    return front.sort_values([x, y])
 
 
 def pareto_figure(pareto: pd.DataFrame, names: Sequence[str]) -> Figure:
@@ -62,7 +56,7 @@ def pareto_figure(pareto: pd.DataFrame, names: Sequence[str]) -> Figure:
                    label="Pareto set", zorder=3)
     else:
         ax.scatter(rest[x], rest[y], s=22, color="#9aa5b1", label="dominated", zorder=2)
-        line = _front_line(front, x, y)
+        line = front.sort_values([x, y])
         ax.plot(line[x], line[y], "o-", color="#d1495b", markersize=6, label="Pareto front", zorder=3)
     for row in front.itertuples(index=False):
         ax.annotate(str(row.trial), (getattr(row, x), getattr(row, y)), textcoords="offset points",
@@ -75,9 +69,7 @@ def pareto_figure(pareto: pd.DataFrame, names: Sequence[str]) -> Figure:
             bits = "16" if row.warm_start == "uniform" else str(row.warm_start).removeprefix("uniform-kv")
             ax.annotate(f"{bits}-bit", (getattr(row, x), getattr(row, y)), textcoords="offset points",
                         xytext=(-10, -12), fontsize=7)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title("Pareto front" + (f" ({x} vs {y})" if len(names) > 2 else ""))
+    ax.set(xlabel=x, ylabel=y, title="Pareto front" + (f" ({x} vs {y})" if len(names) > 2 else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
@@ -100,10 +92,7 @@ def pareto_3d_figure(pareto: pd.DataFrame, names: Sequence[str]) -> Figure:
     rest, front = pareto[~pareto["pareto"]], pareto[pareto["pareto"]]
     ax.scatter(rest[x], rest[y], rest[z], s=16, color="#9aa5b1", label="dominated")
     ax.scatter(front[x], front[y], front[z], s=36, color="#d1495b", label="Pareto set")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_zlabel(z)
-    ax.set_title("Pareto front (3 objectives)")
+    ax.set(xlabel=x, ylabel=y, zlabel=z, title="Pareto front (3 objectives)")
     ax.legend()
     return fig
 
@@ -121,11 +110,8 @@ def per_layer_figure(layers: pd.DataFrame, trial: int) -> Figure:
     if "dropped" in layers and layers["dropped"].any():
         for b in x[layers["dropped"]]:
             ax.axvspan(b - 0.5, b + 0.5, color="#ccc", alpha=0.6, zorder=1)
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity")
-    ax.set_title("Per-layer sparsity")
-    ax.set_xticks(list(x) if len(x) <= 40 else list(x)[:: max(1, len(x) // 20)])
-    ax.set_xlim(-0.5, len(x) - 0.5)
+    ax.set(xlabel="decoder block", ylabel="sparsity", title="Per-layer sparsity",
+           xticks=list(x) if len(x) <= 40 else list(x)[:: max(1, len(x) // 20)], xlim=(-0.5, len(x) - 0.5))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return fig
@@ -138,12 +124,9 @@ def kv_bits_figure(layers: pd.DataFrame, trial: int) -> Figure:
     width = 0.4
     ax.bar(x - width / 2, layers["k_bits"], width, color="#30638e", label="K bits")
     ax.bar(x + width / 2, layers["v_bits"], width, color="#edae49", label="V bits")
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("bits")
-    ax.set_yticks([2, 3, 4, 8, 16])
-    ax.set_title(f"KV-cache bits per layer (trial {trial})")
-    ax.set_xticks(list(x) if len(x) <= 40 else list(x)[:: max(1, len(x) // 20)])
-    ax.set_xlim(-0.5, len(x) - 0.5)
+    ax.set(xlabel="decoder block", ylabel="bits", yticks=[2, 3, 4, 8, 16],
+           title=f"KV-cache bits per layer (trial {trial})",
+           xticks=list(x) if len(x) <= 40 else list(x)[:: max(1, len(x) // 20)], xlim=(-0.5, len(x) - 0.5))
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return fig
@@ -157,8 +140,7 @@ def validation_figure(validation: pd.DataFrame, proxy: str) -> Figure:
         label = f"{row.trial}" + (f" {row.warm_start}" if row.warm_start else "")
         ax.annotate(label, (row.proxy, row.ppl), textcoords="offset points", xytext=(4, 4), fontsize=7)
     rho = validation.attrs.get("spearman")
-    ax.set_xlabel(f"proxy ({proxy})")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("Proxy vs validation PPL" + (f" (Spearman ρ = {rho:.3f})" if rho is not None else ""))
+    ax.set(xlabel=f"proxy ({proxy})", ylabel="validation perplexity",
+           title="Proxy vs validation PPL" + (f" (Spearman ρ = {rho:.3f})" if rho is not None else ""))
     ax.grid(alpha=0.3)
     return fig

@@ -8,11 +8,13 @@ the writer); PostgreSQL gets ``pool_pre_ping``. SQLAlchemy errors are translated
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import sqlite3
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -268,11 +270,8 @@ def open_storage(url: str = DEFAULT_STORAGE, create: bool = True,
     engine_kwargs: dict[str, Any] = {}
     try:
         if path is not None:
-            con = sqlite3.connect(path)
-            try:
+            with contextlib.closing(sqlite3.connect(path)) as con:
                 con.execute("PRAGMA journal_mode=WAL")  # persists in the file
-            finally:
-                con.close()
             engine_kwargs["connect_args"] = {"timeout": 30}
         elif url.startswith("postgresql"):
             engine_kwargs.update(pool_size=4, max_overflow=4, pool_pre_ping=True, pool_recycle=1800,
@@ -367,6 +366,11 @@ def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
         return [s.study_name for s in storage.get_all_studies()]
     except SQLAlchemyError as exc:
         raise StorageError(f"cannot read the study store: {_first_line(exc)}") from None
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials of ``study`` per state name in lower case ("complete", "fail", ...)."""
+    return dict(Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False)))
 
 
 def recover_orphans(study: optuna.Study) -> list[int]:

@@ -32,6 +32,7 @@ from sparsealloc.core.errors import StorageError
 from sparsealloc.core.keys import (ACHIEVED_SPARSITY, GENERATION, PLAN, SAMPLER, SPEC_ATTR, TRIAL_SECONDS,
                                    VALIDATION, WARM_START)
 from sparsealloc.core.plan import AllocationPlan
+from sparsealloc.storage.rdb import state_counts
 _INDEX_RE = re.compile(r"^\d+$")
 
 
@@ -56,15 +57,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     ppl = (study.user_attrs.get(VALIDATION) or {}).get("ppl", {})
     rows = []
     for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
-        for i, name in enumerate(names):
-            row[name] = t.values[i] if t.values is not None else math.nan
-        row["warm_start"] = t.user_attrs.get(WARM_START) or ""
-        row["generation"] = t.user_attrs.get(GENERATION)
-        row["achieved_sparsity"] = t.user_attrs.get(ACHIEVED_SPARSITY, math.nan)
-        row["trial_seconds"] = t.user_attrs.get(TRIAL_SECONDS, math.nan)
-        row["validation_ppl"] = ppl.get(str(t.number), math.nan)
-        rows.append(row)
+        values = t.values if t.values is not None else [math.nan] * len(names)
+        rows.append({"trial": t.number, "state": t.state.name.lower(), **dict(zip(names, values)),
+                     "warm_start": t.user_attrs.get(WARM_START) or "", "generation": t.user_attrs.get(GENERATION),
+                     "achieved_sparsity": t.user_attrs.get(ACHIEVED_SPARSITY, math.nan),
+                     "trial_seconds": t.user_attrs.get(TRIAL_SECONDS, math.nan),
+                     "validation_ppl": ppl.get(str(t.number), math.nan)})
     columns = ["trial", "state", *names, "warm_start", "generation", "achieved_sparsity", "trial_seconds",
                "validation_ppl"]
     frame = pd.DataFrame(rows, columns=columns)
@@ -217,12 +215,6 @@ class Report:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def _state_counts(study: optuna.Study) -> dict[str, int]:
-    from collections import Counter
-
-    return dict(Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False)))
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
@@ -243,7 +235,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def _study_facts(study: optuna.Study, trial: FrozenTrial, storage_label: str | None) -> dict[str, Any]:
     spec = study.user_attrs.get(SPEC_ATTR) or {}
     names = objective_names(study)
-    counts = _state_counts(study)
+    counts = state_counts(study)
     done = completed(study)
     facts: dict[str, Any] = {"study": study.study_name}
     if storage_label:

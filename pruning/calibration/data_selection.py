@@ -83,8 +83,7 @@ def kmeans_pp_init(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     for _ in range(1, k):
         weights = dist.clamp_min(0.0) ** 2
         if float(weights.sum()) <= 0.0:  # every point coincides with a seed: take unused points in order
-            unused = [i for i in range(n) if i not in set(chosen)]
-            chosen.append(unused[0])
+            chosen.append(next(i for i in range(n) if i not in set(chosen)))
         else:
             chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
         dist = torch.minimum(dist, 1.0 - x @ x[chosen[-1]])

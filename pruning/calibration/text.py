@@ -135,8 +135,7 @@ def dataset_text(spec: str, text_field: str = "text", max_chars: int | None = No
 
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     """Tokenize ``text`` as one stream, shape (tokens,)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 
 def sample_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:

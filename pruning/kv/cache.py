@@ -95,8 +95,7 @@ class PackedKVLayer(DynamicLayer):
                                             for bits in (self.k_bits, self.v_bits))
         self.key_scale, self.key_zero = empty(b, h, 0, d, dtype=torch.float16), empty(b, h, 0, d, dtype=torch.float16)
         groups = -(-d // self.group_size)
-        self.value_scale = empty(b, h, 0, groups, dtype=torch.float16)
-        self.value_zero = empty(b, h, 0, groups, dtype=torch.float16)
+        self.value_scale, self.value_zero = (empty(b, h, 0, groups, dtype=torch.float16) for _ in range(2))
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:

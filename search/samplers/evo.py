@@ -46,7 +46,6 @@ from sparsealloc.storage.optuna_adapter import create_running_trial, storage_of,
 
 #: ``user_attrs[SOURCE]`` of every trial this sampler creates.
 EVO_SOURCE = "evo"
-ROLE = EVO_ROLE
 PARENT_ATTR = EVO_PARENT
 #: Parents kept in the study attr's ``history`` (validation re-scores the latest ones).
 HISTORY = 32
@@ -66,11 +65,7 @@ class _Candidate:
 def recent_parents(study: optuna.Study, n: int) -> list[int]:
     """Trial numbers of the latest ``n`` distinct parents (newest first); empty for other samplers."""
     history = (study.user_attrs.get(PARENT_ATTR) or {}).get("history", [])
-    out: list[int] = []
-    for number in reversed(history):
-        if number not in out:
-            out.append(number)
-    return out[:n]
+    return list(dict.fromkeys(reversed(history)))[:n]
 
 
 def stage_windows(seed: int, generation: int, stage: int, size: int, pool: int) -> tuple[int, ...] | None:
@@ -335,14 +330,14 @@ class EvoSampler(Sampler):
         generation = self.generation
         if not cand.waiting:
             params = {k: self.space.by_name[k].clip(v) for k, v in cand.params.items()}
-            attrs = {GENERATION: generation, SOURCE: EVO_SOURCE, ROLE: cand.role}
+            attrs = {GENERATION: generation, SOURCE: EVO_SOURCE, EVO_ROLE: cand.role}
             cand.number, cand.trial_id = create_running_trial(self.study, params, self.distributions, attrs)
             cand.params, cand.attrs = params, attrs
             return
         trial = self.study.ask(fixed_distributions=self.distributions)  # pops a WAITING trial
         cand.number, cand.trial_id = trial.number, trial_id_of(trial)
         cand.params, cand.attrs = dict(trial.params), dict(trial.user_attrs)
-        for key, value in ((GENERATION, generation), (SOURCE, EVO_SOURCE), (ROLE, "queued")):
+        for key, value in ((GENERATION, generation), (SOURCE, EVO_SOURCE), (EVO_ROLE, "queued")):
             trial.set_user_attr(key, value)
 
     def _waiting(self) -> list[_Candidate]:

@@ -78,24 +78,12 @@ class _Codec:
 
     def __init__(self, params: Sequence[Param]) -> None:
         self.params = list(params)
-        lo, hi, rounded, steps = [], [], [], []
-        for p in self.params:
-            if isinstance(p, FloatParam):
-                a, b = (math.log(p.low), math.log(p.high)) if p.log else (p.low, p.high)
-                rounded.append(False)
-                steps.append(p.step if p.step and not p.log else 0.0)
-            elif isinstance(p, IntParam):
-                a, b = p.low, p.high
-                rounded.append(True)
-                steps.append(0.0)
-            else:
-                a, b = 0, len(p.choices) - 1
-                rounded.append(True)
-                steps.append(0.0)
-            lo.append(float(a))
-            hi.append(float(b))
-        self.lo, self.hi = np.array(lo, dtype=float), np.array(hi, dtype=float)
-        self.rounded, self.steps = np.array(rounded, dtype=bool), np.array(steps, dtype=float)
+        floats = [isinstance(p, FloatParam) for p in self.params]
+        bounds = np.array([_gene_bounds(p) for p in self.params], dtype=float).reshape(-1, 2)
+        self.lo, self.hi = bounds[:, 0], bounds[:, 1]
+        self.rounded = ~np.array(floats, dtype=bool)
+        self.steps = np.array([p.step if f and p.step and not p.log else 0.0 for p, f in zip(self.params, floats)],
+                              dtype=float)
         # pymoo's bounds: rounded genes get half a unit on each side, so that every integer
         # (every choice) is equally likely under uniform sampling and mutation; a fixed float
         # gene is widened because pymoo's operators divide by (xu - xl). Repair clips back.
@@ -138,6 +126,13 @@ class _Codec:
             else:
                 row.append(float(p.choices.index(p.clip(v))))
         return np.array(row, dtype=float)
+
+
+def _gene_bounds(p: Param) -> tuple[float, float]:
+    """A gene's range: [low, high] (log scale for log floats), or [0, len - 1] for a choice index."""
+    if isinstance(p, FloatParam):
+        return (math.log(p.low), math.log(p.high)) if p.log else (p.low, p.high)
+    return (p.low, p.high) if isinstance(p, IntParam) else (0, len(p.choices) - 1)
 
 
 @dataclass(eq=False)
