@@ -1,0 +1,77 @@
+"""Uniform KV ladder at several quantization group sizes: held-out PPL against KV bytes (SmolLM2, 50% Wanda).
+
+The evidence for (or against) a per-slot group-size rung in KV budgets (issue 20): at group 32 the fp16
+scale and zero cost one bit per element, as much as a step of the bit ladder, so coarser groups may buy
+more accuracy per byte than extra bits. Same protocol as ``kv_front.py`` (uniform 50% Wanda, calibration
+from the first 70% of WikiText-2 valid, held-out PPL on WikiText-2 test, K and V fake-quantized for every
+token, residual 0), every point measured in one run.
+
+    python benchmarks/kv_group_ladder.py --groups 32 64 128 --bits 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table, require_data
+from search_quality import split_valid
+
+EVAL_SEQ_LEN = 512
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "kv_group_ladder.md"))
+    args = parser.parse_args()
+    require_data()
+    from sparsealloc.core import progress
+    from sparsealloc.objectives import TrialEvaluator, kv_bytes_per_token
+    from sparsealloc.pruning import perplexity, tokenize_stream
+    from sparsealloc.search.session import build_evaluator
+    from sparsealloc.spaces.spec import CalibrationSpec, KVSpec, MetricSpec, StudySpec
+
+    progress.set_mode("quiet")
+    calib_text, _ = split_valid(Path(tempfile.mkdtemp(prefix="sparsealloc-kvgroups-")))
+    model, tokenizer, _ = load_smollm2()
+    test = tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text())
+    base = StudySpec(name="base", target_sparsity=args.target, metric=MetricSpec(name="wanda"), space=("kv",),
+                     calibration=CalibrationSpec(text=str(calib_text), samples=32, seq_len=256))
+    shared = build_evaluator(base, model, tokenizer)
+    layout = shared.ctx.layout
+    rows = []
+    with Timer() as t_all:
+        for group in args.groups:
+            evaluator = TrialEvaluator(shared.ctx, base.override(kv=KVSpec(group_size=group)))
+            for bits in [16, *args.bits] if group == args.groups[0] else args.bits:
+                values = {**evaluator.space.defaults(), **dict.fromkeys(evaluator.space.kv_params, bits)}
+                plan = evaluator.space.decode(values).to_plan()
+                with evaluator.applied(plan):
+                    ppl = perplexity(model, test, EVAL_SEQ_LEN, args.eval_windows)
+                nbytes = kv_bytes_per_token(layout.attention, plan.kv_bits, layout.kv_heads, layout.head_dim, group)
+                rows.append({"bits": bits, "group": group if bits < 16 else "-", "KV bytes/token": nbytes,
+                             "bits per element": 8 * nbytes / (2 * len(layout.attention) * layout.kv_heads
+                                                               * layout.head_dim),
+                             "held-out PPL": ppl})
+                print(rows[-1], flush=True)
+    frame = pd.DataFrame(rows).sort_values("KV bytes/token", ascending=False)
+    command = "python benchmarks/kv_group_ladder.py --groups " + " ".join(map(str, args.groups)) + " --bits " + \
+        " ".join(map(str, args.bits))
+    text = (f"# Uniform KV ladder at several group sizes (benchmarks/kv_group_ladder.py)\n\nMachine: {machine()}. "
+            f"SmolLM2-135M-Instruct (embedded GGUF, fp32), uniform Wanda at {args.target:.0%}; KIVI quantization "
+            f"(keys per channel, values per token), residual 0, every token fake-quantized; held-out PPL on "
+            f"WikiText-2 test, first {args.eval_windows}×{EVAL_SEQ_LEN}. All points in one run ({t_all.seconds:.0f} s).\n\n"
+            f"Command: `{command}`\n\n{markdown_table(frame)}\n")
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
