@@ -61,7 +61,31 @@ def main() -> None:
                                                                * layout.head_dim),
                              "held-out PPL": ppl})
                 print(rows[-1], flush=True)
-    frame = pd.DataFrame(rows).sort_values("KV bytes/token", ascending=False)
+        # Hand-made mixes at the bytes of uniform 3-bit at the first group (K and V cost the same per
+        # token when head_dim is a multiple of the group): 4 and 3 bits at group 2× the first.
+        mix_group = 2 * args.groups[0]
+        evaluator = TrialEvaluator(shared.ctx, base.override(kv=KVSpec(group_size=mix_group)))
+        plan = evaluator.space.decode(evaluator.space.defaults()).to_plan()
+        half = len(layout.attention) // 2
+        mixes = {
+            "K 4 / V 3": {a: {"k": 4, "v": 3} for a in layout.attention},
+            "K 3 / V 4": {a: {"k": 3, "v": 4} for a in layout.attention},
+            "first half 4, last half 3": {a: dict.fromkeys("kv", 4 if i < half else 3)
+                                          for i, a in enumerate(layout.attention)},
+            "first half 3, last half 4": {a: dict.fromkeys("kv", 3 if i < half else 4)
+                                          for i, a in enumerate(layout.attention)},
+        }
+        for name, kv_bits in mixes.items():
+            mixed = plan.replace(kv_bits=kv_bits)
+            with evaluator.applied(mixed):
+                ppl = perplexity(model, test, EVAL_SEQ_LEN, args.eval_windows)
+            nbytes = kv_bytes_per_token(layout.attention, kv_bits, layout.kv_heads, layout.head_dim, mix_group)
+            rows.append({"bits": name, "group": mix_group, "KV bytes/token": nbytes,
+                         "bits per element": 8 * nbytes / (2 * len(layout.attention) * layout.kv_heads
+                                                           * layout.head_dim),
+                         "held-out PPL": ppl})
+            print(rows[-1], flush=True)
+    frame = pd.DataFrame(rows).sort_values("KV bytes/token", ascending=False, kind="stable")
     command = "python benchmarks/kv_group_ladder.py --groups " + " ".join(map(str, args.groups)) + " --bits " + \
         " ".join(map(str, args.bits))
     text = (f"# Uniform KV ladder at several group sizes (benchmarks/kv_group_ladder.py)\n\nMachine: {machine()}. "
