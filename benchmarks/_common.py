@@ -52,6 +52,14 @@ def test_ppl(model, stream) -> float:
     return perplexity(model, stream, EVAL_SEQ_LEN, EVAL_WINDOWS)
 
 
+def plan_ppl(evaluator, plan, model, stream, windows: int = EVAL_WINDOWS) -> float:
+    """Held-out perplexity of ``model`` with ``plan`` applied by a study's evaluator (its pruning and KV bits)."""
+    from sparsealloc.pruning import perplexity
+
+    with evaluator.applied(plan):
+        return perplexity(model, stream, EVAL_SEQ_LEN, windows)
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

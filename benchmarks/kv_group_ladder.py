@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table, require_data
+from _common import EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table, plan_ppl, require_data
 from search_quality import split_valid
 
-EVAL_SEQ_LEN = 512
 
 
 def main() -> None:
@@ -34,7 +33,7 @@ def main() -> None:
     require_data()
     from sparsealloc.core import progress
     from sparsealloc.objectives import TrialEvaluator, kv_bytes_per_token
-    from sparsealloc.pruning import perplexity, tokenize_stream
+    from sparsealloc.pruning import tokenize_stream
     from sparsealloc.search.session import build_evaluator
     from sparsealloc.spaces.spec import CalibrationSpec, KVSpec, MetricSpec, StudySpec
 
@@ -47,20 +46,20 @@ def main() -> None:
     shared = build_evaluator(base, model, tokenizer)
     layout = shared.ctx.layout
     rows = []
+
+    def record(name, group: int, evaluator, plan) -> None:
+        nbytes = kv_bytes_per_token(layout.attention, plan.kv_bits, layout.kv_heads, layout.head_dim, group)
+        rows.append({"bits": name, "group": group if name != 16 else "-", "KV bytes/token": nbytes,
+                     "bits per element": 8 * nbytes / (2 * len(layout.attention) * layout.kv_heads * layout.head_dim),
+                     "held-out PPL": plan_ppl(evaluator, plan, model, test, args.eval_windows)})
+        print(rows[-1], flush=True)
+
     with Timer() as t_all:
         for group in args.groups:
             evaluator = TrialEvaluator(shared.ctx, base.override(kv=KVSpec(group_size=group)))
             for bits in [16, *args.bits] if group == args.groups[0] else args.bits:
                 values = {**evaluator.space.defaults(), **dict.fromkeys(evaluator.space.kv_params, bits)}
-                plan = evaluator.space.decode(values).to_plan()
-                with evaluator.applied(plan):
-                    ppl = perplexity(model, test, EVAL_SEQ_LEN, args.eval_windows)
-                nbytes = kv_bytes_per_token(layout.attention, plan.kv_bits, layout.kv_heads, layout.head_dim, group)
-                rows.append({"bits": bits, "group": group if bits < 16 else "-", "KV bytes/token": nbytes,
-                             "bits per element": 8 * nbytes / (2 * len(layout.attention) * layout.kv_heads
-                                                               * layout.head_dim),
-                             "held-out PPL": ppl})
-                print(rows[-1], flush=True)
+                record(bits, group, evaluator, evaluator.space.decode(values).to_plan())
         # Hand-made mixes at the bytes of uniform 3-bit at the first group (K and V cost the same per
         # token when head_dim is a multiple of the group): 4 and 3 bits at group 2× the first.
         mix_group = 2 * args.groups[0]
@@ -76,15 +75,7 @@ def main() -> None:
                                           for i, a in enumerate(layout.attention)},
         }
         for name, kv_bits in mixes.items():
-            mixed = plan.replace(kv_bits=kv_bits)
-            with evaluator.applied(mixed):
-                ppl = perplexity(model, test, EVAL_SEQ_LEN, args.eval_windows)
-            nbytes = kv_bytes_per_token(layout.attention, kv_bits, layout.kv_heads, layout.head_dim, mix_group)
-            rows.append({"bits": name, "group": mix_group, "KV bytes/token": nbytes,
-                         "bits per element": 8 * nbytes / (2 * len(layout.attention) * layout.kv_heads
-                                                           * layout.head_dim),
-                         "held-out PPL": ppl})
-            print(rows[-1], flush=True)
+            record(name, mix_group, evaluator, plan.replace(kv_bits=kv_bits))
     frame = pd.DataFrame(rows).sort_values("KV bytes/token", ascending=False, kind="stable")
     command = "python benchmarks/kv_group_ladder.py --groups " + " ".join(map(str, args.groups)) + " --bits " + \
         " ".join(map(str, args.bits))

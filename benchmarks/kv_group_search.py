@@ -14,10 +14,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, require_data
+from _common import EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, load_smollm2, machine, plan_ppl, require_data
 from search_quality import split_valid
 
-EVAL_SEQ_LEN = 512
 LADDER_GROUP = 32
 
 
@@ -36,7 +35,7 @@ def main() -> None:
     from sparsealloc.core import progress
     from sparsealloc.core.plan import AllocationPlan
     from sparsealloc.objectives import TrialEvaluator, kv_bytes_per_token
-    from sparsealloc.pruning import perplexity, tokenize_stream
+    from sparsealloc.pruning import tokenize_stream
     from sparsealloc.search.session import build_evaluator
     from sparsealloc.search.study import run
     from sparsealloc.spaces.spec import CalibrationSpec, KVSpec, MetricSpec, StudySpec, ValidationSpec
@@ -54,8 +53,7 @@ def main() -> None:
     layout = shared.ctx.layout
 
     def measure(evaluator, plan) -> float:
-        with evaluator.applied(plan):
-            return perplexity(model, test, EVAL_SEQ_LEN, args.eval_windows)
+        return plan_ppl(evaluator, plan, model, test, args.eval_windows)
 
     ladder_eval = TrialEvaluator(shared.ctx, base)
     values = {**ladder_eval.space.defaults(), **dict.fromkeys(ladder_eval.space.kv_params, args.ladder_bits)}

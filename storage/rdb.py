@@ -8,7 +8,6 @@ the writer); PostgreSQL gets ``pool_pre_ping``. SQLAlchemy errors are translated
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import re
@@ -16,7 +15,7 @@ import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,7 +269,7 @@ def open_storage(url: str = DEFAULT_STORAGE, create: bool = True,
     engine_kwargs: dict[str, Any] = {}
     try:
         if path is not None:
-            with contextlib.closing(sqlite3.connect(path)) as con:
+            with closing(sqlite3.connect(path)) as con:
                 con.execute("PRAGMA journal_mode=WAL")  # persists in the file
             engine_kwargs["connect_args"] = {"timeout": 30}
         elif url.startswith("postgresql"):

@@ -33,6 +33,7 @@ from sparsealloc.core.keys import (ACHIEVED_SPARSITY, GENERATION, PLAN, SAMPLER,
                                    VALIDATION, WARM_START)
 from sparsealloc.core.plan import AllocationPlan
 from sparsealloc.storage.rdb import state_counts
+
 _INDEX_RE = re.compile(r"^\d+$")
 
 
