@@ -35,11 +35,20 @@ from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table
 EVAL_SEQ_LEN = 512
 
 
-def split_valid(folder: Path) -> tuple[Path, Path]:
+def split_valid(folder: Path, mix: str | None = None) -> tuple[Path, Path]:
+    """Calibration text (the first 70% of WikiText-2 valid) and validation text (its last 30%).
+
+    With ``mix`` (another text), the calibration text is half WikiText-2 and half that text, in
+    characters: a mixed-domain calibration set (Williams & Aletras, 2024, on the calibration data's
+    effect on pruning).
+    """
     lines = (WIKITEXT / "valid.txt").read_text().splitlines(keepends=True)
     cut = int(len(lines) * 0.7)
     calib, val = folder / "calib.txt", folder / "validation.txt"
-    calib.write_text("".join(lines[:cut]))
+    calib_text = "".join(lines[:cut])
+    if mix:
+        calib_text = calib_text[:len(mix)] + "\n\n" + mix[:len(calib_text)]
+    calib.write_text(calib_text)
     val.write_text("".join(lines[cut:]))
     return calib, val
 
@@ -55,6 +64,9 @@ def main() -> None:
     parser.add_argument("--owl-lambdas", type=float, nargs="+", default=[0.04, 0.08, 0.12, 0.16])
     parser.add_argument("--ramp-betas", type=float, nargs="+", default=[0.002, 0.004, 0.006, 0.008, 0.010, 0.012, 0.014])
     parser.add_argument("--eval-windows", type=int, default=20, help="windows × 512 of each held-out text")
+    parser.add_argument("--calib-mix", action="store_true",
+                        help="calibrate on half WikiText-2 valid, half the built-in Python-docs calibration topics "
+                             "(disjoint from its evaluation topics); validation stays on WikiText-2 only")
     args = parser.parse_args()
     require_data()
     from sparsealloc.core import progress
@@ -73,7 +85,7 @@ def main() -> None:
         SAMPLERS.get(name)
     progress.set_mode("quiet")
     work = Path(tempfile.mkdtemp(prefix="sparsealloc-quality-"))
-    calib_text, val_text = split_valid(work)
+    calib_text, val_text = split_valid(work, TextSource("builtin", "calib").read() if args.calib_mix else None)
     store = f"sqlite:///{Path(args.store) if args.store else work / 'studies.db'}"
     model, tokenizer, _ = load_smollm2()
     streams = {"wikitext2-test": tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text()),
@@ -166,7 +178,10 @@ def main() -> None:
     text = [
         "# Search quality (benchmarks/search_quality.py)", "",
         f"Machine: {machine()}. Model: SmolLM2-135M-Instruct (embedded GGUF, fp32). Calibration: a pool of "
-        f"{args.calib_samples}×256 tokens from the first 70% of WikiText-2 valid; validation (picks the exported "
+        f"{args.calib_samples}×256 tokens from "
+        + ("half the first 70% of WikiText-2 valid, half the built-in Python-docs calibration topics (in "
+           "characters; topics disjoint from its evaluation text)" if args.calib_mix else
+           "the first 70% of WikiText-2 valid") + "; validation (picks the exported "
         "plan): 8×512 from its last 30%; held-out evaluation: WikiText-2 test and the built-in Python-docs "
         f"evaluation text, {args.eval_windows}×512 each. Dense PPL {dense['wikitext2-test']:.2f} / {dense['python-docs']:.2f}. "
         f"Studies: {', '.join(args.samplers)}, {args.minutes:g} min each, sampler defaults (evo: KL proxy, one "
@@ -174,7 +189,7 @@ def main() -> None:
         f"Command: `python benchmarks/search_quality.py --settings {' '.join(args.settings)} --samplers "
         f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples} "
         f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
-        f"--eval-windows {args.eval_windows}`", "",
+        f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}`", "",
         *lines, "", markdown_table(frame), "",
         f"![validation PPL of the incumbent against wall-clock]({plot_curve.name})", "",
         f"![per-Linear sparsity of the winners]({plot_shape.name})", "",
