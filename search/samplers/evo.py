@@ -78,9 +78,10 @@ def stage_windows(seed: int, generation: int, stage: int, size: int, pool: int) 
 
 
 def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]], swaps: int,
-                 rng: np.random.Generator) -> dict[str, int]:
+                 rng: np.random.Generator, lowered: set[str] | None = None) -> dict[str, int]:
     """``swaps`` level switches: each lowers one group by a level and raises another by one, within
-    bounds, so the sum of levels (the budget) is unchanged (EvoPress's mutation)."""
+    bounds, so the sum of levels (the budget) is unchanged (EvoPress's mutation). ``lowered``, when
+    given, receives the groups lowered."""
     out = dict(levels)
     names = sorted(out)
     for _ in range(swaps):
@@ -93,6 +94,8 @@ def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]
         b = choices[int(rng.integers(len(choices)))]
         out[a] -= 1
         out[b] += 1
+        if lowered is not None:
+            lowered.add(a)
     return out
 
 
@@ -104,21 +107,11 @@ def bit_switch(bits: Mapping[str, int], ladder: Sequence[int], swaps: int, rng: 
     rungs differ in size."""
     rungs = sorted(set(int(b) for b in ladder))
     index = {b: i for i, b in enumerate(rungs)}
-    out = dict(bits)
-    names = sorted(out)
     raised: set[str] = set()
-    for _ in range(swaps):
-        up = [n for n in names if index[out[n]] + 1 < len(rungs)]
-        down = [n for n in names if index[out[n]] > 0]
-        if not up or not down or (len(up) == 1 and up == down):
-            break
-        a = up[int(rng.integers(len(up)))]
-        choices = [n for n in down if n != a]
-        b = choices[int(rng.integers(len(choices)))]
-        out[a] = rungs[index[out[a]] + 1]
-        out[b] = rungs[index[out[b]] - 1]
-        raised.add(a)
-    return out, raised
+    # A level switch on the negated rung indices: lowering one raises that slot's width.
+    negated = level_switch({n: -index[b] for n, b in bits.items()}, dict.fromkeys(bits, (1 - len(rungs), 0)),
+                           swaps, rng, raised)
+    return {n: rungs[-level] for n, level in negated.items()}, raised
 
 
 class EvoSampler(Sampler):
