@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from sparsealloc.core.errors import SpecError
@@ -178,6 +179,14 @@ def load(args: argparse.Namespace):
         except RuntimeError:
             raise SpecError(f"expected a torch device such as 'cpu' or 'cuda:0', but got {args.device!r}") from None
     return load_model(args.model, device=args.device)
+
+
+def print_result(args: argparse.Namespace, result: dict[str, Any], **json_only: Any) -> None:
+    """``key: value`` per line, then with ``--log-format json`` the result (plus ``json_only``) as one JSON line."""
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    if args.log_format == "json":
+        print(json.dumps({**result, **json_only}))
 
 
 def prune_from_args(args: argparse.Namespace, model, tokenizer, layout, plan, calib, calib_text: str,
