@@ -125,11 +125,7 @@ def calibration_source(args: argparse.Namespace, plan=None):
         from sparsealloc.pruning.calibration.select import read_calibration_set
 
         return read_calibration_set(args.calib_windows)
-    if args.calib_text:
-        return TextSource("file", args.calib_text)
-    if getattr(args, "calib_dataset", None):
-        return TextSource("dataset", args.calib_dataset, text_field=args.calib_text_field, max_chars=5_000_000)
-    return TextSource("builtin", builtin)
+    return TextSource.of(args.calib_text, getattr(args, "calib_dataset", None), args.calib_text_field, builtin)
 
 
 def eval_source(path: str | None):
