@@ -285,15 +285,14 @@ class EvoSampler(Sampler):
     def _mutate(self, rng: np.random.Generator) -> dict[str, Any]:
         child = dict(self.parent)
         K = self.config.max_swaps
+        swaps = lambda: int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))  # noqa: E731
         if self.grid is not None:
-            swaps = int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))
             levels = self.grid.levels_of({g: child[g] for g in self.space.groups})
-            for g, ratio in self.grid.ratios(level_switch(levels, self.grid.bounds, swaps, rng)).items():
+            for g, ratio in self.grid.ratios(level_switch(levels, self.grid.bounds, swaps(), rng)).items():
                 child[g] = self.space.by_name[g].clip(ratio)
         if self.kv_switched:
-            swaps = int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))
             bits = {n: int(child[n]) for n in sorted(self.kv_switched)}
-            switched, raised = bit_switch(bits, self.space.kv_ladder, swaps, rng)
+            switched, raised = bit_switch(bits, self.space.kv_ladder, swaps(), rng)
             child = self.space.snap_kv({**child, **switched}, protect=raised)
         if self.others:
             rate = 1.0 / len(self.others)
