@@ -164,16 +164,9 @@ def check_plan_modules(plan, model_name: str) -> None:
 
 
 def load(args: argparse.Namespace):
-    """Load the model named by ``--model`` on ``--device``."""
+    """Load the model named by ``--model`` on ``--device`` (checked by ``load_model`` before any weight is read)."""
     from sparsealloc.pruning.model.models import load_model
 
-    if args.device is not None:
-        import torch
-
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            raise SpecError(f"expected a torch device such as 'cpu' or 'cuda:0', but got {args.device!r}") from None
     return load_model(args.model, device=args.device)
 
 
