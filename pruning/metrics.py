@@ -87,6 +87,7 @@ def wanda(weight: Tensor, stats: LayerStats) -> Tensor:
     return weight.abs().float() * stats.norm.float()  # (out, in) * (in,)
 
 
+@METRICS.register("stade")
 @_declare(bias=lambda params, fqn: bool(params.get("bias", False)))
 def stade(weight: Tensor, stats: LayerStats, bias: bool = False) -> Tensor:
     """STADE score |W_ij|·σ_j (Coello de Portugal Mecke et al. 2025, arXiv:2503.22451).
@@ -96,9 +97,6 @@ def stade(weight: Tensor, stats: LayerStats, bias: bool = False) -> Tensor:
     pass ``bias=True`` to have :func:`~sparsealloc.pruning.prune_` apply it.
     """
     return weight.abs().float() * stats.std.float()
-
-
-METRICS.register("stade")(stade)
 
 
 @METRICS.register("stadew")
