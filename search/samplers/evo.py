@@ -85,9 +85,10 @@ def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]
     out = dict(levels)
     names = sorted(out)
     for _ in range(swaps):
-        down = [g for g in names if out[g] > bounds[g][0]]
         up = [g for g in names if out[g] < bounds[g][1]]
-        if not down or not up or (len(down) == 1 and down == up):
+        # A group may be lowered if another group can take the level it gives up.
+        down = [g for g in names if out[g] > bounds[g][0] and any(u != g for u in up)]
+        if not down:
             break
         a = down[int(rng.integers(len(down)))]
         choices = [g for g in up if g != a]
