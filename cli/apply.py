@@ -32,16 +32,13 @@ def register(sub) -> None:
     parser.set_defaults(handler=run)
 
 
-def lm_eval_command(directory: str | Path, tasks: str = LM_EVAL_TASKS, batch_size: int = 8) -> str:
-    """The lm-evaluation-harness command line that evaluates the checkpoint in ``directory``."""
-    return (f"lm_eval --model hf --model_args {shlex.quote(f'pretrained={directory}')} "
-            f"--tasks {tasks} --batch_size {batch_size}")
-
-
-def sparsealloc_eval_command(directory: str | Path, tasks: str = LM_EVAL_TASKS, batch_size: int = 8) -> str:
-    """``sparsealloc evaluate --tasks``: lm-eval on a checkpoint that only sparsealloc decompresses."""
-    return (f"sparsealloc evaluate --model {shlex.quote(str(directory))} --tasks {tasks} "
-            f"--batch-size {batch_size}")
+def eval_command(directory: str | Path, dense: bool) -> str:
+    """The lm-evaluation-harness command line that evaluates the checkpoint in ``directory``; for a
+    checkpoint that only sparsealloc decompresses (not ``dense``), ``sparsealloc evaluate --tasks``."""
+    if dense:
+        return f"lm_eval --model hf --model_args {shlex.quote(f'pretrained={directory}')} --tasks {LM_EVAL_TASKS} " \
+               "--batch_size 8"
+    return f"sparsealloc evaluate --model {shlex.quote(str(directory))} --tasks {LM_EVAL_TASKS} --batch-size 8"
 
 
 def check_plan(path: str):
@@ -75,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         _, saved = save_with_format(args, model, tokenizer, save, plan)
         recipe = write_recipe(plan, layout.linears, save / "recipe.yaml")
     dense = args.format == "dense"
-    command = lm_eval_command(save.resolve()) if dense else sparsealloc_eval_command(save.resolve())
+    command = eval_command(save.resolve(), dense)
     result = {"model": args.model, "plan": args.plan, "metric": plan.metric.name, "pattern": plan.pattern,
               "requested_sparsity": round(report.requested_mean, 6),
               "achieved_sparsity": round(report.achieved_mean, 6),

@@ -9,11 +9,10 @@ them and writes ``calib.jsonl``, which ``prune``, ``apply`` and ``study run`` ta
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import Counter
 
-from sparsealloc.cli.common import add_model_args, calibration_source, load, positive_int
+from sparsealloc.cli.common import add_model_args, calibration_source, load, positive_int, print_result
 from sparsealloc.core.errors import SpecError
 
 
@@ -80,8 +79,5 @@ def select_command(args: argparse.Namespace) -> int:
         result["clusters"] = " ".join(f"{c}:{counts[c]}" for c in sorted(counts))
         result["layer"] = selected.header["layer"]
     result.update({"out": str(path), "seconds": round(time.perf_counter() - start, 2)})
-    for key, value in result.items():
-        print(f"{key}: {value}")
-    if args.log_format == "json":
-        print(json.dumps(result))
+    print_result(args, result)
     return 0

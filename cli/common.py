@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from sparsealloc.core.errors import SpecError
@@ -124,11 +125,7 @@ def calibration_source(args: argparse.Namespace, plan=None):
         from sparsealloc.pruning.calibration.select import read_calibration_set
 
         return read_calibration_set(args.calib_windows)
-    if args.calib_text:
-        return TextSource("file", args.calib_text)
-    if getattr(args, "calib_dataset", None):
-        return TextSource("dataset", args.calib_dataset, text_field=args.calib_text_field, max_chars=5_000_000)
-    return TextSource("builtin", builtin)
+    return TextSource.of(args.calib_text, getattr(args, "calib_dataset", None), args.calib_text_field, builtin)
 
 
 def eval_source(path: str | None):
@@ -167,17 +164,18 @@ def check_plan_modules(plan, model_name: str) -> None:
 
 
 def load(args: argparse.Namespace):
-    """Load the model named by ``--model`` on ``--device``."""
+    """Load the model named by ``--model`` on ``--device`` (checked by ``load_model`` before any weight is read)."""
     from sparsealloc.pruning.model.models import load_model
 
-    if args.device is not None:
-        import torch
-
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            raise SpecError(f"expected a torch device such as 'cpu' or 'cuda:0', but got {args.device!r}") from None
     return load_model(args.model, device=args.device)
+
+
+def print_result(args: argparse.Namespace, result: dict[str, Any], **json_only: Any) -> None:
+    """``key: value`` per line, then with ``--log-format json`` the result (plus ``json_only``) as one JSON line."""
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    if args.log_format == "json":
+        print(json.dumps({**result, **json_only}))
 
 
 def prune_from_args(args: argparse.Namespace, model, tokenizer, layout, plan, calib, calib_text: str,

@@ -9,10 +9,9 @@ zeros; its measured bytes are printed beside the analytic count
 from __future__ import annotations
 
 import argparse
-import json
 
 from sparsealloc.cli.common import (add_calibration_args, add_model_args, calibration_source, load, positive_int,
-                                    prune_from_args)
+                                    print_result, prune_from_args)
 from sparsealloc.core.errors import SpecError
 
 DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL = 32, 0
@@ -127,8 +126,5 @@ def run(args: argparse.Namespace) -> int:
     })
     print(generation.full_text)
     print("---")
-    for key, value in result.items():
-        print(f"{key}: {value}")
-    if args.log_format == "json":
-        print(json.dumps({**result, "text": generation.text}))
+    print_result(args, result, text=generation.text)
     return 0

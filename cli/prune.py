@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from sparsealloc.cli.common import (
@@ -18,6 +17,7 @@ from sparsealloc.cli.common import (
     key_value,
     load,
     non_negative_int,
+    print_result,
     prune_from_args,
 )
 from sparsealloc.cli.save_options import add_save_format_args, check_save_args, save_with_format
@@ -175,8 +175,5 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         print(sparsity_report(model).to_string(index=False))
     result.update({k: round(v, 2) for k, v in timings.items()})
-    for key, value in result.items():
-        print(f"{key}: {value}")
-    if args.log_format == "json":
-        print(json.dumps(result))
+    print_result(args, result)
     return 0

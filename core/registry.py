@@ -76,8 +76,9 @@ class Registry(Generic[T]):
             raise DuplicateNameError(f"{self.kind} {name!r} is registered twice")
 
 
-def check_param_types(fn: Callable[..., Any], params: Mapping[str, Any], what: str) -> None:
-    """Raise a SpecError when a parameter's value does not fit the type of ``fn``'s default for it.
+def check_call(fn: Callable[..., Any], params: Mapping[str, Any], what: str, *leading: Any) -> None:
+    """Raise a SpecError when ``fn`` does not take ``params``, or a parameter's value does not fit the
+    type of ``fn``'s default for it.
 
     A bool default takes only true/false, a number default only finite numbers (an int default only
     integers), a string default only strings. Parameters without a default are not checked.
@@ -86,7 +87,12 @@ def check_param_types(fn: Callable[..., Any], params: Mapping[str, Any], what: s
         fn: The registered implementation (metric, allocator...).
         params: Keyword parameters the user gave.
         what: How to name ``fn`` in the message ("pruning metric 'stade'").
+        leading: Placeholders of the positional arguments ``fn`` takes before ``params``.
     """
+    try:
+        inspect.signature(fn).bind(*leading, **params)
+    except TypeError as exc:
+        raise SpecError(f"bad parameters {dict(params)} for {what}: {exc}") from None
     signature = inspect.signature(fn).parameters
     for key, value in params.items():
         default = signature[key].default if key in signature else inspect.Parameter.empty

@@ -84,10 +84,10 @@ class TrialEvaluator:
         self.ctx = ctx
         self.spec = spec
         metric = MetricChoice(spec.metric.name, dict(spec.metric.params))
+        fixed = "metric" not in spec.space and spec.pattern == "unstructured"  # one metric, per-row masks
         #: Level database of a fixed weight-updating metric (SparseGPT, STADEW...), else None.
         self.database = None
-        if "metric" not in spec.space and spec.pattern == "unstructured" and needs_database(
-                metric, spec.pattern, ctx.layout.linears):
+        if fixed and needs_database(metric, spec.pattern, ctx.layout.linears):
             self.database = LevelDatabase.open(ctx.model, ctx.layout.linears, ctx.stats, metric, spec.pattern,
                                                ctx.windows, root=database_root, model_name=str(spec.model))
         self.space = space or SearchSpace(spec, ctx.layout, leveled=spec.sampler == "evo" or self.database is not None)
@@ -99,8 +99,8 @@ class TrialEvaluator:
                             "seq_len": int(ctx.windows.shape[1]), "seed": c.seed, "batch_size": ctx.batch_size}
         if "kl" in spec.objectives:  # first: its temporaries come and go before the ranks exist
             ctx.cache_kl_reference()
-        if "metric" not in spec.space and spec.pattern == "unstructured":
-            ctx.cache_ranks(MetricChoice(spec.metric.name, dict(spec.metric.params)))
+        if fixed:
+            ctx.cache_ranks(metric)
         self.gram_rung = spec.early_stopping.uses_gram_rung
         #: The model of the latest :meth:`applied` block (ctx.model or the compute-dtype copy).
         self.last_model = ctx.model

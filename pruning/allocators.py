@@ -9,7 +9,6 @@ Registered: ``uniform``, ``owl``, ``depth_ramp`` (ATP), ``alphapruning``, ``mrp`
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from sparsealloc.core.errors import SpecError
-from sparsealloc.core.registry import Registry, check_param_types
+from sparsealloc.core.registry import Registry, check_call
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.esd import matrix_alpha
 from sparsealloc.pruning.masks import row_mask_from_order, row_order
@@ -309,12 +308,7 @@ def dp(inputs: AllocationInputs, target: float, step: float = 0.05, radius: floa
 # ----------------------------------------------------------------------------- entry points
 def check_allocator(name: str, params: Mapping[str, object] | None = None) -> None:
     """Raise before any work if allocator ``name`` is unknown or does not take ``params``."""
-    fn = ALLOCATORS.get(name)
-    try:
-        inspect.signature(fn).bind(None, 0.5, **dict(params or {}))
-    except TypeError as exc:
-        raise SpecError(f"bad parameters {dict(params or {})} for allocator {name!r}: {exc}") from None
-    check_param_types(fn, dict(params or {}), f"allocator {name!r}")
+    check_call(ALLOCATORS.get(name), dict(params or {}), f"allocator {name!r}", None, 0.5)
 
 
 def allocate(name: str, inputs: AllocationInputs, target: float, **params: float) -> dict[str, float]:

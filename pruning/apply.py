@@ -176,8 +176,7 @@ def prune_(
     report = PruneReport(numels=dict(layout.numels))
     work = [name for name in layout.linears if ratios[name] > 0]
     _check_stats(plan.metric.name, traits.gram == "required", stats, work)
-    plain = {name: rank_maskable(plan, name) for name in work}
-    fused = {name for name in work if plain[name] and ranks is not None and name in ranks}
+    fused = {name for name in work if ranks is not None and name in ranks and rank_maskable(plan, name)}
     if pristine is not None:
         for name in layout.linears:
             if name not in fused:

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from sparsealloc.pruning.model.structure import find_blocks
+from sparsealloc.pruning.model.structure import find_blocks, language_config
 
 
 def drop_blocks_(model: nn.Module, block_names: Sequence[str]) -> list[int]:
@@ -20,17 +20,14 @@ def drop_blocks_(model: nn.Module, block_names: Sequence[str]) -> list[int]:
         return []
     path, blocks = find_blocks(model)
     dropped = sorted(int(name.rsplit(".", 1)[1]) for name in block_names)
-    keep = [block for i, block in enumerate(blocks) if i not in set(dropped)]
-    new_list = nn.ModuleList(keep)
+    new_list = nn.ModuleList([block for i, block in enumerate(blocks) if i not in set(dropped)])
     parent_name, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new_list)
+    setattr(model.get_submodule(parent_name), attr, new_list)
     for new_index, block in enumerate(new_list):
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
+    config = language_config(model)
     if config is not None:
         config.num_hidden_layers = len(new_list)
         layer_types = getattr(config, "layer_types", None)
@@ -53,10 +50,9 @@ def blocks_removed(model: nn.Module, block_names: Sequence[str]) -> Iterator[Non
         return
     path, blocks = find_blocks(model)
     parent_name, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent = model.get_submodule(parent_name)
     original = getattr(parent, attr)
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
+    config = language_config(model)
     saved_config = {k: getattr(config, k) for k in ("num_hidden_layers", "layer_types") if hasattr(config, k)}
     saved_idx = [(m, m.layer_idx) for block in blocks for m in block.modules() if hasattr(m, "layer_idx")]
     drop_blocks_(model, block_names)

@@ -101,19 +101,20 @@ def masked_copy_(dst: Tensor, src: Tensor, rank: Tensor, sparsity: float) -> Ten
     Returns:
         ``dst``.
     """
-    rows, cols = rank.shape
-    for start, stop, k in row_groups(rows, cols, sparsity):
-        torch.mul(src[start:stop], rank[start:stop] >= k, out=dst[start:stop])
-    return dst
+    return _rank_select(dst, src, rank, sparsity, torch.ge)
 
 
 def pruned_part(src: Tensor, rank: Tensor, sparsity: float) -> Tensor:
     """The weights :func:`masked_copy_` would zero, as a dense tensor (ΔW = W − W_pruned)."""
-    out = torch.empty_like(src)
+    return _rank_select(torch.empty_like(src), src, rank, sparsity, torch.lt)
+
+
+def _rank_select(dst: Tensor, src: Tensor, rank: Tensor, sparsity: float, keep) -> Tensor:
+    """``dst ← src · keep(rank, k)`` per row group of :func:`row_groups` (``k``: the group's pruned count)."""
     rows, cols = rank.shape
     for start, stop, k in row_groups(rows, cols, sparsity):
-        torch.mul(src[start:stop], rank[start:stop] < k, out=out[start:stop])
-    return out
+        torch.mul(src[start:stop], keep(rank[start:stop], k), out=dst[start:stop])
+    return dst
 
 
 def nm_mask(score: Tensor, n: int, m: int) -> Tensor:

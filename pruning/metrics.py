@@ -19,7 +19,6 @@ A metric may declare :class:`MetricTraits` (attribute ``traits``) when it needs 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from sparsealloc.core.errors import SpecError
-from sparsealloc.core.registry import Registry, check_param_types
+from sparsealloc.core.registry import Registry, check_call
 from sparsealloc.core.types import LayerStats
 from sparsealloc.pruning.sparsegpt import inverse_hessian_factor, obs_saliency, sparsegpt_prune
 
@@ -88,6 +87,7 @@ def wanda(weight: Tensor, stats: LayerStats) -> Tensor:
     return weight.abs().float() * stats.norm.float()  # (out, in) * (in,)
 
 
+@METRICS.register("stade")
 @_declare(bias=lambda params, fqn: bool(params.get("bias", False)))
 def stade(weight: Tensor, stats: LayerStats, bias: bool = False) -> Tensor:
     """STADE score |W_ij|·σ_j (Coello de Portugal Mecke et al. 2025, arXiv:2503.22451).
@@ -97,9 +97,6 @@ def stade(weight: Tensor, stats: LayerStats, bias: bool = False) -> Tensor:
     pass ``bias=True`` to have :func:`~sparsealloc.pruning.prune_` apply it.
     """
     return weight.abs().float() * stats.std.float()
-
-
-METRICS.register("stade")(stade)
 
 
 @METRICS.register("stadew")
@@ -354,11 +351,7 @@ def check_params(name: str, params: dict | None = None) -> None:
     params = dict(params or {})
     if metric_traits(name).needs_name and "fqn" in params:
         raise SpecError(f"parameter 'fqn' of pruning metric {name!r} is set by prune_, not by the plan")
-    try:
-        inspect.signature(fn).bind(None, None, **params)
-    except TypeError as exc:
-        raise SpecError(f"bad parameters {params} for pruning metric {name!r}: {exc}") from None
-    check_param_types(fn, params, f"pruning metric {name!r}")
+    check_call(fn, params, f"pruning metric {name!r}", None, None)
 
 
 def score(name: str, weight: Tensor, stats: LayerStats, params: dict | None = None,

@@ -32,7 +32,7 @@ from sparsealloc.search.samplers.base import SAMPLERS, Sampler
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import StudySpec
 from sparsealloc.storage.optuna_adapter import experimental_api
-from sparsealloc.storage.rdb import create_or_load_study, load_study
+from sparsealloc.storage.rdb import create_or_load_study, load_study, study_names
 
 
 def calibration_source(spec: StudySpec) -> TextSource:
@@ -123,8 +123,7 @@ def check_same_spec(spec: StudySpec, stored: Mapping[str, Any]) -> None:
 
 def check_existing_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> None:
     """Before any model is loaded: a study of this name stored with another spec is an error."""
-    names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    if spec.name in names:
+    if spec.name in study_names(storage):
         stored = load_study(storage, spec.name).user_attrs.get(SPEC_ATTR)
         if stored is not None:
             check_same_spec(spec, stored)

@@ -151,15 +151,14 @@ class SearchSpace:
                 FloatParam("metric/w_exponent", max(lo, 0.25), hi),
                 FloatParam("metric/x_exponent", lo, hi),
             ]
+        self.kv_ladder = tuple(sorted(set(spec.kv.bits)))
         if "kv" in spec.space:
-            bits = tuple(sorted(set(spec.kv.bits)))
             names = [n for _, slot in self._kv_slots() for n in dict.fromkeys(slot.values())]
-            self.params += [ChoiceParam(n, bits) for n in names]
+            self.params += [ChoiceParam(n, self.kv_ladder) for n in names]
         #: KV parameters (one per slot, or per layer when K and V share a width) and, under
         #: ``kv.budget`` / ``kv.budget_bytes``, the total they must stay within: bits, or bytes per
         #: token with ``kv_cost`` the bytes of each slot at each rung (:mod:`sparsealloc.spaces.kv_budget`).
         self.kv_params = [p.name for p in self.params if p.name.startswith("kv_bits/")]
-        self.kv_ladder = tuple(sorted(set(spec.kv.bits)))
         self.kv_total: float | None = None
         self.kv_cost: dict[str, dict[int, float]] | None = None
         if self.kv_params and spec.kv.budget is not None:

@@ -166,12 +166,11 @@ def count_blocks(plans: Sequence[AllocationPlan], numels: Mapping[str, int] | No
 
 
 def per_layer_frame(best: AllocationPlan, target: float | None = None, owl: AllocationPlan | None = None,
-                    numels: Mapping[str, int] | None = None, n_blocks: int | None = None) -> pd.DataFrame:
+                    numels: Mapping[str, int] | None = None) -> pd.DataFrame:
     """One row per decoder block (``block`` = 0..n-1): sparsity of ``best``, ``uniform`` (the target),
     ``owl`` (when given), ``dropped`` (when the plan drops blocks) and ``k_bits``/``v_bits`` (when
     the plan sets KV-cache bits; 16 = not quantized)."""
-    plans = [best] + ([owl] if owl is not None else [])
-    n = n_blocks if n_blocks is not None else count_blocks(plans, numels)
+    n = count_blocks([best] + ([owl] if owl is not None else []), numels)
     frame = pd.DataFrame({"block": list(range(n)), "best": block_sparsity(best, n, numels)})
     if target is not None:
         frame["uniform"] = float(target)

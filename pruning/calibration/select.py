@@ -222,12 +222,11 @@ def write_calibration_set(selected: CalibrationSet, path: str | Path) -> Path:
     return path
 
 
-def read_calibration_set(path: str | Path, tokenizer=None) -> CalibrationSet:
+def read_calibration_set(path: str | Path) -> CalibrationSet:
     """Read and validate a ``calib.jsonl`` written by :func:`write_calibration_set`.
 
     Args:
         path: The file.
-        tokenizer: When given, its vocabulary size must match the header's.
 
     Raises:
         SpecError: one line naming the file, the line and what was expected, for a missing file,
@@ -242,11 +241,8 @@ def read_calibration_set(path: str | Path, tokenizer=None) -> CalibrationSet:
     if len(rows) == 1:
         raise SpecError(f"expected at least one window after the header of {str(path)!r}, but got none")
     records = tuple(_check_window(path, number, row, header) for number, row in enumerate(rows[1:], 2))
-    selected = CalibrationSet(torch.tensor([r["input_ids"] for r in records], dtype=torch.long), header, records,
-                              str(path))
-    if tokenizer is not None:
-        selected.check_tokenizer(tokenizer)
-    return selected
+    return CalibrationSet(torch.tensor([r["input_ids"] for r in records], dtype=torch.long), header, records,
+                          str(path))
 
 
 def _parse_line(path, number: int, line: str) -> dict[str, Any]:

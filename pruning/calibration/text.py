@@ -44,13 +44,14 @@ class TextSource:
         return cls(kind, location, max_chars=5_000_000 if kind == "dataset" else None)
 
     @classmethod
-    def of(cls, text: str | None, dataset: str | None) -> TextSource:
-        """A study's calibration text: a file, a dataset, or the built-in calibration split."""
+    def of(cls, text: str | None, dataset: str | None, text_field: str = "text", builtin: str = "calib"
+           ) -> TextSource:
+        """Calibration text: a file, a dataset (its ``text_field`` column), or a built-in split."""
         if text:
             return cls("file", text)
         if dataset:
-            return cls("dataset", dataset, max_chars=5_000_000)
-        return cls("builtin", "calib")
+            return cls("dataset", dataset, text_field=text_field, max_chars=5_000_000)
+        return cls("builtin", builtin)
 
     def read(self) -> str:
         if self.kind == "file":

@@ -229,10 +229,5 @@ def packed_cache(layout: ModelLayout, kv_bits: Mapping[str, Mapping[str, int]], 
             f"kv_bits must name attention modules such as {layout.attention[0]!r}, but got {unknown[0]!r}"
             + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""))
     dropped = tuple(f"{name}." for name in dropped_layers)
-    layers = []
-    for name in layout.attention:
-        if name.startswith(dropped):
-            continue
-        bits = kv_bits.get(name, {"k": 16, "v": 16})
-        layers.append(PackedKVLayer(int(bits["k"]), int(bits["v"]), group_size, residual))
-    return PackedKVCache(layers)
+    kept = [kv_bits.get(name, {"k": 16, "v": 16}) for name in layout.attention if not name.startswith(dropped)]
+    return PackedKVCache([PackedKVLayer(int(bits["k"]), int(bits["v"]), group_size, residual) for bits in kept])

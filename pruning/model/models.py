@@ -139,8 +139,7 @@ def load_tokenizer(source: ModelSource):
     """Load the tokenizer of ``source`` (transformers AutoTokenizer)."""
     from transformers import AutoTokenizer
 
-    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = _call_loader(AutoTokenizer.from_pretrained, source, **kwargs)
+    tokenizer = _call_loader(AutoTokenizer.from_pretrained, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -217,15 +216,12 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(name)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
     target = resolve_device(device)
     if source.gguf_file is None and is_bitmask_checkpoint(source.path):  # transformers 5 cannot decompress it
         model = _call_loader(load_bitmask_model, source, dtype=dtype)
     else:
         with library_bars_follow_progress_mode():
-            model = _call_loader(AutoModelForCausalLM.from_pretrained, source, **kwargs)
+            model = _call_loader(AutoModelForCausalLM.from_pretrained, source, dtype=dtype)
     forget_gguf_quantization_(model)  # GGUF tensors are already de-quantized to ``dtype``
     try:
         model.to(target).eval()
@@ -236,6 +232,8 @@ def load_model(
 
 
 def _call_loader(loader, source: ModelSource, **kwargs: Any):
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
     try:
         return loader(source.path, **kwargs)
     except (OSError, ValueError) as exc:
@@ -243,11 +241,11 @@ def _call_loader(loader, source: ModelSource, **kwargs: Any):
         raise SpecError(f"could not load model {source.name!r}: {first_line}") from None
 
 
-def load_layout(name: str, local_only: bool = True):
+def load_layout(name: str):
     """The :class:`~sparsealloc.pruning.model.structure.ModelLayout` of model ``name`` from its config alone.
 
     The model is instantiated on the ``meta`` device, so no weights are read or allocated (a GGUF
-    file's metadata is parsed). With ``local_only`` a hub id resolves only from the local cache.
+    file's metadata is parsed). A hub id resolves only from the local cache.
 
     Raises:
         SpecError: the model or its config cannot be found or instantiated.
@@ -256,11 +254,7 @@ def load_layout(name: str, local_only: bool = True):
 
     from sparsealloc.pruning.model.structure import model_layout
 
-    source = resolve_source(name)
-    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    if local_only:
-        kwargs["local_files_only"] = True
-    config = _call_loader(AutoConfig.from_pretrained, source, **kwargs)
+    config = _call_loader(AutoConfig.from_pretrained, resolve_source(name), local_files_only=True)
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

@@ -50,12 +50,10 @@ class ModelLayout:
         return sum(self.numels.values())
 
 
-def _language_config(model: nn.Module):
+def language_config(model: nn.Module):
+    """The config of ``model``'s language model (``config.text_config`` of a multimodal model), or None."""
     config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text = getattr(config, "text_config", None)
-    return text if text is not None else config
+    return getattr(config, "text_config", None) or config
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -64,7 +62,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     Raises:
         SpecError: no ModuleList of Linear-holding blocks found.
     """
-    config = _language_config(model)
+    config = language_config(model)
     n_layers = getattr(config, "num_hidden_layers", None)
     candidates = []
     for name, module in model.named_modules():
@@ -124,6 +122,6 @@ def kv_geometry(config) -> tuple[int, int]:
 
 def _geometry(model: nn.Module) -> tuple[int, int]:
     try:
-        return kv_geometry(_language_config(model))
+        return kv_geometry(language_config(model))
     except (AttributeError, TypeError, ZeroDivisionError):
         return 0, 0

@@ -78,21 +78,25 @@ def stage_windows(seed: int, generation: int, stage: int, size: int, pool: int) 
 
 
 def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]], swaps: int,
-                 rng: np.random.Generator) -> dict[str, int]:
+                 rng: np.random.Generator, lowered: set[str] | None = None) -> dict[str, int]:
     """``swaps`` level switches: each lowers one group by a level and raises another by one, within
-    bounds, so the sum of levels (the budget) is unchanged (EvoPress's mutation)."""
+    bounds, so the sum of levels (the budget) is unchanged (EvoPress's mutation). ``lowered``, when
+    given, receives the groups lowered."""
     out = dict(levels)
     names = sorted(out)
     for _ in range(swaps):
-        down = [g for g in names if out[g] > bounds[g][0]]
         up = [g for g in names if out[g] < bounds[g][1]]
-        if not down or not up or (len(down) == 1 and down == up):
+        # A group may be lowered if another group can take the level it gives up.
+        down = [g for g in names if out[g] > bounds[g][0] and any(u != g for u in up)]
+        if not down:
             break
         a = down[int(rng.integers(len(down)))]
         choices = [g for g in up if g != a]
         b = choices[int(rng.integers(len(choices)))]
         out[a] -= 1
         out[b] += 1
+        if lowered is not None:
+            lowered.add(a)
     return out
 
 
@@ -104,21 +108,11 @@ def bit_switch(bits: Mapping[str, int], ladder: Sequence[int], swaps: int, rng: 
     rungs differ in size."""
     rungs = sorted(set(int(b) for b in ladder))
     index = {b: i for i, b in enumerate(rungs)}
-    out = dict(bits)
-    names = sorted(out)
     raised: set[str] = set()
-    for _ in range(swaps):
-        up = [n for n in names if index[out[n]] + 1 < len(rungs)]
-        down = [n for n in names if index[out[n]] > 0]
-        if not up or not down or (len(up) == 1 and up == down):
-            break
-        a = up[int(rng.integers(len(up)))]
-        choices = [n for n in down if n != a]
-        b = choices[int(rng.integers(len(choices)))]
-        out[a] = rungs[index[out[a]] + 1]
-        out[b] = rungs[index[out[b]] - 1]
-        raised.add(a)
-    return out, raised
+    # A level switch on the negated rung indices: lowering one raises that slot's width.
+    negated = level_switch({n: -index[b] for n, b in bits.items()}, dict.fromkeys(bits, (1 - len(rungs), 0)),
+                           swaps, rng, raised)
+    return {n: rungs[-level] for n, level in negated.items()}, raised
 
 
 class EvoSampler(Sampler):
@@ -292,15 +286,14 @@ class EvoSampler(Sampler):
     def _mutate(self, rng: np.random.Generator) -> dict[str, Any]:
         child = dict(self.parent)
         K = self.config.max_swaps
+        swaps = lambda: int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))  # noqa: E731
         if self.grid is not None:
-            swaps = int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))
             levels = self.grid.levels_of({g: child[g] for g in self.space.groups})
-            for g, ratio in self.grid.ratios(level_switch(levels, self.grid.bounds, swaps, rng)).items():
+            for g, ratio in self.grid.ratios(level_switch(levels, self.grid.bounds, swaps(), rng)).items():
                 child[g] = self.space.by_name[g].clip(ratio)
         if self.kv_switched:
-            swaps = int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))
             bits = {n: int(child[n]) for n in sorted(self.kv_switched)}
-            switched, raised = bit_switch(bits, self.space.kv_ladder, swaps, rng)
+            switched, raised = bit_switch(bits, self.space.kv_ladder, swaps(), rng)
             child = self.space.snap_kv({**child, **switched}, protect=raised)
         if self.others:
             rate = 1.0 / len(self.others)

@@ -23,10 +23,6 @@ class OptunaSampler(Sampler):
 
     name = "optuna"
 
-    @staticmethod
-    def make_optuna_sampler(n_objectives: int, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
-        raise NotImplementedError
-
     def __init__(self, study: optuna.Study, space) -> None:
         super().__init__(study, space)
         self._pending: dict[int, optuna.Trial] = {}
@@ -75,11 +71,7 @@ class TPESampler(OptunaSampler):
 class RandomSampler(OptunaSampler):
     """Uniform random search (a baseline)."""
 
-    name = "random"
-
-    @staticmethod
-    def make_optuna_sampler(n_objectives: int, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.RandomSampler(seed=seed)
+    name = "random"  # the base class's study sampler: Optuna's RandomSampler
 
 
 class CmaEsSampler(OptunaSampler):

@@ -73,6 +73,15 @@ def test_level_switch_moves_levels_one_at_a_time():
     assert sorted(moved.values()) == [-1, 1]
 
 
+def test_level_switch_never_lowers_the_only_group_that_could_rise():
+    # "a" can go both ways, "b" only down: every switch must lower "b" and raise "a" (the old
+    # mutation drew "a" to lower half the time and then had no group left to raise).
+    bounds = {"a": (-2, 2), "b": (-2, 0)}
+    for seed in range(50):
+        child = level_switch({"a": 0, "b": 0}, bounds, 1, np.random.default_rng(seed))
+        assert child == {"a": 1, "b": -1}
+
+
 def test_balance_repairs_an_off_budget_genome_near_its_preferred_levels():
     bounds = {"a": (-3, 3), "b": (-3, 3), "c": (0, 0)}
     out = balance({"a": 2, "b": 1, "c": 0}, bounds, {"a": 1.6, "b": 1.0, "c": 0.0})
