@@ -60,6 +60,27 @@ def plan_ppl(evaluator, plan, model, stream, windows: int = EVAL_WINDOWS) -> flo
         return perplexity(model, stream, EVAL_SEQ_LEN, windows)
 
 
+def wanda_kv_evaluator(prefix: str, target: float = 0.5):
+    """The KV benchmarks' shared setup (kv_front.py's texts): SmolLM2, Wanda at ``target``, a KV search
+    space, calibration 32×256 from the first 70% of WikiText-2 valid.
+
+    Returns the model, its tokenizer, the base StudySpec and an evaluator built once for it.
+    """
+    import tempfile
+
+    from search_quality import split_valid
+    from sparsealloc.core import progress
+    from sparsealloc.search.session import build_evaluator
+    from sparsealloc.spaces.spec import CalibrationSpec, MetricSpec, StudySpec
+
+    progress.set_mode("quiet")
+    calib_text, _ = split_valid(Path(tempfile.mkdtemp(prefix=prefix)))
+    model, tokenizer, _ = load_smollm2()
+    base = StudySpec(name="base", target_sparsity=target, metric=MetricSpec(name="wanda"), space=("kv",),
+                     calibration=CalibrationSpec(text=str(calib_text), samples=32, seq_len=256))
+    return model, tokenizer, base, build_evaluator(base, model, tokenizer)
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

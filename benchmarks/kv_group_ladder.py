@@ -12,13 +12,12 @@ token, residual 0), every point measured in one run.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from _common import EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table, plan_ppl, require_data
-from search_quality import split_valid
+from _common import (EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, machine, markdown_table, plan_ppl, require_data,
+                     wanda_kv_evaluator)
 
 
 
@@ -31,19 +30,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "kv_group_ladder.md"))
     args = parser.parse_args()
     require_data()
-    from sparsealloc.core import progress
     from sparsealloc.objectives import TrialEvaluator, kv_bytes_per_token
     from sparsealloc.pruning import tokenize_stream
-    from sparsealloc.search.session import build_evaluator
-    from sparsealloc.spaces.spec import CalibrationSpec, KVSpec, MetricSpec, StudySpec
+    from sparsealloc.spaces.spec import KVSpec
 
-    progress.set_mode("quiet")
-    calib_text, _ = split_valid(Path(tempfile.mkdtemp(prefix="sparsealloc-kvgroups-")))
-    model, tokenizer, _ = load_smollm2()
+    model, tokenizer, base, shared = wanda_kv_evaluator("sparsealloc-kvgroups-", args.target)
     test = tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text())
-    base = StudySpec(name="base", target_sparsity=args.target, metric=MetricSpec(name="wanda"), space=("kv",),
-                     calibration=CalibrationSpec(text=str(calib_text), samples=32, seq_len=256))
-    shared = build_evaluator(base, model, tokenizer)
     layout = shared.ctx.layout
     rows = []
 

@@ -77,7 +77,9 @@ def main() -> None:
     k_bits = [kv["k"] for kv in plan.kv_bits.values()]
     v_bits = [kv["v"] for kv in plan.kv_bits.values()]
     command = (f"python benchmarks/kv_group_search.py --group-size {args.group_size} --ladder-bits {args.ladder_bits} "
-               f"--minutes {args.minutes:g}" + (f" --budget-bytes {args.budget_bytes:g}" if args.budget_bytes else ""))
+               f"--minutes {args.minutes:g}" + (f" --budget-bytes {args.budget_bytes:g}" if args.budget_bytes else "")
+               + f" --out {Path(args.out).resolve().relative_to(ROOT)}")
+    plan.save(Path(args.out).with_name(f"{Path(args.out).stem}_plan.json"))
     bar, bar_text = (0.95 * ladder_ppl, "≤ 0.95×") if budget >= ladder_bytes else (ladder_ppl, "below")
     ok = found_ppl <= bar and found_bytes <= budget + 1e-6
     text = (f"# Joint evo study under a KV byte budget at group {args.group_size} (benchmarks/kv_group_search.py)\n\n"

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table, require_data
 
