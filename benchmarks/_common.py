@@ -60,6 +60,11 @@ def plan_ppl(evaluator, plan, model, stream, windows: int = EVAL_WINDOWS) -> flo
         return perplexity(model, stream, EVAL_SEQ_LEN, windows)
 
 
+def uniform_kv_plan(space, bits: int):
+    """The plan of ``space``'s defaults (uniform sparsity) with every K and V slot at ``bits``."""
+    return space.decode({**space.defaults(), **dict.fromkeys(space.kv_params, bits)}).to_plan()
+
+
 def wanda_kv_evaluator(prefix: str, target: float = 0.5):
     """The KV benchmarks' shared setup (kv_front.py's texts): SmolLM2, Wanda at ``target``, a KV search
     space, calibration 32×256 from the first 70% of WikiText-2 valid.

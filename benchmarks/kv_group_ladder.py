@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from _common import (EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, machine, markdown_table, plan_ppl, require_data,
-                     wanda_kv_evaluator)
+                     uniform_kv_plan, wanda_kv_evaluator)
 
 
 
@@ -50,8 +50,7 @@ def main() -> None:
         for group in args.groups:
             evaluator = TrialEvaluator(shared.ctx, base.override(kv=KVSpec(group_size=group)))
             for bits in [16, *args.bits] if group == args.groups[0] else args.bits:
-                values = {**evaluator.space.defaults(), **dict.fromkeys(evaluator.space.kv_params, bits)}
-                record(bits, group, evaluator, evaluator.space.decode(values).to_plan())
+                record(bits, group, evaluator, uniform_kv_plan(evaluator.space, bits))
         # Hand-made mixes at the bytes of uniform 3-bit at the first group (K and V cost the same per
         # token when head_dim is a multiple of the group): 4 and 3 bits at group 2× the first.
         mix_group = 2 * args.groups[0]

@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, load_smollm2, machine, plan_ppl, require_data
+from _common import EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, load_smollm2, machine, plan_ppl, require_data, uniform_kv_plan
 from search_quality import split_valid
 
 LADDER_GROUP = 32
@@ -56,8 +56,7 @@ def main() -> None:
         return plan_ppl(evaluator, plan, model, test, args.eval_windows)
 
     ladder_eval = TrialEvaluator(shared.ctx, base)
-    values = {**ladder_eval.space.defaults(), **dict.fromkeys(ladder_eval.space.kv_params, args.ladder_bits)}
-    ladder_plan = ladder_eval.space.decode(values).to_plan()
+    ladder_plan = uniform_kv_plan(ladder_eval.space, args.ladder_bits)
     budget = kv_bytes_per_token(layout.attention, ladder_plan.kv_bits, layout.kv_heads, layout.head_dim, LADDER_GROUP)
     ladder_ppl = measure(ladder_eval, ladder_plan)
     ladder_bytes, budget = budget, args.budget_bytes or budget

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import ROOT, WIKITEXT, machine, markdown_table, plan_ppl, require_data, wanda_kv_evaluator
+from _common import (ROOT, WIKITEXT, machine, markdown_table, plan_ppl, require_data, uniform_kv_plan,
+                     wanda_kv_evaluator)
 
 LADDER_GROUP = 32
 
@@ -57,12 +58,10 @@ def main() -> None:
 
     groups = sorted({LADDER_GROUP} | {int(p.provenance.get("kv", {}).get("group_size", LADDER_GROUP))
                                       for p in plans.values()})
-    space = shared.space
     rows = []
     for group in groups:
         for bits in args.bits:
-            uniform = space.decode({**space.defaults(), **dict.fromkeys(space.kv_params, bits)}).to_plan()
-            rows.append(record(f"uniform {bits}-bit, uniform sparsity", group, uniform))
+            rows.append(record(f"uniform {bits}-bit, uniform sparsity", group, uniform_kv_plan(shared.space, bits)))
     for name, plan in plans.items():
         rows.append(record(name, int(plan.provenance.get("kv", {}).get("group_size", LADDER_GROUP)), plan))
     frame = pd.DataFrame(rows)

@@ -286,7 +286,8 @@ class EvoSampler(Sampler):
     def _mutate(self, rng: np.random.Generator) -> dict[str, Any]:
         child = dict(self.parent)
         K = self.config.max_swaps
-        swaps = lambda: int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))  # noqa: E731
+        def swaps() -> int:  # the smaller of two uniform draws: few swaps are likelier
+            return int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))
         if self.grid is not None:
             levels = self.grid.levels_of({g: child[g] for g in self.space.groups})
             for g, ratio in self.grid.ratios(level_switch(levels, self.grid.bounds, swaps(), rng)).items():
