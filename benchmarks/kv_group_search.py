@@ -6,11 +6,18 @@ Linear (exact 50% budget), as kv_front.py's joint studies do. Same texts and hel
 the ladder point and the found plan are measured in the same run.
 
     python benchmarks/kv_group_search.py --group-size 64 --ladder-bits 3 --minutes 10
+
+With ``--sparsity-minutes M`` a sparsity-only evo study (same calibration, no KV quantization, so its
+trials are cheaper) runs first; its plan seeds the joint study, alone and with the KV bits of each
+``--seed-kv-plans`` file (earlier exported plans). The table then also shows uniform ``--ladder-bits``
+at group 32 on that searched sparsity, which separates what the KV allocation adds from what the
+sparsity allocation adds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -18,6 +25,11 @@ from _common import EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, load_smollm2, machine, 
 from search_quality import split_valid
 
 LADDER_GROUP = 32
+
+
+def from_root(path: str) -> str:
+    """``path`` as the command line run from the repository root spells it."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
 
 
 def main() -> None:
@@ -29,22 +41,32 @@ def main() -> None:
     parser.add_argument("--budget-bytes", type=float, default=None,
                         help="KV bytes per token of the study (default: those of the ladder point)")
     parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--sparsity-minutes", type=float, default=0.0,
+                        help="first run a sparsity-only evo study this long and seed the joint study with its plan")
+    parser.add_argument("--sparsity-plan", default=None,
+                        help="a saved sparsity plan to seed with instead of running the sparsity-only study")
+    parser.add_argument("--calib-mix", action="store_true",
+                        help="calibrate on half WikiText-2 valid, half the built-in Python-docs calibration topics "
+                             "(as search_quality.py --calib-mix); validation stays on WikiText-2")
+    parser.add_argument("--seed-kv-plans", nargs="*", default=[],
+                        help="plans whose KV bits also seed the joint study, on the searched sparsity")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "kv_group_search.md"))
     args = parser.parse_args()
     require_data()
     from sparsealloc.core import progress
     from sparsealloc.core.plan import AllocationPlan
     from sparsealloc.objectives import TrialEvaluator, kv_bytes_per_token
-    from sparsealloc.pruning import tokenize_stream
+    from sparsealloc.pruning import TextSource, tokenize_stream
     from sparsealloc.search.session import build_evaluator
     from sparsealloc.search.study import run
     from sparsealloc.spaces.spec import CalibrationSpec, KVSpec, MetricSpec, StudySpec, ValidationSpec
 
     progress.set_mode("quiet")
     work = Path(tempfile.mkdtemp(prefix="sparsealloc-kvgroup-"))
-    calib_text, val_text = split_valid(work)
+    calib_text, val_text = split_valid(work, TextSource("builtin", "calib").read() if args.calib_mix else None)
     model, tokenizer, _ = load_smollm2()
-    test = tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text())
+    texts = {"WikiText-2 test": tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text()),
+             "Python docs": tokenize_stream(tokenizer, TextSource("builtin", "eval").read())}
     base = StudySpec(name="base", target_sparsity=args.target, metric=MetricSpec(name="wanda"), sampler="evo",
                      space=("kv",), trials=10**6, timeout=args.minutes * 60, seed=0,
                      calibration=CalibrationSpec(text=str(calib_text), samples=32, seq_len=256),
@@ -52,17 +74,44 @@ def main() -> None:
     shared = build_evaluator(base, model, tokenizer)
     layout = shared.ctx.layout
 
-    def measure(evaluator, plan) -> float:
-        return plan_ppl(evaluator, plan, model, test, args.eval_windows)
+    def measure(evaluator, plan) -> tuple[float, ...]:
+        return tuple(plan_ppl(evaluator, plan, model, stream, args.eval_windows) for stream in texts.values())
 
     ladder_eval = TrialEvaluator(shared.ctx, base)
     ladder_plan = uniform_kv_plan(ladder_eval.space, args.ladder_bits)
     budget = kv_bytes_per_token(layout.attention, ladder_plan.kv_bits, layout.kv_heads, layout.head_dim, LADDER_GROUP)
     ladder_ppl = measure(ladder_eval, ladder_plan)
     ladder_bytes, budget = budget, args.budget_bytes or budget
-    spec = base.override(name="joint", space=("layerwise", "kv"), warm_start=("uniform", "owl", "depth_ramp"),
-                         kv=KVSpec(group_size=args.group_size, budget_bytes=budget))
-    spec = StudySpec.from_dict({**spec.to_dict(), "layerwise": {**spec.to_dict()["layerwise"], "granularity": None}})
+    out_stem = Path(args.out).with_suffix("")
+    rows, seeds, sparsity_note = [], [], ""
+
+    def per_linear(spec: StudySpec) -> StudySpec:
+        return StudySpec.from_dict({**spec.to_dict(), "layerwise": {**spec.to_dict()["layerwise"], "granularity": None}})
+
+    sparsity_plan = AllocationPlan.load(args.sparsity_plan) if args.sparsity_plan else None
+    if args.sparsity_minutes > 0 and sparsity_plan is None:
+        sparsity_spec = per_linear(base.override(name="sparsity", space=("layerwise",), timeout=args.sparsity_minutes * 60,
+                                                 warm_start=("uniform", "owl", "depth_ramp")))
+        with Timer() as t_sparsity:
+            sparsity_result = run(sparsity_spec, f"sqlite:///{work / 'studies.db'}",
+                                  evaluator=TrialEvaluator(shared.ctx, sparsity_spec), validate=True,
+                                  export_dir=work / "sparsity")
+        sparsity_plan = AllocationPlan.load(sparsity_result.exported[0])
+        sparsity_plan.save(Path(f"{out_stem}_sparsity_plan.json"))
+        sparsity_note = (f"- Sparsity-only evo study: {args.sparsity_minutes:g} min search, {t_sparsity.seconds / 60:.1f} min "
+                         f"with validation; its plan is {Path(f'{out_stem}_sparsity_plan.json').name}.\n")
+    if sparsity_plan is not None:
+        uniform_on_searched = sparsity_plan.replace(kv_bits=ladder_plan.kv_bits)
+        rows.append((f"uniform {args.ladder_bits}-bit, searched sparsity (sparsity-only evo)", LADDER_GROUP, ladder_bytes,
+                     measure(ladder_eval, uniform_on_searched)))
+        seeds.append(work / "searched_sparsity.json")
+        sparsity_plan.save(seeds[-1])
+        for path in args.seed_kv_plans:
+            seeds.append(work / f"searched_sparsity+kv_of_{Path(path).stem}.json")
+            sparsity_plan.replace(kv_bits=AllocationPlan.load(path).kv_bits).save(seeds[-1])
+    spec = per_linear(base.override(name="joint", space=("layerwise", "kv"), warm_start=("uniform", "owl", "depth_ramp"),
+                                    kv=KVSpec(group_size=args.group_size, budget_bytes=budget),
+                                    seed_plans=tuple(str(s) for s in seeds)))
     evaluator = TrialEvaluator(shared.ctx, spec)
     with Timer() as t_study:
         result = run(spec, f"sqlite:///{work / 'studies.db'}", evaluator=evaluator, validate=True,
@@ -77,24 +126,40 @@ def main() -> None:
     v_bits = [kv["v"] for kv in plan.kv_bits.values()]
     command = (f"python benchmarks/kv_group_search.py --group-size {args.group_size} --ladder-bits {args.ladder_bits} "
                f"--minutes {args.minutes:g}" + (f" --budget-bytes {args.budget_bytes:g}" if args.budget_bytes else "")
-               + f" --out {Path(args.out).resolve().relative_to(ROOT)}")
+               + (f" --eval-windows {args.eval_windows}" if args.eval_windows != 8 else "")
+               + (" --calib-mix" if args.calib_mix else "")
+               + (f" --sparsity-minutes {args.sparsity_minutes:g}" if args.sparsity_minutes else "")
+               + (f" --sparsity-plan {from_root(args.sparsity_plan)}" if args.sparsity_plan else "")
+               + (f" --seed-kv-plans {' '.join(map(from_root, args.seed_kv_plans))}" if args.seed_kv_plans else "")
+               + f" --out {from_root(args.out)}")
     plan.save(Path(args.out).with_name(f"{Path(args.out).stem}_plan.json"))
-    bar, bar_text = (0.95 * ladder_ppl, "≤ 0.95×") if budget >= ladder_bytes else (ladder_ppl, "below")
-    ok = found_ppl <= bar and found_bytes <= budget + 1e-6
+    factor, bar_text = (0.95, "≤ 0.95×") if budget >= ladder_bytes else (1.0, "below")
+
+    def cells(ppl: tuple[float, ...]) -> str:
+        return " | ".join(f"{p:.2f} | {p / ref:.3f}" for p, ref in zip(ppl, ladder_ppl))
+
+    checks = "".join(f"- [{'x' if found <= factor * ref and found_bytes <= budget + 1e-6 else ' '}] {name}: held-out PPL "
+                     f"{bar_text} uniform {args.ladder_bits}-bit within {budget:.0f} B/token: {found:.2f} vs {factor * ref:.2f}\n"
+                     for name, found, ref in zip(texts, found_ppl, ladder_ppl))
     text = (f"# Joint evo study under a KV byte budget at group {args.group_size} (benchmarks/kv_group_search.py)\n\n"
             f"Machine: {machine()}. SmolLM2-135M-Instruct (embedded GGUF, fp32), Wanda at {args.target:.0%}; texts and "
-            f"held-out PPL (WikiText-2 test, first {args.eval_windows}×{EVAL_SEQ_LEN}) as in kv_front.py; validation "
-            f"8×512 bounded to 60 s.\n\nCommand: `{command}`\n\n"
-            f"| plan | group | KV bytes/token | held-out PPL | ratio to uniform {args.ladder_bits}-bit |\n|---|---|---|---|---|\n"
-            f"| uniform {args.ladder_bits}-bit, uniform sparsity | {LADDER_GROUP} | {ladder_bytes:.0f} | {ladder_ppl:.2f} | 1 |\n"
+            f"held-out PPL (first {args.eval_windows}×{EVAL_SEQ_LEN} of WikiText-2 test and of the built-in Python-docs "
+            f"evaluation text) as in kv_front.py"
+            + ("; calibration half WikiText-2 valid, half the Python-docs calibration topics" if args.calib_mix else "")
+            + f"; validation 8×512 of WikiText-2 valid bounded to 60 s.\n\nCommand: `{command}`\n\n"
+            f"| plan | group | KV bytes/token | WikiText-2 test | ratio to uniform {args.ladder_bits}-bit | Python docs "
+            f"| ratio to uniform {args.ladder_bits}-bit |\n|---|---|---|---|---|---|---|\n"
+            f"| uniform {args.ladder_bits}-bit, uniform sparsity | {LADDER_GROUP} | {ladder_bytes:.0f} | {cells(ladder_ppl)} |\n"
             f"| evo joint (sparsity per Linear + K/V bits), budget {budget:.0f} B/token | {args.group_size} | {found_bytes:.0f} "
-            f"| {found_ppl:.2f} | {found_ppl / ladder_ppl:.3f} |\n\n"
-            f"- Study: {n_complete} complete + {n_pruned} pruned trials in {t_study.seconds / 60:.1f} min (search "
-            f"{args.minutes:g} min, then validation); exported trial {plan.provenance.get('trial')}.\n"
+            f"| {cells(found_ppl)} |\n"
+            + "".join(f"| {name} | {group} | {nbytes:.0f} | {cells(ppl)} |\n" for name, group, nbytes, ppl in rows)
+            + "\n" + sparsity_note +
+            f"- Joint study: {n_complete} complete + {n_pruned} pruned trials in {t_study.seconds / 60:.1f} min (search "
+            f"{args.minutes:g} min, then validation); warm starts {', '.join(result.warm_starts)}; exported trial "
+            f"{plan.provenance.get('trial')}.\n"
             f"- Found K bits {k_bits}, V bits {v_bits} (mean {sum(bits) / len(bits):.2f} bits at group "
             f"{args.group_size}).\n"
-            f"- [{'x' if ok else ' '}] held-out PPL {bar_text} uniform {args.ladder_bits}-bit within {budget:.0f} "
-            f"B/token: {found_ppl:.2f} vs {bar:.2f}\n")
+            + checks)
     Path(args.out).write_text(text)
     print(text)
 

@@ -14,6 +14,7 @@ calibration, so their trial is reproduced).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--plans", nargs="+", required=True, help="AllocationPlan JSON files with kv_bits")
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4], help="uniform widths measured beside them")
     parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--sparsity-plans", nargs="*", default=[],
+                        help="plans whose sparsity is also measured with the uniform widths at group 32 "
+                             "(what a searched sparsity alone gives, without the KV allocation)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "kv_plan_remeasure.md"))
     args = parser.parse_args()
     require_data()
@@ -62,6 +66,12 @@ def main() -> None:
     for group in groups:
         for bits in args.bits:
             rows.append(record(f"uniform {bits}-bit, uniform sparsity", group, uniform_kv_plan(shared.space, bits)))
+    for path in args.sparsity_plans:
+        searched = AllocationPlan.load(path)
+        for bits in args.bits:
+            uniform_bits = uniform_kv_plan(shared.space, bits).kv_bits
+            rows.append(record(f"uniform {bits}-bit, sparsity of {Path(path).name}", LADDER_GROUP,
+                               searched.replace(kv_bits=uniform_bits)))
     for name, plan in plans.items():
         rows.append(record(name, int(plan.provenance.get("kv", {}).get("group_size", LADDER_GROUP)), plan))
     frame = pd.DataFrame(rows)
@@ -70,7 +80,10 @@ def main() -> None:
     for name in texts:
         frame[f"{name} / uniform {min(args.bits)}-bit/{LADDER_GROUP}"] = (frame[name] / reference[name]).round(3)
     command = (f"python benchmarks/kv_plan_remeasure.py --plans {' '.join(args.plans)} --bits "
-               f"{' '.join(map(str, args.bits))} --windows {args.windows}")
+               f"{' '.join(map(str, args.bits))} --windows {args.windows}"
+               + (f" --sparsity-plans {' '.join(args.sparsity_plans)}" if args.sparsity_plans else "")
+               + (f" --out {os.path.relpath(Path(args.out).resolve(), ROOT)}"
+                  if Path(args.out).resolve() != ROOT / "benchmarks" / "kv_plan_remeasure.md" else ""))
     text = (f"# Saved KV plans re-measured on more held-out text (benchmarks/kv_plan_remeasure.py)\n\n"
             f"Machine: {machine()}. SmolLM2-135M-Instruct (embedded GGUF, fp32), Wanda 50% (calibration as in "
             f"kv_group_search.py); held-out PPL on the first {args.windows}×512 tokens of WikiText-2 test and of "

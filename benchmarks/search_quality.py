@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--calib-mix", action="store_true",
                         help="calibrate on half WikiText-2 valid, half the built-in Python-docs calibration topics "
                              "(disjoint from its evaluation topics); validation stays on WikiText-2 only")
+    parser.add_argument("--level-step", type=float, default=None,
+                        help="evo's layerwise.level_step (weights per level / mean Linear size; default the package's)")
+    parser.add_argument("--max-swaps", type=int, default=None, help="evo's evo.max_swaps (default the package's)")
     args = parser.parse_args()
     require_data()
     from sparsealloc.core import progress
@@ -126,8 +129,10 @@ def main() -> None:
         best_ramp = min((k for k in results if k.startswith("depth")), key=lambda k: results[k]["wikitext2-test"])
         for sampler in args.samplers:
             spec = base.override(name=f"{sampler}-{metric}-{int(target * 100)}-{int(time.time())}", sampler=sampler)
-            spec = StudySpec.from_dict({**spec.to_dict(), "objectives": None, "proxy_dtype": None,
-                                        "layerwise": {**spec.to_dict()["layerwise"], "granularity": None}})
+            tuned = {"level_step": args.level_step} if args.level_step else {}
+            evo = {**spec.to_dict().get("evo", {}), **({"max_swaps": args.max_swaps} if args.max_swaps else {})}
+            spec = StudySpec.from_dict({**spec.to_dict(), "objectives": None, "proxy_dtype": None, "evo": evo,
+                                        "layerwise": {**spec.to_dict()["layerwise"], "granularity": None, **tuned}})
             evaluator = TrialEvaluator(ctx, spec)
             result = run(spec, store, evaluator=evaluator, validate=True, export_dir=work / spec.name)
             study = result.study
@@ -184,11 +189,15 @@ def main() -> None:
         "plan): 8×512 from its last 30%; held-out evaluation: WikiText-2 test and the built-in Python-docs "
         f"evaluation text, {args.eval_windows}×512 each. Dense PPL {dense['wikitext2-test']:.2f} / {dense['python-docs']:.2f}. "
         f"Studies: {', '.join(args.samplers)}, {args.minutes:g} min each, sampler defaults (evo: KL proxy, one "
-        "level per Linear; tpe/cmaes: hidden-state proxy, one ratio per block).", "",
+        "level per Linear; tpe/cmaes: hidden-state proxy, one ratio per block)"
+        + (f"; evo's level step {args.level_step:g} of the mean Linear size" if args.level_step else "")
+        + (f"; evo's max swaps {args.max_swaps}" if args.max_swaps else "") + ".", "",
         f"Command: `python benchmarks/search_quality.py --settings {' '.join(args.settings)} --samplers "
         f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples} "
         f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
-        f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}`", "",
+        f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}"
+        f"{f' --level-step {args.level_step:g}' if args.level_step else ''}"
+        f"{f' --max-swaps {args.max_swaps}' if args.max_swaps else ''}`", "",
         *lines, "", markdown_table(frame), "",
         f"![validation PPL of the incumbent against wall-clock]({plot_curve.name})", "",
         f"![per-Linear sparsity of the winners]({plot_shape.name})", "",
