@@ -25,7 +25,10 @@ def require_data() -> None:
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+    """The machine in one line: CPU model (timings differ several-fold between CPUs), threads, torch, device."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
 
 
 def load_smollm2():
