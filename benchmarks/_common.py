@@ -6,6 +6,7 @@ as one stream, the first 20 non-overlapping windows of 512 tokens.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -29,6 +30,11 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
     return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+
+
+def from_root(path: str | Path) -> str:
+    """``path`` as a command line run from the repository root spells it (for the commands the reports print)."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
 
 
 def load_smollm2():

@@ -17,19 +17,14 @@ sparsity allocation adds.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
-from _common import EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, load_smollm2, machine, plan_ppl, require_data, uniform_kv_plan
+from _common import (EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, from_root, load_smollm2, machine, plan_ppl, require_data,
+                     uniform_kv_plan)
 from search_quality import split_valid
 
 LADDER_GROUP = 32
-
-
-def from_root(path: str) -> str:
-    """``path`` as the command line run from the repository root spells it."""
-    return os.path.relpath(Path(path).resolve(), ROOT)
 
 
 def main() -> None:

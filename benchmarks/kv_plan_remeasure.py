@@ -14,12 +14,11 @@ calibration, so their trial is reproduced).
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import pandas as pd
 
-from _common import (ROOT, WIKITEXT, machine, markdown_table, plan_ppl, require_data, uniform_kv_plan,
+from _common import (ROOT, WIKITEXT, from_root, machine, markdown_table, plan_ppl, require_data, uniform_kv_plan,
                      wanda_kv_evaluator)
 
 LADDER_GROUP = 32
@@ -79,11 +78,11 @@ def main() -> None:
                       & (frame["group"] == LADDER_GROUP)].iloc[0]
     for name in texts:
         frame[f"{name} / uniform {min(args.bits)}-bit/{LADDER_GROUP}"] = (frame[name] / reference[name]).round(3)
-    command = (f"python benchmarks/kv_plan_remeasure.py --plans {' '.join(args.plans)} --bits "
+    command = (f"python benchmarks/kv_plan_remeasure.py --plans {' '.join(map(from_root, args.plans))} --bits "
                f"{' '.join(map(str, args.bits))} --windows {args.windows}"
-               + (f" --sparsity-plans {' '.join(args.sparsity_plans)}" if args.sparsity_plans else "")
-               + (f" --out {os.path.relpath(Path(args.out).resolve(), ROOT)}"
-                  if Path(args.out).resolve() != ROOT / "benchmarks" / "kv_plan_remeasure.md" else ""))
+               + (f" --sparsity-plans {' '.join(map(from_root, args.sparsity_plans))}" if args.sparsity_plans else "")
+               + (f" --out {from_root(args.out)}" if Path(args.out).resolve() != ROOT / "benchmarks" / "kv_plan_remeasure.md"
+                  else ""))
     text = (f"# Saved KV plans re-measured on more held-out text (benchmarks/kv_plan_remeasure.py)\n\n"
             f"Machine: {machine()}. SmolLM2-135M-Instruct (embedded GGUF, fp32), Wanda 50% (calibration as in "
             f"kv_group_search.py); held-out PPL on the first {args.windows}×512 tokens of WikiText-2 test and of "
