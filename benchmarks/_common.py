@@ -27,8 +27,10 @@ def require_data() -> None:
 
 def machine() -> str:
     """The machine in one line: CPU model (timings differ several-fold between CPUs), threads, torch, device."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []
+    cpu = models[0] if models else platform.machine()
     return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
 
 
@@ -74,9 +76,10 @@ def uniform_kv_plan(space, bits: int):
     return space.decode({**space.defaults(), **dict.fromkeys(space.kv_params, bits)}).to_plan()
 
 
-def wanda_kv_evaluator(prefix: str, target: float = 0.5):
+def wanda_kv_evaluator(prefix: str, target: float = 0.5, mix: str | None = None):
     """The KV benchmarks' shared setup (kv_front.py's texts): SmolLM2, Wanda at ``target``, a KV search
-    space, calibration 32×256 from the first 70% of WikiText-2 valid.
+    space, calibration 32×256 from the first 70% of WikiText-2 valid (half that and half ``mix`` when
+    given, see ``split_valid``), validation 8×512 from its last 30% bounded to 60 s.
 
     Returns the model, its tokenizer, the base StudySpec and an evaluator built once for it.
     """
@@ -85,13 +88,14 @@ def wanda_kv_evaluator(prefix: str, target: float = 0.5):
     from search_quality import split_valid
     from sparsealloc.core import progress
     from sparsealloc.search.session import build_evaluator
-    from sparsealloc.spaces.spec import CalibrationSpec, MetricSpec, StudySpec
+    from sparsealloc.spaces.spec import CalibrationSpec, MetricSpec, StudySpec, ValidationSpec
 
     progress.set_mode("quiet")
-    calib_text, _ = split_valid(Path(tempfile.mkdtemp(prefix=prefix)))
+    calib_text, val_text = split_valid(Path(tempfile.mkdtemp(prefix=prefix)), mix)
     model, tokenizer, _ = load_smollm2()
     base = StudySpec(name="base", target_sparsity=target, metric=MetricSpec(name="wanda"), space=("kv",),
-                     calibration=CalibrationSpec(text=str(calib_text), samples=32, seq_len=256))
+                     calibration=CalibrationSpec(text=str(calib_text), samples=32, seq_len=256),
+                     validation=ValidationSpec(text=str(val_text), seq_len=512, windows=8, top_k=5, max_seconds=60))
     return model, tokenizer, base, build_evaluator(base, model, tokenizer)
 
 

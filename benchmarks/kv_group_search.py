@@ -20,9 +20,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import (EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, from_root, load_smollm2, machine, plan_ppl, require_data,
-                     uniform_kv_plan)
-from search_quality import split_valid
+from _common import (EVAL_SEQ_LEN, ROOT, WIKITEXT, Timer, from_root, machine, plan_ppl, require_data, uniform_kv_plan,
+                     wanda_kv_evaluator)
 
 LADDER_GROUP = 32
 
@@ -48,25 +47,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "kv_group_search.md"))
     args = parser.parse_args()
     require_data()
-    from sparsealloc.core import progress
     from sparsealloc.core.plan import AllocationPlan
     from sparsealloc.objectives import TrialEvaluator, kv_bytes_per_token
     from sparsealloc.pruning import TextSource, tokenize_stream
-    from sparsealloc.search.session import build_evaluator
     from sparsealloc.search.study import run
-    from sparsealloc.spaces.spec import CalibrationSpec, KVSpec, MetricSpec, StudySpec, ValidationSpec
+    from sparsealloc.spaces.spec import KVSpec, StudySpec
 
-    progress.set_mode("quiet")
-    work = Path(tempfile.mkdtemp(prefix="sparsealloc-kvgroup-"))
-    calib_text, val_text = split_valid(work, TextSource("builtin", "calib").read() if args.calib_mix else None)
-    model, tokenizer, _ = load_smollm2()
+    model, tokenizer, base, shared = wanda_kv_evaluator(
+        "sparsealloc-kvgroup-", args.target, TextSource("builtin", "calib").read() if args.calib_mix else None)
+    base = base.override(sampler="evo", trials=10**6, timeout=args.minutes * 60)
+    work = Path(tempfile.mkdtemp(prefix="sparsealloc-kvgroup-"))  # the studies' store, exports and seed plans
+    store = f"sqlite:///{work / 'studies.db'}"
     texts = {"WikiText-2 test": tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text()),
              "Python docs": tokenize_stream(tokenizer, TextSource("builtin", "eval").read())}
-    base = StudySpec(name="base", target_sparsity=args.target, metric=MetricSpec(name="wanda"), sampler="evo",
-                     space=("kv",), trials=10**6, timeout=args.minutes * 60, seed=0,
-                     calibration=CalibrationSpec(text=str(calib_text), samples=32, seq_len=256),
-                     validation=ValidationSpec(text=str(val_text), seq_len=512, windows=8, top_k=5, max_seconds=60))
-    shared = build_evaluator(base, model, tokenizer)
     layout = shared.ctx.layout
 
     def measure(evaluator, plan) -> tuple[float, ...]:
@@ -77,7 +70,7 @@ def main() -> None:
     budget = kv_bytes_per_token(layout.attention, ladder_plan.kv_bits, layout.kv_heads, layout.head_dim, LADDER_GROUP)
     ladder_ppl = measure(ladder_eval, ladder_plan)
     ladder_bytes, budget = budget, args.budget_bytes or budget
-    out_stem = Path(args.out).with_suffix("")
+    sparsity_path = Path(args.out).with_name(f"{Path(args.out).stem}_sparsity_plan.json")
     rows, seeds, sparsity_note = [], [], ""
 
     def per_linear(spec: StudySpec) -> StudySpec:
@@ -85,16 +78,15 @@ def main() -> None:
 
     sparsity_plan = AllocationPlan.load(args.sparsity_plan) if args.sparsity_plan else None
     if args.sparsity_minutes > 0 and sparsity_plan is None:
-        sparsity_spec = per_linear(base.override(name="sparsity", space=("layerwise",), timeout=args.sparsity_minutes * 60,
-                                                 warm_start=("uniform", "owl", "depth_ramp")))
+        sparsity_spec = per_linear(base.override(name="sparsity", space=("layerwise",), timeout=args.sparsity_minutes * 60))
         with Timer() as t_sparsity:
-            sparsity_result = run(sparsity_spec, f"sqlite:///{work / 'studies.db'}",
+            sparsity_result = run(sparsity_spec, store,
                                   evaluator=TrialEvaluator(shared.ctx, sparsity_spec), validate=True,
                                   export_dir=work / "sparsity")
         sparsity_plan = AllocationPlan.load(sparsity_result.exported[0])
-        sparsity_plan.save(Path(f"{out_stem}_sparsity_plan.json"))
+        sparsity_plan.save(sparsity_path)
         sparsity_note = (f"- Sparsity-only evo study: {args.sparsity_minutes:g} min search, {t_sparsity.seconds / 60:.1f} min "
-                         f"with validation; its plan is {Path(f'{out_stem}_sparsity_plan.json').name}.\n")
+                         f"with validation; its plan is {sparsity_path.name}.\n")
     if sparsity_plan is not None:
         uniform_on_searched = sparsity_plan.replace(kv_bits=ladder_plan.kv_bits)
         rows.append((f"uniform {args.ladder_bits}-bit, searched sparsity (sparsity-only evo)", LADDER_GROUP, ladder_bytes,
@@ -109,8 +101,7 @@ def main() -> None:
                                     seed_plans=tuple(str(s) for s in seeds)))
     evaluator = TrialEvaluator(shared.ctx, spec)
     with Timer() as t_study:
-        result = run(spec, f"sqlite:///{work / 'studies.db'}", evaluator=evaluator, validate=True,
-                     export_dir=work / "joint")
+        result = run(spec, store, evaluator=evaluator, validate=True, export_dir=work / "joint")
     plan = AllocationPlan.load(result.exported[0])
     found_bytes = kv_bytes_per_token(layout.attention, plan.kv_bits, layout.kv_heads, layout.head_dim, args.group_size)
     found_ppl = measure(evaluator, plan)
