@@ -9,9 +9,10 @@ the ladder point and the found plan are measured in the same run.
 
 With ``--sparsity-minutes M`` a sparsity-only evo study (same calibration, no KV quantization, so its
 trials are cheaper) runs first; its plan seeds the joint study, alone and with the KV bits of each
-``--seed-kv-plans`` file (earlier exported plans). The table then also shows uniform ``--ladder-bits``
-at group 32 on that searched sparsity, which separates what the KV allocation adds from what the
-sparsity allocation adds.
+``--seed-kv-plans`` file (earlier exported plans). ``--sparsity-plan`` instead reuses a saved plan;
+with both, the sparsity-only study continues from that plan. The table then also shows uniform
+``--ladder-bits`` on that searched sparsity, at group 32 and at ``--group-size``, which separates what
+the KV allocation adds from what the sparsity allocation adds.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def main() -> None:
         return StudySpec.from_dict({**spec.to_dict(), "layerwise": {**spec.to_dict()["layerwise"], "granularity": None}})
 
     sparsity_plan = AllocationPlan.load(args.sparsity_plan) if args.sparsity_plan else None
-    if args.sparsity_minutes > 0 and sparsity_plan is None:
-        sparsity_spec = per_linear(base.override(name="sparsity", space=("layerwise",), timeout=args.sparsity_minutes * 60))
+    if args.sparsity_minutes > 0:  # with --sparsity-plan too: the study continues from that plan
+        seed = (str(Path(args.sparsity_plan).resolve()),) if args.sparsity_plan else ()
+        sparsity_spec = per_linear(base.override(name="sparsity", space=("layerwise",), timeout=args.sparsity_minutes * 60,
+                                                 seed_plans=seed))
         with Timer() as t_sparsity:
             sparsity_result = run(sparsity_spec, store,
                                   evaluator=TrialEvaluator(shared.ctx, sparsity_spec), validate=True,
@@ -86,7 +89,9 @@ def main() -> None:
         sparsity_plan = AllocationPlan.load(sparsity_result.exported[0])
         sparsity_plan.save(sparsity_path)
         sparsity_note = (f"- Sparsity-only evo study: {args.sparsity_minutes:g} min search, {t_sparsity.seconds / 60:.1f} min "
-                         f"with validation; its plan is {sparsity_path.name}.\n")
+                         f"with validation" + (f", seeded with {from_root(args.sparsity_plan)} (a continued search)"
+                                               if args.sparsity_plan else "")
+                         + f"; its plan is {sparsity_path.name}.\n")
     if sparsity_plan is not None:
         uniform_on_searched = sparsity_plan.replace(kv_bits=ladder_plan.kv_bits)
         rows.append((f"uniform {args.ladder_bits}-bit, searched sparsity (sparsity-only evo)", LADDER_GROUP, ladder_bytes,
@@ -105,6 +110,11 @@ def main() -> None:
     plan = AllocationPlan.load(result.exported[0])
     found_bytes = kv_bytes_per_token(layout.attention, plan.kv_bits, layout.kv_heads, layout.head_dim, args.group_size)
     found_ppl = measure(evaluator, plan)
+    if sparsity_plan is not None and args.group_size != LADDER_GROUP:  # the study's own group, no KV search
+        same_bits = uniform_kv_plan(evaluator.space, args.ladder_bits).kv_bits
+        rows.append((f"uniform {args.ladder_bits}-bit, searched sparsity (sparsity-only evo)", args.group_size,
+                     kv_bytes_per_token(layout.attention, same_bits, layout.kv_heads, layout.head_dim, args.group_size),
+                     measure(evaluator, sparsity_plan.replace(kv_bits=same_bits))))
     n_complete = sum(1 for t in result.study.trials if t.state.name == "COMPLETE")
     n_pruned = sum(1 for t in result.study.trials if t.state.name == "PRUNED")
     bits = [b for kv in plan.kv_bits.values() for b in kv.values()]

@@ -269,21 +269,20 @@ class AllocationPlan:
             IncompatiblePlanError: a key covers none of ``linear_names``.
         """
         known = list(linear_names)
+        covered = {"*"} | {prefix for n in known for prefix in _dotted_prefixes(n)}
         for key in self.sparsity:
-            if key != "*" and not any(n == key or n.startswith(key + ".") for n in known):
+            if key not in covered:
                 sample = ", ".join(known[:3]) + (", ..." if len(known) > 3 else "")
                 raise IncompatiblePlanError(
                     f"plan names module {key!r}, which is not a prunable Linear module or block of "
                     f"this model; expected names like: {sample}"
                 )
-        ranked = sorted(self.sparsity.items(), key=lambda kv: -1 if kv[0] == "*" else len(kv[0]))
+        # The keys covering a module are its dotted prefixes (itself included) and "*": the longest
+        # one present wins. One dict lookup per prefix, so a per-Linear plan resolves in linear time.
         out: dict[str, float] = {}
         for name in known:
-            ratio = 0.0
-            for key, value in ranked:  # increasing specificity; later (longer) keys override
-                if key == "*" or name == key or name.startswith(key + "."):
-                    ratio = float(value)
-            out[name] = ratio
+            key = next((k for k in (*_dotted_prefixes(name), "*") if k in self.sparsity), None)
+            out[name] = 0.0 if key is None else float(self.sparsity[key])
         return out
 
     def check_kv_layers(self, attention_names: Sequence[str]) -> None:
@@ -307,6 +306,12 @@ class AllocationPlan:
             raise IncompatiblePlanError(
                 f"plan drops all {len(block_names)} decoder blocks; at least one must remain"
             )
+
+
+def _dotted_prefixes(name: str) -> list[str]:
+    """``name`` and its dotted prefixes, longest first: "a.b.c" → ["a.b.c", "a.b", "a"]."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def _tidy_ratio(value: float) -> float:

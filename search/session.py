@@ -268,8 +268,9 @@ class ValidationResult:
 def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
     """The evo sampler's latest parents first (newest first: its own choice; its trials' values come
     from different windows per generation, so the lowest ones are not the best plans), then top-k by
-    the first objective (single objective) or the Pareto set, then the warm starts. The order is
-    what a time-bounded validation keeps."""
+    the first objective (single objective) or the Pareto set, then the warm starts, lowest first
+    objective first (a seed plan that continues an earlier search before the uniform start). The
+    order is what a time-bounded validation keeps."""
     from sparsealloc.search.samplers.evo import recent_parents
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if PLAN in t.user_attrs]
@@ -279,7 +280,7 @@ def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.Fro
         chosen += sorted(done, key=lambda t: t.values[0])[:top_k]
     else:
         chosen += list(study.best_trials)
-    chosen += [t for t in done if t.user_attrs.get(WARM_START)]
+    chosen += sorted((t for t in done if t.user_attrs.get(WARM_START)), key=lambda t: t.values[0])
     unique: dict[tuple, optuna.trial.FrozenTrial] = {}
     for t in chosen:  # an evo parent re-scored is the same plan under another number
         unique.setdefault(tuple(sorted(t.params.items())), t)

@@ -91,3 +91,24 @@ def test_validation_takes_the_evo_parents_first_newest_first():
         plain.add_trial(optuna.trial.create_trial(params={"x": float(n)}, distributions=dist, value=value,
                                                   user_attrs={PLAN: {}}))
     assert [t.number for t in trials_to_validate(plain, top_k=2)] == [1, 2]  # other samplers: best proxy first
+
+
+def test_validation_takes_the_best_warm_start_first():
+    """A seed plan that continues an earlier search scores below the uniform start: a time-bounded
+    validation must reach it first (the warm starts come in proxy order, not creation order)."""
+    import optuna
+
+    from sparsealloc.core.keys import PLAN, WARM_START
+    from sparsealloc.search.session import trials_to_validate
+
+    study = optuna.create_study()
+    dist = {"x": optuna.distributions.FloatDistribution(0, 10)}
+    starts = {0: ("uniform", 0.16), 1: ("owl", 0.17), 2: ("depth_ramp", 0.155), 3: ("plan:earlier", 0.146)}
+    for n, (name, value) in starts.items():
+        study.add_trial(optuna.trial.create_trial(params={"x": float(n)}, distributions=dist, value=value,
+                                                  user_attrs={PLAN: {}, WARM_START: name}))
+    for n in (4, 5, 6):
+        study.add_trial(optuna.trial.create_trial(params={"x": float(n)}, distributions=dist, value=0.13 + n / 1000,
+                                                  user_attrs={PLAN: {}}))
+    order = [t.number for t in trials_to_validate(study, top_k=2)]
+    assert order == [4, 5, 3, 2, 0, 1]
