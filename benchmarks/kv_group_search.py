@@ -93,9 +93,6 @@ def main() -> None:
                                                if args.sparsity_plan else "")
                          + f"; its plan is {sparsity_path.name}.\n")
     if sparsity_plan is not None:
-        uniform_on_searched = sparsity_plan.replace(kv_bits=ladder_plan.kv_bits)
-        rows.append((f"uniform {args.ladder_bits}-bit, searched sparsity (sparsity-only evo)", LADDER_GROUP, ladder_bytes,
-                     measure(ladder_eval, uniform_on_searched)))
         seeds.append(work / "searched_sparsity.json")
         sparsity_plan.save(seeds[-1])
         for path in args.seed_kv_plans:
@@ -105,16 +102,18 @@ def main() -> None:
                                     kv=KVSpec(group_size=args.group_size, budget_bytes=budget),
                                     seed_plans=tuple(str(s) for s in seeds)))
     evaluator = TrialEvaluator(shared.ctx, spec)
+    if sparsity_plan is not None:  # uniform bits on the searched sparsity: at group 32, and at the study's group
+        own = [(args.group_size, evaluator)] if args.group_size != LADDER_GROUP else []
+        for group, uniform_eval in [(LADDER_GROUP, ladder_eval), *own]:
+            same_bits = uniform_kv_plan(uniform_eval.space, args.ladder_bits).kv_bits
+            rows.append((f"uniform {args.ladder_bits}-bit, searched sparsity (sparsity-only evo)", group,
+                         kv_bytes_per_token(layout.attention, same_bits, layout.kv_heads, layout.head_dim, group),
+                         measure(uniform_eval, sparsity_plan.replace(kv_bits=same_bits))))
     with Timer() as t_study:
         result = run(spec, store, evaluator=evaluator, validate=True, export_dir=work / "joint")
     plan = AllocationPlan.load(result.exported[0])
     found_bytes = kv_bytes_per_token(layout.attention, plan.kv_bits, layout.kv_heads, layout.head_dim, args.group_size)
     found_ppl = measure(evaluator, plan)
-    if sparsity_plan is not None and args.group_size != LADDER_GROUP:  # the study's own group, no KV search
-        same_bits = uniform_kv_plan(evaluator.space, args.ladder_bits).kv_bits
-        rows.append((f"uniform {args.ladder_bits}-bit, searched sparsity (sparsity-only evo)", args.group_size,
-                     kv_bytes_per_token(layout.attention, same_bits, layout.kv_heads, layout.head_dim, args.group_size),
-                     measure(evaluator, sparsity_plan.replace(kv_bits=same_bits))))
     n_complete = sum(1 for t in result.study.trials if t.state.name == "COMPLETE")
     n_pruned = sum(1 for t in result.study.trials if t.state.name == "PRUNED")
     bits = [b for kv in plan.kv_bits.values() for b in kv.values()]

@@ -269,7 +269,8 @@ class AllocationPlan:
             IncompatiblePlanError: a key covers none of ``linear_names``.
         """
         known = list(linear_names)
-        covered = {"*"} | {prefix for n in known for prefix in _dotted_prefixes(n)}
+        prefixes = {n: _dotted_prefixes(n) for n in known}
+        covered = {"*"} | {prefix for names in prefixes.values() for prefix in names}
         for key in self.sparsity:
             if key not in covered:
                 sample = ", ".join(known[:3]) + (", ..." if len(known) > 3 else "")
@@ -281,7 +282,7 @@ class AllocationPlan:
         # one present wins. One dict lookup per prefix, so a per-Linear plan resolves in linear time.
         out: dict[str, float] = {}
         for name in known:
-            key = next((k for k in (*_dotted_prefixes(name), "*") if k in self.sparsity), None)
+            key = next((k for k in (*prefixes[name], "*") if k in self.sparsity), None)
             out[name] = 0.0 if key is None else float(self.sparsity[key])
         return out
 
