@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--level-step", type=float, default=None,
                         help="evo's layerwise.level_step (weights per level / mean Linear size; default the package's)")
     parser.add_argument("--max-swaps", type=int, default=None, help="evo's evo.max_swaps (default the package's)")
+    parser.add_argument("--switch-sparsity", type=float, default=None,
+                        help="evo's evo.switch_sparsity (sparsity a switch moves the smaller group by; default the package's)")
     args = parser.parse_args()
     require_data()
     from sparsealloc.core import progress
@@ -130,7 +132,8 @@ def main() -> None:
         for sampler in args.samplers:
             spec = base.override(name=f"{sampler}-{metric}-{int(target * 100)}-{int(time.time())}", sampler=sampler)
             tuned = {"level_step": args.level_step} if args.level_step else {}
-            evo = {**spec.to_dict().get("evo", {}), **({"max_swaps": args.max_swaps} if args.max_swaps else {})}
+            evo = {**spec.to_dict().get("evo", {}), **({"max_swaps": args.max_swaps} if args.max_swaps else {}),
+                   **({"switch_sparsity": args.switch_sparsity} if args.switch_sparsity else {})}
             spec = StudySpec.from_dict({**spec.to_dict(), "objectives": None, "proxy_dtype": None, "evo": evo,
                                         "layerwise": {**spec.to_dict()["layerwise"], "granularity": None, **tuned}})
             evaluator = TrialEvaluator(ctx, spec)
@@ -191,13 +194,15 @@ def main() -> None:
         f"Studies: {', '.join(args.samplers)}, {args.minutes:g} min each, sampler defaults (evo: KL proxy, one "
         "level per Linear; tpe/cmaes: hidden-state proxy, one ratio per block)"
         + (f"; evo's level step {args.level_step:g} of the mean Linear size" if args.level_step else "")
-        + (f"; evo's max swaps {args.max_swaps}" if args.max_swaps else "") + ".", "",
+        + (f"; evo's max swaps {args.max_swaps}" if args.max_swaps else "")
+        + (f"; evo's switch sparsity {args.switch_sparsity:g}" if args.switch_sparsity else "") + ".", "",
         f"Command: `python benchmarks/search_quality.py --settings {' '.join(args.settings)} --samplers "
         f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples} "
         f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
         f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}"
         f"{f' --level-step {args.level_step:g}' if args.level_step else ''}"
-        f"{f' --max-swaps {args.max_swaps}' if args.max_swaps else ''}`", "",
+        f"{f' --max-swaps {args.max_swaps}' if args.max_swaps else ''}"
+        f"{f' --switch-sparsity {args.switch_sparsity:g}' if args.switch_sparsity else ''}`", "",
         *lines, "", markdown_table(frame), "",
         f"![validation PPL of the incumbent against wall-clock]({plot_curve.name})", "",
         f"![per-Linear sparsity of the winners]({plot_shape.name})", "",

@@ -27,19 +27,19 @@ OBJECTIVES: Registry[Objective] = Registry("objective")
 @OBJECTIVES.register("reconstruction")
 def reconstruction(ctx: EvalContext, trial: TrialState) -> float:
     """Relative Frobenius error of the logits on the calibration windows (OptiShear)."""
-    return reconstruction_error(ctx, "logits", trial.report, trial.windows, trial.model)
+    return reconstruction_error(ctx, "logits", trial.report, trial.windows, trial.model, trial.blocks)
 
 
 @OBJECTIVES.register("kl")
 def kl(ctx: EvalContext, trial: TrialState) -> float:
     """Mean per-token KL divergence of next-token distributions, dense ‖ pruned."""
-    return reconstruction_error(ctx, "kl", trial.report, trial.windows, trial.model)
+    return reconstruction_error(ctx, "kl", trial.report, trial.windows, trial.model, trial.blocks)
 
 
 @OBJECTIVES.register("hidden")
 def hidden(ctx: EvalContext, trial: TrialState) -> float:
     """Relative squared error of the final hidden states, ‖h − h_dense‖² / ‖h_dense‖²."""
-    return reconstruction_error(ctx, "hidden", trial.report, trial.windows, trial.model)
+    return reconstruction_error(ctx, "hidden", trial.report, trial.windows, trial.model, trial.blocks)
 
 
 @OBJECTIVES.register("layer_local")

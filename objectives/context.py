@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from sparsealloc.core.types import LayerStats
+from sparsealloc.objectives.block_cache import BlockOutputCache
 from sparsealloc.objectives.divergence import CHUNK, kl_reference
 from sparsealloc.objectives.layer_local import compact_grams, summed_error
 from sparsealloc.pruning.calibration.stats import collect_stats, decoder_trunk
@@ -75,7 +76,11 @@ class EvalContext:
     #: Masked weights kept for reuse, keyed (Linear, pruned count); 0 disables the cache (each
     #: forward call then masks on the fly: :func:`~sparsealloc.pruning.masked.masked_forward`).
     mask_cache_bytes: int = 3 * 2**29
+    #: Decoder-block outputs of recent trials kept for reuse (:mod:`~sparsealloc.objectives.block_cache`);
+    #: 0 disables it.
+    block_cache_bytes: int = 2**30
     _masked: Any = None
+    _block_cache: BlockOutputCache | None = None
     _logit_sq_per_window: list[float] | None = None
     _compute_models: dict[torch.dtype, nn.Module] = field(default_factory=dict)
 
@@ -170,6 +175,7 @@ class EvalContext:
                       for n, w in self.weights().items()}
         self.ranks_metric = metric
         self._masked = None
+        self.block_cache.clear()  # its keys name masks by ratio, which meant the old metric's
 
     def compute_model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """The model trials run in: :attr:`model` itself for float32, else a copy in ``dtype``
@@ -220,6 +226,19 @@ class EvalContext:
             _, old = cache.popitem(last=False)
             size[0] -= old.numel() * old.element_size()
         return out
+
+    @property
+    def block_cache(self) -> BlockOutputCache:
+        """The worker's :class:`~sparsealloc.objectives.block_cache.BlockOutputCache` (made on first use,
+        bounded by :attr:`block_cache_bytes`)."""
+        if self._block_cache is None:
+            self._block_cache = BlockOutputCache(self.block_cache_bytes)
+        return self._block_cache
+
+    def batch_windows(self, windows: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+        """The window indices of each batch :meth:`reference_batches` yields for ``windows``."""
+        order = list(range(self.windows.shape[0])) if windows is None else [int(w) for w in windows]
+        return [tuple(order[i : i + self.batch_size]) for i in range(0, len(order), self.batch_size)]
 
     def ranks_for(self, plan) -> dict[str, torch.Tensor] | None:
         """The cached ranks when ``plan`` uses the cached metric, else None."""

@@ -18,7 +18,8 @@ All of them come from one forward pass of the pruned model over the calibration 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import nullcontext
 
 import torch
 
@@ -35,7 +36,8 @@ FORWARD_PROXIES = ("logits", "kl", "hidden")
 
 @torch.inference_mode()
 def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | None = None,
-                   windows: Sequence[int] | None = None, model: torch.nn.Module | None = None) -> dict[str, float]:
+                   windows: Sequence[int] | None = None, model: torch.nn.Module | None = None,
+                   blocks: Sequence[Hashable] | None = None) -> dict[str, float]:
     """Run the (pruned) model once over the calibration windows and score it as ``kinds`` say.
 
     Args:
@@ -46,6 +48,11 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
         windows: Indices of the calibration windows to score on (None: all of them).
         model: The model to run (:meth:`EvalContext.compute_model`; None: ``ctx.model``). Its final
             hidden states are compared in float32 with the float32 dense reference.
+        blocks: The compression of each decoder block of ``model`` (one hashable per block, equal
+            keys meaning equal weights), when the caller knows it: the forward pass then reads
+            back, from :attr:`EvalContext.block_cache`, the outputs of the leading blocks an earlier
+            pass computed on the same windows (:mod:`~sparsealloc.objectives.block_cache`). None:
+            every block runs.
 
     Returns:
         Each kind's value over all windows (lower is better).
@@ -63,8 +70,13 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
     num = dict.fromkeys(kinds, 0.0)
     den = dict.fromkeys(kinds, 0.0)
     values: dict[str, float] = {}
-    for done, (batch, dense_h, kl_terms, logit_sq) in enumerate(ctx.reference_batches(windows, "logits" in kinds), start=1):
-        h = trunk(input_ids=batch.to(device), use_cache=False).last_hidden_state.float()
+    layers = model.get_submodule(ctx.layout.blocks_path) if blocks is not None else None
+    batches = ctx.reference_batches(windows, "logits" in kinds)
+    for done, ((batch, dense_h, kl_terms, logit_sq), ids) in enumerate(zip(batches, ctx.batch_windows(windows)), start=1):
+        reuse = (ctx.block_cache.reusing(layers, (ids, id(model), model.dtype), blocks) if layers is not None
+                 else nullcontext())
+        with reuse:
+            h = trunk(input_ids=batch.to(device), use_cache=False).last_hidden_state.float()
         if "logits" in kinds:
             delta = (h - dense_h).reshape(-1, h.shape[-1])  # (tokens, d)
             num["logits"] += float(((delta @ ctx.head_gram) * delta).sum(dtype=torch.float64))
@@ -85,6 +97,7 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
 
 
 def reconstruction_error(ctx: EvalContext, kind: str = "logits", report: Reporter | None = None,
-                         windows: Sequence[int] | None = None, model: torch.nn.Module | None = None) -> float:
+                         windows: Sequence[int] | None = None, model: torch.nn.Module | None = None,
+                         blocks: Sequence[Hashable] | None = None) -> float:
     """One proxy of :func:`forward_errors` ("logits", "kl" or "hidden")."""
-    return forward_errors(ctx, (kind,), report, windows, model)[kind]
+    return forward_errors(ctx, (kind,), report, windows, model, blocks)[kind]

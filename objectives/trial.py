@@ -68,6 +68,7 @@ class TrialState:
     intermediate: list[tuple[int, float]] = field(default_factory=list)
     windows: tuple[int, ...] | None = None  # calibration windows to score on (None: all)
     model: nn.Module | None = None  # the model the plan is applied to (None: ctx.model)
+    blocks: tuple | None = None  # compression of each decoder block, where known (block output reuse)
 
 
 class TrialEvaluator:
@@ -104,6 +105,11 @@ class TrialEvaluator:
         self.gram_rung = spec.early_stopping.uses_gram_rung
         #: The model of the latest :meth:`applied` block (ctx.model or the compute-dtype copy).
         self.last_model = ctx.model
+        #: The compression of each decoder block in the latest :meth:`applied` block where its
+        #: Linears were stitched (:meth:`block_keys`), else None.
+        self.last_blocks: tuple | None = None
+        self._block_parts = [(tuple(ctx.layout.block_linears(b)),
+                              tuple(a for a in ctx.layout.attention if a.startswith(f"{b}."))) for b in ctx.layout.blocks]
         #: Compute dtype of trial forwards (``spec.proxy_dtype``, "auto" resolved on this worker's device).
         self.proxy_dtype = resolve_proxy_dtype(spec.proxy_dtype, ctx.device)
         if "layer_local" in spec.objectives:
@@ -163,6 +169,18 @@ class TrialEvaluator:
             return None
         return resolve_plan(plan, self.ctx.layout)
 
+    def block_keys(self, plan: AllocationPlan, ratios: Mapping[str, float], source: Any) -> tuple:
+        """What each decoder block computes with under ``plan`` when its Linears are stitched from
+        ``source`` at ``ratios`` (a Linear's weights are a function of its ratio there): the ratios of
+        the block's Linears and its attention's KV bits. Equal keys, equal inputs: equal outputs
+        (:mod:`~sparsealloc.objectives.block_cache`)."""
+        kv = plan.kv_bits
+        quantized = any(min(bits["k"], bits["v"]) < 16 for bits in kv.values())
+        common = (source, quantized, self.spec.kv.group_size, self.spec.kv.residual) if quantized else (source,)
+        return tuple((common, tuple(ratios.get(n, 0.0) for n in linears),
+                      tuple(tuple(sorted(kv[a].items())) if a in kv else None for a in attention))
+                     for linears, attention in self._block_parts)
+
     @contextmanager
     def applied(self, plan: AllocationPlan, fast: bool = False) -> Iterator[PruneReport]:
         """The worker's model compressed as ``plan`` says, for as long as the block runs.
@@ -183,7 +201,7 @@ class TrialEvaluator:
         ctx = self.ctx
         kv = (plan.kv_bits, self.spec.kv.group_size, self.spec.kv.residual)
         dtype = self.proxy_dtype if fast else None
-        self.last_model = ctx.model
+        self.last_model, self.last_blocks = ctx.model, None
         ratios = self.cached_ratios(plan)
         if ratios is not None:
             if ctx.mask_cache_bytes:
@@ -191,12 +209,14 @@ class TrialEvaluator:
                 masked = stitched_forward(model, ctx.masked_entries(ratios, model.dtype))
             else:
                 model, masked = ctx.model, masked_forward(ctx.model, ratios, ctx.ranks)
+            self.last_blocks = self.block_keys(plan, ratios, ("ranks", str(ctx.ranks_metric)))
             with masked, kv_fake_quant(model, *kv):
                 yield mask_report(ratios, ctx.layout)
             return
         ratios = self.database_ratios(plan)
         if ratios is not None:
             model = self.last_model = ctx.compute_model(dtype) if fast else ctx.model
+            self.last_blocks = self.block_keys(plan, ratios, ("level_db", self.database.key))
             with stitched_forward(model, self.database.entries(ratios, model.dtype)), kv_fake_quant(model, *kv):
                 yield mask_report(ratios, ctx.layout)
             return
@@ -250,7 +270,7 @@ class TrialEvaluator:
                 publish(1, self.rung_value(plan))
             with self.applied(plan, fast=True) as prune_report:
                 state = TrialState(plan, prune_report, self.spec.kv.group_size, intermediate=intermediate,
-                                   windows=windows, model=self.last_model)
+                                   windows=windows, model=self.last_model, blocks=self.last_blocks)
                 state.report = lambda batches, value: publish(offset + batches, value)
                 values_out = tuple(float(fn(self.ctx, state)) for fn in self.objectives)
         except StopTrial as stop:

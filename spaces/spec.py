@@ -14,7 +14,7 @@ Example::
     objectives: [hidden]          # first one is the error proxy (hidden, kl, reconstruction, layer_local)
     early_stopping: {pruner: successive_halving, reduction_factor: 3}   # multi-fidelity trials
     sampler: tpe                  # tpe, cmaes, random, nsga3, optuna-nsga3, evo
-    evo: {offspring: 16, stages: [[2, 2], [8, 1]], max_swaps: 3}   # sampler evo only
+    evo: {offspring: 16, stages: [[2, 2], [8, 1]], max_swaps: 3, switch_sparsity: 0}   # sampler evo only
     trials: 40
     calibration: {text: null, samples: 16, seq_len: 256, seed: 0}
     validation: {text: null, seq_len: 512, windows: 20, top_k: 5, max_seconds: null}
@@ -281,15 +281,26 @@ class EvoSpec:
     (``calibration.samples``) and the best ``survivors`` go on; the last stage also re-scores the
     parent on its windows, and the best of them becomes the next parent. Sieberling et al., ICML
     2025 (arXiv:2410.14649), fast variant: 16 offspring, 1 survivor on 512 tokens, then 8,192.
+
+    ``switch_sparsity``: 0 (default) moves one level per switch, EvoPress's mutation. A level is a
+    fixed number of weights, so one level is a large step in sparsity for a small Linear (0.18 for
+    a SmolLM2 ``k_proj`` at ``level_step`` 0.04) and a small one for a large Linear (0.023 for its
+    MLP). With ``switch_sparsity`` s > 0 a switch between groups ``a`` and ``b`` moves
+    ``max(1, round(s · min(n_a, n_b) / weights per level))`` levels (within the bounds), so the
+    smaller of the two changes its sparsity by about s; the budget stays exact. With a fine
+    ``level_step`` this lets small Linears move finely and large ones fast.
     """
 
     offspring: int = 16
     stages: tuple[tuple[int, int], ...] = ((2, 2), (8, 1))
     max_swaps: int = 3
+    switch_sparsity: float = 0.0
 
     def validate(self) -> None:
         _expect(_is_int(self.offspring) and self.offspring >= 1, "evo.offspring must be an integer >= 1", self.offspring)
         _expect(_is_int(self.max_swaps) and self.max_swaps >= 1, "evo.max_swaps must be an integer >= 1", self.max_swaps)
+        _expect(_is_number(self.switch_sparsity) and 0 <= self.switch_sparsity < 1,
+                "evo.switch_sparsity must be a number in [0, 1)", self.switch_sparsity)
         stages = self.stages
         ok = isinstance(stages, (list, tuple)) and len(stages) >= 1 and all(
             isinstance(st, (list, tuple)) and len(st) == 2 and all(_is_int(x) and x >= 1 for x in st) for st in stages)
@@ -504,4 +515,6 @@ class StudySpec:
                 data["kv"].pop(key, None)
         if self.layerwise.level_step == LayerwiseSpec.level_step:  # likewise
             data["layerwise"].pop("level_step", None)
+        if "evo" in data and not self.evo.switch_sparsity:  # likewise
+            data["evo"].pop("switch_sparsity", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 
 @contextlib.contextmanager
@@ -76,8 +76,11 @@ def create_running_trial(study: optuna.Study, params: dict[str, Any],
     (``BaseStorage.create_new_trial``) costs two queries per parameter in RDBStorage
     (``_set_trial_param_without_commit`` looks the trial up and checks the parameter's earlier
     distribution): 0.32 s per trial for a per-Linear SmolLM2 genome (210 parameters) on SQLite.
-    Here, for RDB stores, the parameters of the template are added to the same session without those
-    two queries (the caller's distributions are the study's fixed ones, so there is nothing to check).
+    Here, for RDB stores, the parameters of the template are inserted in the same transaction by one
+    multi-row INSERT, without those two queries (the caller's distributions are the study's fixed
+    ones, so there is nothing to check), and the new trial's number is read from Optuna's cache
+    instead of reading the trial back with all its parameters (benchmarks/trial_reuse.md: 15 ms per
+    210-parameter trial on SQLite, against 243 ms through Optuna's template path).
     Returns ``(number, trial_id)``.
     """
     import datetime
@@ -93,12 +96,15 @@ def create_running_trial(study: optuna.Study, params: dict[str, Any],
         from optuna.storages._rdb import models
 
         json_of: dict[int, str] = {}
+        rows: list[dict[str, Any]] = []
 
         def add_param(session, trial_id, param_name, param_value_internal, distribution,
                       previous_distribution=None):
             text_ = json_of.setdefault(id(distribution), distribution_to_json(distribution))
-            session.add(models.TrialParamModel(trial_id=trial_id, param_name=param_name,
-                                               param_value=param_value_internal, distribution_json=text_))
+            rows.append({"trial_id": trial_id, "param_name": param_name, "param_value": param_value_internal,
+                         "distribution_json": text_})
+            if len(rows) == len(params):  # the last one: all rows in one statement
+                session.execute(insert(models.TrialParamModel), rows)
 
         backend._set_trial_param_without_commit = add_param  # instance attribute: this call only
         try:
@@ -107,12 +113,41 @@ def create_running_trial(study: optuna.Study, params: dict[str, Any],
             del backend._set_trial_param_without_commit
     else:
         trial_id = storage.create_new_trial(study._study_id, template_trial=template)
-    return storage.get_trial_number_from_id(trial_id), trial_id
+    cached = getattr(storage, "_trial_id_to_study_id_and_number", {}).get(trial_id)  # _CachedStorage's map
+    return (cached[1] if cached is not None else storage.get_trial_number_from_id(trial_id)), trial_id
 
 
 def set_trial_user_attr(study: optuna.Study, trial_id: int, key: str, value: Any) -> None:
     """Write a user attribute of any trial (``Study.tell`` would refuse a finished one too)."""
     study._storage.set_trial_user_attr(trial_id, key, value)
+
+
+def set_trial_user_attrs(study: optuna.Study, trial_id: int, attrs: dict[str, Any],
+                         intermediate: tuple[tuple[int, float], ...] = ()) -> None:
+    """Write user attributes and intermediate values of an unfinished trial in one transaction.
+
+    ``set_trial_user_attr`` commits each attribute on its own (3 to 5 ms each on SQLite; a trial's
+    outcome carries half a dozen). For RDB stores they go through RDBStorage's
+    ``_set_trial_attr_without_commit`` / ``_set_trial_intermediate_value_without_commit`` inside one
+    scoped session; other stores write them one by one.
+    """
+    backend = backend_of(study)
+    if not attrs and not intermediate:
+        return
+    if not (hasattr(backend, "scoped_session") and hasattr(backend, "_set_trial_attr_without_commit")):
+        for key, value in attrs.items():
+            study._storage.set_trial_user_attr(trial_id, key, value)
+        for step, value in intermediate:
+            study._storage.set_trial_intermediate_value(trial_id, step, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for key, value in attrs.items():
+            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+        for step, value in intermediate:
+            backend._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
 
 
 def trials_with_heartbeat(engine) -> set[int]:

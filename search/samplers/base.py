@@ -28,7 +28,7 @@ from sparsealloc.core.registry import Registry
 from sparsealloc.core.types import Outcome, Proposal
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
 from sparsealloc.spaces.space import SearchSpace
-from sparsealloc.storage.optuna_adapter import storage_of
+from sparsealloc.storage.optuna_adapter import set_trial_user_attrs
 
 
 def to_distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
@@ -101,18 +101,17 @@ class Sampler(abc.ABC):
     @staticmethod
     def finish(study: optuna.Study, trial_id: int, number: int, outcome: Outcome) -> None:
         """Write an outcome into the store (attrs, intermediate values, final state)."""
-        storage = storage_of(study)
-        for key, value in outcome.attrs.items():
-            storage.set_trial_user_attr(trial_id, key, value)
-        for step, value in outcome.intermediate:
-            if value == value and abs(value) != float("inf"):
-                storage.set_trial_intermediate_value(trial_id, step, float(value))
+        attrs = dict(outcome.attrs)
+        if outcome.state not in ("complete", "pruned") or (outcome.state == "complete" and outcome.values is None):
+            attrs[FAIL_REASON] = outcome.reason or "unknown"
+        finite = tuple((step, float(value)) for step, value in outcome.intermediate
+                       if value == value and abs(value) != float("inf"))
+        set_trial_user_attrs(study, trial_id, attrs, finite)  # one transaction
         if outcome.state == "complete" and outcome.values is not None:
             study.tell(number, list(outcome.values))
         elif outcome.state == "pruned":
             study.tell(number, state=optuna.trial.TrialState.PRUNED)
         else:
-            storage.set_trial_user_attr(trial_id, FAIL_REASON, outcome.reason or "unknown")
             study.tell(number, state=optuna.trial.TrialState.FAIL)
 
 

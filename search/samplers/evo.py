@@ -5,9 +5,10 @@ search group (:class:`~sparsealloc.spaces.levels.LevelGrid`; per Linear by defau
 same number of pruned weights, so a *level switch* (−1 on one group, +1 on another) keeps the budget
 exact. Each generation mutates the parent into ``evo.offspring`` distinct children with
 ``k = min(U{1..K}, U{1..K})`` switches each (K = ``evo.max_swaps``; EvoPress found a fixed large k
-far worse), then selects in stages of growing fidelity: stage ``i`` scores the remaining candidates
-on ``stages[i][0]`` calibration windows drawn afresh from the pool and keeps the best
-``stages[i][1]``; the last stage also re-scores the parent on the same windows, and the best of them
+far worse; ``evo.switch_sparsity`` moves several levels per switch, as many as change the smaller
+of the two groups' sparsity by about that much), then selects in stages of growing fidelity: stage
+``i`` scores the remaining candidates on ``stages[i][0]`` calibration windows drawn afresh from the
+pool and keeps the best ``stages[i][1]``; the last stage also re-scores the parent on the same windows, and the best of them
 is the next parent. Fresh windows per stage keep the search from fitting one calibration sample.
 
 Store mapping (the dashboard shows the climb):
@@ -29,7 +30,7 @@ first parent.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,7 +43,7 @@ from sparsealloc.core.types import Outcome, Proposal
 from sparsealloc.search.samplers.base import Sampler
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
 from sparsealloc.spaces.space import SearchSpace
-from sparsealloc.storage.optuna_adapter import create_running_trial, storage_of, trial_id_of
+from sparsealloc.storage.optuna_adapter import create_running_trial, set_trial_user_attrs, trial_id_of
 
 #: ``user_attrs[SOURCE]`` of every trial this sampler creates.
 EVO_SOURCE = "evo"
@@ -78,10 +79,12 @@ def stage_windows(seed: int, generation: int, stage: int, size: int, pool: int) 
 
 
 def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]], swaps: int,
-                 rng: np.random.Generator, lowered: set[str] | None = None) -> dict[str, int]:
+                 rng: np.random.Generator, lowered: set[str] | None = None,
+                 magnitude: Callable[[str, str], int] | None = None) -> dict[str, int]:
     """``swaps`` level switches: each lowers one group by a level and raises another by one, within
     bounds, so the sum of levels (the budget) is unchanged (EvoPress's mutation). ``lowered``, when
-    given, receives the groups lowered."""
+    given, receives the groups lowered. ``magnitude(a, b)``, when given, is how many levels a switch
+    that lowers ``a`` and raises ``b`` moves (cut to what both bounds allow; at least one)."""
     out = dict(levels)
     names = sorted(out)
     for _ in range(swaps):
@@ -93,8 +96,11 @@ def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]
         a = down[int(rng.integers(len(down)))]
         choices = [g for g in up if g != a]
         b = choices[int(rng.integers(len(choices)))]
-        out[a] -= 1
-        out[b] += 1
+        moved = 1
+        if magnitude is not None:
+            moved = max(1, min(int(magnitude(a, b)), out[a] - bounds[a][0], bounds[b][1] - out[b]))
+        out[a] -= moved
+        out[b] += moved
         if lowered is not None:
             lowered.add(a)
     return out
@@ -113,6 +119,17 @@ def bit_switch(bits: Mapping[str, int], ladder: Sequence[int], swaps: int, rng: 
     negated = level_switch({n: -index[b] for n, b in bits.items()}, dict.fromkeys(bits, (1 - len(rungs), 0)),
                            swaps, rng, raised)
     return {n: rungs[-level] for n, level in negated.items()}, raised
+
+
+def sparsity_magnitude(numels: Mapping[str, int], weights_per_level: int, sparsity: float) -> Callable[[str, str], int]:
+    """The ``magnitude`` of :func:`level_switch` that changes the smaller of the two groups' sparsity
+    by about ``sparsity``: ``max(1, round(sparsity · min(n_a, n_b) / weights_per_level))`` levels
+    (``evo.switch_sparsity``)."""
+
+    def magnitude(a: str, b: str) -> int:
+        return max(1, round(sparsity * min(numels[a], numels[b]) / weights_per_level))
+
+    return magnitude
 
 
 class EvoSampler(Sampler):
@@ -185,10 +202,7 @@ class EvoSampler(Sampler):
                 self.finish(self.study, cand.trial_id, trial_number, Outcome("failed", reason="objective is not finite"))
                 return
             if not final:  # park it: the stage's selection decides its fate
-                storage = storage_of(self.study)
-                for key, value in attrs.items():
-                    storage.set_trial_user_attr(cand.trial_id, key, value)
-                storage.set_trial_intermediate_value(cand.trial_id, stage, cand.value)
+                set_trial_user_attrs(self.study, cand.trial_id, attrs, ((stage, cand.value),))
                 self._results.append(cand)
                 self._parked.append(cand)
                 return
@@ -290,7 +304,10 @@ class EvoSampler(Sampler):
             return int(min(rng.integers(1, K + 1), rng.integers(1, K + 1)))
         if self.grid is not None:
             levels = self.grid.levels_of({g: child[g] for g in self.space.groups})
-            for g, ratio in self.grid.ratios(level_switch(levels, self.grid.bounds, swaps(), rng)).items():
+            magnitude = (sparsity_magnitude(self.grid.numels, self.grid.step, self.config.switch_sparsity)
+                         if self.config.switch_sparsity else None)
+            switched = level_switch(levels, self.grid.bounds, swaps(), rng, magnitude=magnitude)
+            for g, ratio in self.grid.ratios(switched).items():
                 child[g] = self.space.by_name[g].clip(ratio)
         if self.kv_switched:
             bits = {n: int(child[n]) for n in sorted(self.kv_switched)}

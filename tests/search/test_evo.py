@@ -22,7 +22,7 @@ from sparsealloc.objectives.reconstruction import forward_errors
 from sparsealloc.pruning.apply import prune_
 from sparsealloc.search.dispatch.local import LocalDispatcher
 from sparsealloc.search.orchestrator import run_study
-from sparsealloc.search.samplers.evo import PARENT_ATTR, EvoSampler, level_switch, stage_windows
+from sparsealloc.search.samplers.evo import PARENT_ATTR, EvoSampler, level_switch, sparsity_magnitude, stage_windows
 from sparsealloc.search.session import open_sampler
 from sparsealloc.spaces.levels import LevelGrid, balance
 from sparsealloc.spaces.space import SearchSpace
@@ -71,6 +71,41 @@ def test_level_switch_moves_levels_one_at_a_time():
     child = level_switch(levels, grid.bounds, 1, np.random.default_rng(0))
     moved = {g: v for g, v in child.items() if v}
     assert sorted(moved.values()) == [-1, 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), swaps=st.integers(1, 4))
+def test_sparsity_scaled_switches_move_the_smaller_group_by_about_the_asked_sparsity(seed, swaps):
+    lay = layout()
+    grid = LevelGrid.build(lay.numels, TARGET, 0.3, 0.9, 0.01)
+    magnitude = sparsity_magnitude(grid.numels, grid.step, 0.05)
+    rng = np.random.default_rng(seed)
+    levels = {g: 0 for g in lay.numels}
+    for _ in range(4):
+        child = level_switch(levels, grid.bounds, 1, rng, magnitude=magnitude)
+        assert sum(child.values()) == 0  # the budget stays exact
+        assert all(grid.bounds[g][0] <= v <= grid.bounds[g][1] for g, v in child.items())
+        moved = {g: child[g] - levels[g] for g in child if child[g] != levels[g]}
+        (a, down), (b, up) = sorted(moved.items(), key=lambda kv: kv[1])
+        assert up == -down >= 1
+        smaller = min(a, b, key=lambda g: grid.numels[g])
+        change = up * grid.step / grid.numels[smaller]
+        room = min(levels[a] - grid.bounds[a][0], grid.bounds[b][1] - levels[b])
+        # About 0.05 for the smaller group, unless a bound cut the move short.
+        assert abs(change - 0.05) <= grid.step / grid.numels[smaller] or up == room
+        levels = level_switch(child, grid.bounds, swaps, rng, magnitude=magnitude)
+        assert sum(levels.values()) == 0
+    # The smaller group sets the move: 0.05 · 256 / 3 = 4.3 levels; below one level, still one.
+    assert sparsity_magnitude({"k": 256, "d": 2752}, 3, 0.05)("d", "k") == 4
+    assert sparsity_magnitude({"k": 256, "d": 2752}, 30, 0.05)("d", "k") == 1
+
+
+def test_switch_sparsity_is_checked_and_left_out_of_older_studies_hashes():
+    assert StudySpec(sampler="evo").spec_hash() == StudySpec(sampler="evo", evo=EvoSpec(switch_sparsity=0.0)).spec_hash()
+    assert StudySpec(sampler="evo").spec_hash() != StudySpec(sampler="evo", evo=EvoSpec(switch_sparsity=0.04)).spec_hash()
+    for bad in (-0.1, 1.0, "x"):
+        with pytest.raises(SpecError, match="evo.switch_sparsity"):
+            StudySpec(sampler="evo", evo=EvoSpec(switch_sparsity=bad))
 
 
 def test_level_switch_never_lowers_the_only_group_that_could_rise():
