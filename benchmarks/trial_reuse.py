@@ -143,10 +143,9 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="sparsealloc-reuse-"))
     calib, _ = split_valid(folder, TextSource("builtin", "calib").read())
     model, tokenizer, _ = load_smollm2()
-    base = StudySpec(name="reuse", target_sparsity=0.7, metric=MetricSpec(name="wanda"), sampler="evo",
+    # Built with sampler="evo", the spec takes evo's defaults (KL, per-Linear levels, proxy dtype auto).
+    spec = StudySpec(name="reuse", target_sparsity=0.7, metric=MetricSpec(name="wanda"), sampler="evo",
                      calibration=CalibrationSpec(text=str(calib), samples=32, seq_len=256))
-    spec = StudySpec.from_dict({**base.to_dict(), "objectives": None, "proxy_dtype": None,
-                                "layerwise": {**base.to_dict()["layerwise"], "granularity": None}})
     evaluator = build_evaluator(spec, model, tokenizer)
     frame, share = generations(evaluator, args.generations)
     later = frame[frame["generation"] > 0]

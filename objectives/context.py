@@ -236,7 +236,8 @@ class EvalContext:
         return self._block_cache
 
     def batch_windows(self, windows: Sequence[int] | None = None) -> list[tuple[int, ...]]:
-        """The window indices of each batch :meth:`reference_batches` yields for ``windows``."""
+        """The window indices of each batch :meth:`reference_batches` yields for ``windows`` (None: all
+        windows, in the batches the dense reference was computed in)."""
         order = list(range(self.windows.shape[0])) if windows is None else [int(w) for w in windows]
         return [tuple(order[i : i + self.batch_size]) for i in range(0, len(order), self.batch_size)]
 
@@ -311,7 +312,8 @@ class EvalContext:
             raise ValueError(f"window indices must lie in [0, {self.windows.shape[0]}), but got {list(windows)[:8]}")
         seq = self.windows.shape[1]
         per_window = self._window_logit_sq() if logit_sq else None
-        for chunk in index.split(self.batch_size):
+        for ids in self.batch_windows(windows):  # the batching forward_errors keys its block reuse on
+            chunk = torch.as_tensor(ids, dtype=torch.long)
             b, r = chunk // self.batch_size, chunk % self.batch_size
             hidden = torch.stack([self.dense_hidden[int(i)][int(j)] for i, j in zip(b, r)])
             kl = None

@@ -101,18 +101,16 @@ class Sampler(abc.ABC):
     @staticmethod
     def finish(study: optuna.Study, trial_id: int, number: int, outcome: Outcome) -> None:
         """Write an outcome into the store (attrs, intermediate values, final state)."""
-        attrs = dict(outcome.attrs)
-        if outcome.state not in ("complete", "pruned") or (outcome.state == "complete" and outcome.values is None):
-            attrs[FAIL_REASON] = outcome.reason or "unknown"
+        complete = outcome.state == "complete" and outcome.values is not None
+        failed = not complete and outcome.state != "pruned"
+        attrs = {**outcome.attrs, FAIL_REASON: outcome.reason or "unknown"} if failed else outcome.attrs
         finite = tuple((step, float(value)) for step, value in outcome.intermediate
                        if value == value and abs(value) != float("inf"))
-        set_trial_user_attrs(study, trial_id, attrs, finite)  # one transaction
-        if outcome.state == "complete" and outcome.values is not None:
+        set_trial_user_attrs(study, trial_id, dict(attrs), finite)  # one transaction
+        if complete:
             study.tell(number, list(outcome.values))
-        elif outcome.state == "pruned":
-            study.tell(number, state=optuna.trial.TrialState.PRUNED)
         else:
-            study.tell(number, state=optuna.trial.TrialState.FAIL)
+            study.tell(number, state=optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.PRUNED)
 
 
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
