@@ -69,6 +69,11 @@ def main() -> None:
     parser.add_argument("--level-step", type=float, default=None,
                         help="evo's layerwise.level_step (weights per level / mean Linear size; default the package's)")
     parser.add_argument("--max-swaps", type=int, default=None, help="evo's evo.max_swaps (default the package's)")
+    parser.add_argument("--offspring", type=int, default=None, help="evo's evo.offspring, λ (default the package's)")
+    parser.add_argument("--stages", default=None,
+                        help="evo's evo.stages as JSON, e.g. '[[2, 2], [8, 1]]' (default the package's)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the studies' seed (stage windows, mutations; the calibration pool keeps seed 0)")
     parser.add_argument("--switch-sparsity", type=float, default=None,
                         help="evo's evo.switch_sparsity (sparsity a switch moves the smaller group by; default the package's)")
     args = parser.parse_args()
@@ -108,7 +113,7 @@ def main() -> None:
         target = float(target)
         label = f"{metric} {int(round(target * 100))}%"
         base = StudySpec(name="base", target_sparsity=target, metric=MetricSpec(name=metric), trials=10**6,
-                         timeout=args.minutes * 60, seed=0,
+                         timeout=args.minutes * 60, seed=args.seed,
                          calibration=CalibrationSpec(text=str(calib_text), samples=args.calib_samples, seq_len=256),
                          validation=ValidationSpec(text=str(val_text), seq_len=512, windows=8, top_k=5))
         with Timer() as t_setup:
@@ -133,7 +138,9 @@ def main() -> None:
             spec = base.override(name=f"{sampler}-{metric}-{int(target * 100)}-{int(time.time())}", sampler=sampler)
             tuned = {"level_step": args.level_step} if args.level_step else {}
             evo = {**spec.to_dict().get("evo", {}), **({"max_swaps": args.max_swaps} if args.max_swaps else {}),
-                   **({"switch_sparsity": args.switch_sparsity} if args.switch_sparsity else {})}
+                   **({"switch_sparsity": args.switch_sparsity} if args.switch_sparsity else {}),
+                   **({"offspring": args.offspring} if args.offspring else {}),
+                   **({"stages": json.loads(args.stages)} if args.stages else {})}
             spec = StudySpec.from_dict({**spec.to_dict(), "objectives": None, "proxy_dtype": None, "evo": evo,
                                         "layerwise": {**spec.to_dict()["layerwise"], "granularity": None, **tuned}})
             evaluator = TrialEvaluator(ctx, spec)
@@ -163,7 +170,7 @@ def main() -> None:
             gain = "changes nothing" if lowest.number == chosen else f"divides test PPL by {ratio:.3f}"
             lines.append(
                 f"- **{label}, {sampler}** ({len(complete)} complete + {len(pruned)} pruned trials in "
-                f"{result.seconds / 60:.1f} min; mean trial {trial_s:.2f} s"
+                f"{result.seconds / 60:.1f} min; mean trial {trial_s:.2f} s in {str(evaluator.proxy_dtype).removeprefix('torch.')}"
                 f"{f', database build {built:.0f} s inside trials' if built else ''}): WikiText-2 test "
                 f"**{found['wikitext2-test']:.1f}** = **{found['wikitext2-test'] / uniform['wikitext2-test']:.3f}× uniform** "
                 f"({uniform['wikitext2-test']:.1f}) and **{found['wikitext2-test'] / results[best_ramp]['wikitext2-test']:.3f}× "
@@ -195,14 +202,20 @@ def main() -> None:
         "level per Linear; tpe/cmaes: hidden-state proxy, one ratio per block)"
         + (f"; evo's level step {args.level_step:g} of the mean Linear size" if args.level_step else "")
         + (f"; evo's max swaps {args.max_swaps}" if args.max_swaps else "")
-        + (f"; evo's switch sparsity {args.switch_sparsity:g}" if args.switch_sparsity else "") + ".", "",
+        + (f"; evo's switch sparsity {args.switch_sparsity:g}" if args.switch_sparsity else "")
+        + (f"; evo's offspring {args.offspring}" if args.offspring else "")
+        + (f"; evo's stages {args.stages}" if args.stages else "")
+        + (f"; seed {args.seed}" if args.seed else "") + ".", "",
         f"Command: `python benchmarks/search_quality.py --settings {' '.join(args.settings)} --samplers "
         f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples} "
         f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
         f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}"
         f"{f' --level-step {args.level_step:g}' if args.level_step else ''}"
         f"{f' --max-swaps {args.max_swaps}' if args.max_swaps else ''}"
-        f"{f' --switch-sparsity {args.switch_sparsity:g}' if args.switch_sparsity else ''}`", "",
+        f"{f' --switch-sparsity {args.switch_sparsity:g}' if args.switch_sparsity else ''}"
+        f"{f' --offspring {args.offspring}' if args.offspring else ''}"
+        f"{f' --stages {chr(39)}{args.stages}{chr(39)}' if args.stages else ''}"
+        f"{f' --seed {args.seed}' if args.seed else ''}`", "",
         *lines, "", markdown_table(frame), "",
         f"![validation PPL of the incumbent against wall-clock]({plot_curve.name})", "",
         f"![per-Linear sparsity of the winners]({plot_shape.name})", "",

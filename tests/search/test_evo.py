@@ -349,6 +349,27 @@ def test_auto_proxy_dtype_takes_bfloat16_only_where_it_is_faster(llama_ctx, monk
     assert evaluator(evaluator.space.defaults()).state == "complete" and evaluator.last_model.dtype == expected
 
 
+def test_bfloat16_timing_ignores_one_slow_turn():
+    """The dtype timing keeps each dtype's fastest turn: one slow bfloat16 product (a busy moment of
+    the machine) must not make float32 look faster when bfloat16 is 3× faster in every other turn."""
+    from sparsealloc.pruning.model import models
+
+    calls = {"n": 0}
+    clock = {"t": 0.0}
+    # Turns alternate float32, bfloat16: each timed product is one start/stop pair of calls.
+    durations = iter([3.0, 1.0, 3.0, 100.0, 3.0, 1.0, 3.0, 1.0, 3.0, 1.0, 3.0, 1.0, 3.0, 1.0])
+
+    def timer() -> float:
+        calls["n"] += 1
+        if calls["n"] % 2 == 0:  # a stop: the product took the next duration
+            clock["t"] += next(durations)
+        return clock["t"]
+
+    fp32, bf16 = models.bfloat16_speedup(torch.device("cpu"), size=8, repeats=7, timer=timer)
+    assert (fp32, bf16) == (3.0, 1.0)
+    assert calls["n"] == 28
+
+
 @pytest.mark.parametrize("url", ["sqlite", "memory"])
 def test_running_trials_created_in_one_transaction_read_back_as_asked_ones(tmp_path, url):
     from optuna.distributions import FloatDistribution, IntDistribution
