@@ -34,6 +34,26 @@ from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table
 EVAL_SEQ_LEN = 512
 
 
+#: evo's tuning flags: flag (= spec key) → (spec section, how the report describes a given value).
+TUNING = {
+    "level_step": ("layerwise", "evo's level step {} of the mean Linear size"),
+    "max_swaps": ("evo", "evo's max swaps {}"),
+    "switch_sparsity": ("evo", "evo's switch sparsity {}"),
+    "offspring": ("evo", "evo's offspring {}"),
+    "stages": ("evo", "evo's stages {}"),
+}
+
+
+def tuning(args) -> list[tuple[str, str, object]]:
+    """The tuning flags given on the command line: ``(spec key, spec section, value)``, in TUNING's order."""
+    return [(key, section, getattr(args, key)) for key, (section, _) in TUNING.items() if getattr(args, key)]
+
+
+def _shown(value, quote: bool = False) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"'{text}'" if quote else text
+
+
 def split_valid(folder: Path, mix: str | None = None) -> tuple[Path, Path]:
     """Calibration text (the first 70% of WikiText-2 valid) and validation text (its last 30%).
 
@@ -136,11 +156,11 @@ def main() -> None:
         best_ramp = min((k for k in results if k.startswith("depth")), key=lambda k: results[k]["wikitext2-test"])
         for sampler in args.samplers:
             spec = base.override(name=f"{sampler}-{metric}-{int(target * 100)}-{int(time.time())}", sampler=sampler)
-            tuned = {"level_step": args.level_step} if args.level_step else {}
-            evo = {**spec.to_dict().get("evo", {}), **({"max_swaps": args.max_swaps} if args.max_swaps else {}),
-                   **({"switch_sparsity": args.switch_sparsity} if args.switch_sparsity else {}),
-                   **({"offspring": args.offspring} if args.offspring else {}),
-                   **({"stages": json.loads(args.stages)} if args.stages else {})}
+            given = tuning(args)
+            tuned = {key: value for key, section, value in given if section == "layerwise"}
+            evo = {**spec.to_dict().get("evo", {}),
+                   **{key: json.loads(value) if key == "stages" else value
+                      for key, section, value in given if section == "evo"}}
             spec = StudySpec.from_dict({**spec.to_dict(), "objectives": None, "proxy_dtype": None, "evo": evo,
                                         "layerwise": {**spec.to_dict()["layerwise"], "granularity": None, **tuned}})
             evaluator = TrialEvaluator(ctx, spec)
@@ -200,22 +220,14 @@ def main() -> None:
         f"evaluation text, {args.eval_windows}×512 each. Dense PPL {dense['wikitext2-test']:.2f} / {dense['python-docs']:.2f}. "
         f"Studies: {', '.join(args.samplers)}, {args.minutes:g} min each, sampler defaults (evo: KL proxy, one "
         "level per Linear; tpe/cmaes: hidden-state proxy, one ratio per block)"
-        + (f"; evo's level step {args.level_step:g} of the mean Linear size" if args.level_step else "")
-        + (f"; evo's max swaps {args.max_swaps}" if args.max_swaps else "")
-        + (f"; evo's switch sparsity {args.switch_sparsity:g}" if args.switch_sparsity else "")
-        + (f"; evo's offspring {args.offspring}" if args.offspring else "")
-        + (f"; evo's stages {args.stages}" if args.stages else "")
+        + "".join(f"; {TUNING[key][1].format(_shown(value))}" for key, _, value in tuning(args))
         + (f"; seed {args.seed}" if args.seed else "") + ".", "",
         f"Command: `python benchmarks/search_quality.py --settings {' '.join(args.settings)} --samplers "
         f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples} "
         f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
         f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}"
-        f"{f' --level-step {args.level_step:g}' if args.level_step else ''}"
-        f"{f' --max-swaps {args.max_swaps}' if args.max_swaps else ''}"
-        f"{f' --switch-sparsity {args.switch_sparsity:g}' if args.switch_sparsity else ''}"
-        f"{f' --offspring {args.offspring}' if args.offspring else ''}"
-        f"{f' --stages {chr(39)}{args.stages}{chr(39)}' if args.stages else ''}"
-        f"{f' --seed {args.seed}' if args.seed else ''}`", "",
+        + "".join(f" --{key.replace('_', '-')} {_shown(value, quote=key == 'stages')}" for key, _, value in tuning(args))
+        + (f" --seed {args.seed}" if args.seed else "") + "`", "",
         *lines, "", markdown_table(frame), "",
         f"![validation PPL of the incumbent against wall-clock]({plot_curve.name})", "",
         f"![per-Linear sparsity of the winners]({plot_shape.name})", "",
