@@ -54,21 +54,22 @@ def _shown(value, quote: bool = False) -> str:
     return f"'{text}'" if quote else text
 
 
-def split_valid(folder: Path, mix: str | None = None) -> tuple[Path, Path]:
-    """Calibration text (the first 70% of WikiText-2 valid) and validation text (its last 30%).
-
-    With ``mix`` (another text), the calibration text is half WikiText-2 and half that text, in
-    characters: a mixed-domain calibration set (Williams & Aletras, 2024, on the calibration data's
-    effect on pruning).
-    """
+def calibration_parts(mix: str | None = None) -> list[str]:
+    """The calibration text's parts, one per domain: the first 70% of WikiText-2 valid, or with ``mix``
+    (another text) as many characters of each (a mixed-domain calibration set; Williams & Aletras,
+    2024, on the calibration data's effect on pruning)."""
     lines = (WIKITEXT / "valid.txt").read_text().splitlines(keepends=True)
-    cut = int(len(lines) * 0.7)
+    wiki = "".join(lines[:int(len(lines) * 0.7)])
+    return [wiki[:len(mix)], mix[:len(wiki)]] if mix else [wiki]
+
+
+def split_valid(folder: Path, mix: str | None = None) -> tuple[Path, Path]:
+    """Calibration text (the first 70% of WikiText-2 valid; with ``mix`` half that, half ``mix``, see
+    :func:`calibration_parts`) and validation text (its last 30%)."""
+    lines = (WIKITEXT / "valid.txt").read_text().splitlines(keepends=True)
     calib, val = folder / "calib.txt", folder / "validation.txt"
-    calib_text = "".join(lines[:cut])
-    if mix:
-        calib_text = calib_text[:len(mix)] + "\n\n" + mix[:len(calib_text)]
-    calib.write_text(calib_text)
-    val.write_text("".join(lines[cut:]))
+    calib.write_text("\n\n".join(calibration_parts(mix)))
+    val.write_text("".join(lines[int(len(lines) * 0.7):]))
     return calib, val
 
 
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--calib-mix", action="store_true",
                         help="calibrate on half WikiText-2 valid, half the built-in Python-docs calibration topics "
                              "(disjoint from its evaluation topics); validation stays on WikiText-2 only")
+    parser.add_argument("--calib-strata", action="store_true",
+                        help="with --calib-mix: the pool takes half its windows from each text (a calibration-set "
+                             "file whose cluster is the text) and evo's stages draw them in proportion")
     parser.add_argument("--level-step", type=float, default=None,
                         help="evo's layerwise.level_step (weights per level / mean Linear size; default the package's)")
     parser.add_argument("--max-swaps", type=int, default=None, help="evo's evo.max_swaps (default the package's)")
@@ -97,12 +101,15 @@ def main() -> None:
     parser.add_argument("--switch-sparsity", type=float, default=None,
                         help="evo's evo.switch_sparsity (sparsity a switch moves the smaller group by; default the package's)")
     args = parser.parse_args()
+    if args.calib_strata and not args.calib_mix:
+        parser.error("expected --calib-strata together with --calib-mix, but got it alone")
     require_data()
     from sparsealloc.core import progress
     from sparsealloc.core.plan import AllocationPlan
     from sparsealloc.objectives import TrialEvaluator
     from sparsealloc.pruning import TextSource, perplexity, tokenize_stream
     from sparsealloc.pruning.allocators import AllocationInputs, allocate
+    from sparsealloc.pruning.calibration.select import mix_calibration_set, write_calibration_set
     from sparsealloc.search.session import build_evaluator
     from sparsealloc.search.study import run
     from sparsealloc.spaces.spec import CalibrationSpec, MetricSpec, StudySpec, ValidationSpec
@@ -114,7 +121,8 @@ def main() -> None:
         SAMPLERS.get(name)
     progress.set_mode("quiet")
     work = Path(tempfile.mkdtemp(prefix="sparsealloc-quality-"))
-    calib_text, val_text = split_valid(work, TextSource("builtin", "calib").read() if args.calib_mix else None)
+    mix = TextSource("builtin", "calib").read() if args.calib_mix else None
+    calib_text, val_text = split_valid(work, mix)
     store = f"sqlite:///{Path(args.store) if args.store else work / 'studies.db'}"
     model, tokenizer, _ = load_smollm2()
     streams = {"wikitext2-test": tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text()),
@@ -128,13 +136,19 @@ def main() -> None:
         with evaluator.applied(plan):
             return {k: perplexity(model, s, EVAL_SEQ_LEN, args.eval_windows) for k, s in streams.items()}
 
+    calibration = CalibrationSpec(text=str(calib_text), samples=args.calib_samples, seq_len=256)
+    if args.calib_strata:  # what `sparsealloc calib mix` writes, from the two parts
+        parts = [(name, tokenize_stream(tokenizer, part))
+                 for name, part in zip(("WikiText-2 valid", "builtin:calib"), calibration_parts(mix))]
+        mixed = mix_calibration_set(tokenizer, parts, args.calib_samples, 256, info={"model": "smollm2-135m"})
+        calibration = CalibrationSpec(windows_file=str(write_calibration_set(mixed, work / "calib.jsonl")))
     for setting in args.settings:
         metric, target = setting.split(":")
         target = float(target)
         label = f"{metric} {int(round(target * 100))}%"
         base = StudySpec(name="base", target_sparsity=target, metric=MetricSpec(name=metric), trials=10**6,
                          timeout=args.minutes * 60, seed=args.seed,
-                         calibration=CalibrationSpec(text=str(calib_text), samples=args.calib_samples, seq_len=256),
+                         calibration=calibration,
                          validation=ValidationSpec(text=str(val_text), seq_len=512, windows=8, top_k=5))
         with Timer() as t_setup:
             shared = build_evaluator(base.override(sampler="evo"), model, tokenizer)
@@ -214,7 +228,10 @@ def main() -> None:
         f"Machine: {machine()}. Model: SmolLM2-135M-Instruct (embedded GGUF, fp32). Calibration: a pool of "
         f"{args.calib_samples}×256 tokens from "
         + ("half the first 70% of WikiText-2 valid, half the built-in Python-docs calibration topics (in "
-           "characters; topics disjoint from its evaluation text)" if args.calib_mix else
+           "characters; topics disjoint from its evaluation text)" if args.calib_mix and not args.calib_strata else
+           "WikiText-2 valid's first 70% and the built-in Python-docs calibration topics, half the windows from "
+           "each (topics disjoint from its evaluation text; evo's stages draw the two in proportion)"
+           if args.calib_strata else
            "the first 70% of WikiText-2 valid") + "; validation (picks the exported "
         "plan): 8×512 from its last 30%; held-out evaluation: WikiText-2 test and the built-in Python-docs "
         f"evaluation text, {args.eval_windows}×512 each. Dense PPL {dense['wikitext2-test']:.2f} / {dense['python-docs']:.2f}. "
@@ -226,6 +243,7 @@ def main() -> None:
         f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples} "
         f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
         f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}"
+        f"{' --calib-strata' if args.calib_strata else ''}"
         + "".join(f" --{key.replace('_', '-')} {_shown(value, quote=key == 'stages')}" for key, _, value in tuning(args))
         + (f" --seed {args.seed}" if args.seed else "") + "`", "",
         *lines, "", markdown_table(frame), "",

@@ -1,4 +1,5 @@
-"""``sparsealloc calib select``: prune a candidate pool of calibration windows to a small set.
+"""``sparsealloc calib select``: prune a candidate pool of calibration windows to a small set;
+``sparsealloc calib mix``: equal shares of windows from several texts.
 
 Scores each candidate with a selection metric (ssp: distance to the nearest k-means prototype of the
 model's own hidden states, Sorscher et al. 2022; loss: dense-model loss; random), keeps ``--n`` of
@@ -41,6 +42,15 @@ def register(sub) -> None:
     select.add_argument("--seed", type=int, default=0, help="seeds the pool, k-means and ties (default 0)")
     select.add_argument("--out", required=True, metavar="CALIB.jsonl", help="where to write the selected set")
     select.set_defaults(handler=select_command)
+    mix = calib_sub.add_parser("mix", help="draw equal shares of windows from several texts (one cluster per text)")
+    add_model_args(mix)
+    mix.add_argument("--calib-text", nargs="+", required=True, metavar="FILE",
+                     help="two or more text files, or 'builtin' for the built-in calibration text")
+    mix.add_argument("--n", type=positive_int, required=True, help="windows in all, split evenly over the texts")
+    mix.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
+    mix.add_argument("--seed", type=int, default=0, help="seeds each text's draw (default 0)")
+    mix.add_argument("--out", required=True, metavar="CALIB.jsonl", help="where to write the set")
+    mix.set_defaults(handler=mix_command)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -79,5 +89,34 @@ def select_command(args: argparse.Namespace) -> int:
         result["clusters"] = " ".join(f"{c}:{counts[c]}" for c in sorted(counts))
         result["layer"] = selected.header["layer"]
     result.update({"out": str(path), "seconds": round(time.perf_counter() - start, 2)})
+    print_result(args, result)
+    return 0
+
+
+def mix_command(args: argparse.Namespace) -> int:
+    """Write a mixed-domain calibration set: ``--n`` windows in equal shares from each ``--calib-text``.
+
+    Each window's cluster is its text, so the evo sampler draws its stage windows in proportion to
+    the texts (``study run --calib-windows``), and ``prune``/``apply`` calibrate on the same windows.
+    """
+    from sparsealloc.pruning.calibration.select import mix_calibration_set, write_calibration_set
+    from sparsealloc.pruning.calibration.text import TextSource, tokenize_stream
+    from sparsealloc.pruning.model.models import load_tokenizer, resolve_source
+
+    if len(args.calib_text) < 2:
+        raise SpecError(f"expected two or more --calib-text to mix, but got {len(args.calib_text)}")
+    if args.n < len(args.calib_text):
+        raise SpecError(f"expected --n of at least one window per text ({len(args.calib_text)}), but got {args.n}")
+    sources = [TextSource("builtin", "calib") if t == "builtin" else TextSource("file", t) for t in args.calib_text]
+    texts = [source.read() for source in sources]  # a missing file fails before the tokenizer loads
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(resolve_source(args.model))
+    streams = [(source.describe(), tokenize_stream(tokenizer, text)) for source, text in zip(sources, texts)]
+    mixed = mix_calibration_set(tokenizer, streams, args.n, args.calib_seq_len, args.seed, {"model": args.model})
+    path = write_calibration_set(mixed, args.out)
+    counts = Counter(r["cluster"] for r in mixed.records)
+    result = {"windows": len(mixed.records), "texts": len(sources), "seq_len": args.calib_seq_len,
+              "clusters": " ".join(f"{c}:{counts[c]}" for c in sorted(counts)), "out": str(path),
+              "seconds": round(time.perf_counter() - start, 2)}
     print_result(args, result)
     return 0

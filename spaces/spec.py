@@ -278,7 +278,8 @@ class EvoSpec:
     Every generation mutates the parent into ``offspring`` distinct children (each by 1 to
     ``max_swaps`` level swaps). ``stages`` lists ``[windows, survivors]``: in stage ``i`` the
     remaining candidates are scored on ``windows`` calibration windows drawn afresh from the pool
-    (``calibration.samples``) and the best ``survivors`` go on; the last stage also re-scores the
+    (``calibration.samples``, or the windows of ``calibration.windows_file``, stratified by its
+    clusters where it has them) and the best ``survivors`` go on; the last stage also re-scores the
     parent on its windows, and the best of them becomes the next parent. Sieberling et al., ICML
     2025 (arXiv:2410.14649), fast variant: 16 offspring, 1 survivor on 512 tokens, then 8,192.
 

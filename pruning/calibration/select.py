@@ -207,6 +207,45 @@ def select_calibration_set(model: nn.Module, tokenizer, stream: Tensor, n: int, 
     return CalibrationSet(candidates[chosen].clone(), header, records)
 
 
+def mix_calibration_set(tokenizer, streams: Sequence[tuple[str, Tensor]], n: int, seq_len: int = 256,
+                        seed: int = 0, info: Mapping[str, Any] | None = None) -> CalibrationSet:
+    """``n`` windows drawn in equal shares from several tokenized texts, each window's cluster its text.
+
+    A mixed-domain calibration set (Williams & Aletras, 2024: the calibration data's domain shapes
+    what a pruned model keeps). Text ``i`` gives ``n // k`` windows (one more for the first ``n % k``
+    texts), non-overlapping and drawn with :func:`candidate_pool`; the clusters let the evo sampler
+    draw its stage windows in proportion to the texts (:func:`~sparsealloc.search.samplers.evo.stage_windows`).
+
+    Args:
+        tokenizer: The model's tokenizer (window text and the vocabulary size in the header).
+        streams: ``(description, token ids)`` per text, in cluster order.
+        n: Windows in all (at least one per text).
+        seq_len: Tokens per window.
+        seed: Seeds each text's draw.
+        info: Extra header fields (``model``).
+
+    Raises:
+        SpecError: fewer windows than texts, or a text too short for its share.
+    """
+    if len(streams) < 1 or n < len(streams):
+        raise SpecError(f"expected at least one window per text ({len(streams)} texts), but got n={n}")
+    windows, records = [], []
+    for cluster, (source, stream) in enumerate(streams):
+        share = n // len(streams) + (cluster < n % len(streams))
+        drawn, offsets = candidate_pool(stream, share, seq_len, seed)
+        for window, offset in zip(drawn, offsets):
+            windows.append(window)
+            records.append({"index": len(records), "offset": offset, "score": None, "cluster": cluster,
+                            "input_ids": window.tolist(), "text": tokenizer.decode(window)})
+    log_event("calibration_mixed", texts=len(streams), n=n)
+    header = {"format": FORMAT, "version": VERSION, "model": None,
+              "tokenizer": getattr(tokenizer, "name_or_path", None), "vocab_size": len(tokenizer),
+              "seq_len": seq_len, "n": n, "metric": "mix", "keep": None, "balanced": True, "k": len(streams),
+              "layer": None, "pool": None, "seed": seed, "source": " | ".join(s for s, _ in streams),
+              **dict(info or {})}
+    return CalibrationSet(torch.stack(windows), header, tuple(records))
+
+
 # --------------------------------------------------------------------------- file I/O
 def write_calibration_set(selected: CalibrationSet, path: str | Path) -> Path:
     """Write the header line and one line per window (UTF-8 JSON lines)."""

@@ -40,6 +40,7 @@ from optuna.trial import TrialState
 
 from sparsealloc.core.keys import EVO_ELIMINATED, EVO_PARENT, EVO_ROLE, GENERATION, SOURCE, STAGE, WARM_START
 from sparsealloc.core.types import Outcome, Proposal
+from sparsealloc.pruning.calibration.select import read_calibration_set
 from sparsealloc.search.samplers.base import Sampler
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
 from sparsealloc.spaces.space import SearchSpace
@@ -69,13 +70,60 @@ def recent_parents(study: optuna.Study, n: int) -> list[int]:
     return list(dict.fromkeys(reversed(history)))[:n]
 
 
-def stage_windows(seed: int, generation: int, stage: int, size: int, pool: int) -> tuple[int, ...] | None:
+def stage_windows(seed: int, generation: int, stage: int, size: int, pool: int,
+                  strata: Sequence[int] | None = None) -> tuple[int, ...] | None:
     """The calibration windows of one selection stage: ``size`` of the ``pool`` drawn without
-    replacement, reproducibly from (seed, generation, stage); None (all of them) when ``size >= pool``."""
+    replacement, reproducibly from (seed, generation, stage); None (all of them) when ``size >= pool``.
+
+    With ``strata`` (one label per pool window: the calibration set's clusters, e.g. its source
+    texts) the draw is stratified in proportion to the labels' shares of the pool
+    (:func:`stratum_counts`), then uniform within each label. Every window keeps the same chance
+    to be drawn, so a stage's mean stays an unbiased estimate of the pool's, but a small stage no
+    longer misses a domain by chance (proportional stratified sampling; Cochran, *Sampling
+    Techniques*, 1977, ch. 5).
+    """
     if size >= pool:
         return None
     rng = np.random.default_rng([seed, generation + 1, stage])
-    return tuple(sorted(int(i) for i in rng.choice(pool, size=size, replace=False)))
+    if strata is None or len(set(strata)) < 2:
+        return tuple(sorted(int(i) for i in rng.choice(pool, size=size, replace=False)))
+    members: dict[int, list[int]] = {}
+    for index, label in enumerate(strata):
+        members.setdefault(int(label), []).append(index)
+    labels = sorted(members)
+    counts = stratum_counts([len(members[label]) for label in labels], size, rng)
+    drawn = [int(i) for label, n in zip(labels, counts) if n for i in rng.choice(members[label], size=n, replace=False)]
+    return tuple(sorted(drawn))
+
+
+def stratum_counts(sizes: Sequence[int], size: int, rng: np.random.Generator) -> list[int]:
+    """How many of ``size`` draws each stratum gets: the floor of its proportional share
+    ``size · n_h / N``, plus one more for strata picked by systematic sampling on the leftover
+    fractions, so each stratum's expected count is exactly its share (and the counts sum to ``size``)."""
+    total = sum(sizes)
+    shares = [size * n / total for n in sizes]
+    counts = [math.floor(s) for s in shares]
+    fractions = np.cumsum([s - c for s, c in zip(shares, counts)])
+    if size - sum(counts):
+        points = rng.random() + np.arange(size - sum(counts))
+        for h in np.searchsorted(fractions, points, side="right"):
+            counts[min(int(h), len(sizes) - 1)] += 1
+    return counts
+
+
+def calibration_pool(spec) -> tuple[int, tuple[int, ...] | None]:
+    """The number of calibration windows stage windows are drawn from, and a stratum per window.
+
+    The pool is ``calibration.samples`` windows of text, or the windows of ``calibration.windows_file``
+    (whatever ``samples`` says); its strata are the set's clusters when every window has one (a
+    ``calib select --metric ssp`` set, or a set mixed from several texts), else None.
+    """
+    if not spec.calibration.windows_file:
+        return int(spec.calibration.samples), None
+    records = read_calibration_set(spec.calibration.windows_file).records
+    clusters = [r.get("cluster") for r in records]
+    whole = all(isinstance(c, int) and not isinstance(c, bool) for c in clusters)
+    return len(records), tuple(clusters) if whole else None
 
 
 def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]], swaps: int,
@@ -136,7 +184,7 @@ class EvoSampler(Sampler):
     """EvoPress's (1+λ) search behind the ask/tell seam (see the module docstring).
 
     Lifecycle:
-        construction → read ``spec.evo``, the pool size (``calibration.samples``) and the stored
+        construction → read ``spec.evo``, the pool (:func:`calibration_pool`) and the stored
         parent (study attr ``evo:parent``; else the best COMPLETE warm start); the next generation
         index is one above the largest stored.
 
@@ -162,7 +210,7 @@ class EvoSampler(Sampler):
         spec = space.spec
         self.config = spec.evo
         self.seed = int(spec.seed)
-        self.pool = int(spec.calibration.samples)
+        self.pool, self.strata = calibration_pool(spec)
         self.grid = space.levels
         #: KV widths under a bit budget mutate by bit switches (then fitted), not one at a time.
         self.kv_switched = set(space.kv_params) if space.kv_total is not None else set()
@@ -232,7 +280,8 @@ class EvoSampler(Sampler):
 
     def _windows(self) -> tuple[int, ...] | None:
         stage = len(self.config.stages) - 1 if self._seeding else self._stage
-        return stage_windows(self.seed, self.generation, stage, self.config.stages[stage][0], self.pool)
+        return stage_windows(self.seed, self.generation, stage, self.config.stages[stage][0], self.pool,
+                             self.strata)
 
     def _advance(self) -> None:
         """The current stage is fully told: select, then set up the next stage or generation."""

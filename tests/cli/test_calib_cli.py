@@ -219,3 +219,44 @@ def test_windows_with_other_flags_is_a_usage_error(ssp_set, tiny_llama_dir, text
     code = main(["--quiet", "prune", "--model", str(tiny_llama_dir), "--calib-windows", str(ssp_set),
                  "--calib-text", str(text_file)])
     assert code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- calib mix
+def test_mix_draws_equal_shares_of_each_text_and_labels_them(tiny_llama_dir, text_file, tiny_tokenizer, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(text_file.read_text().split())), encoding="utf-8")
+    out = tmp_path / "mix.jsonl"
+    assert main(["--quiet", "calib", "mix", "--model", str(tiny_llama_dir), "--calib-text", str(text_file), str(other),
+                 "--n", "5", "--calib-seq-len", "16", "--out", str(out)]) == 0
+    header, *windows = lines(out)
+    assert (header["metric"], header["n"], header["k"]) == ("mix", 5, 2)
+    assert header["source"] == f"file:{text_file} | file:{other}"
+    assert [w["cluster"] for w in windows] == [0, 0, 0, 1, 1]  # 5 = 3 + 2, the first text takes the extra one
+    for window in windows:
+        source = text_file if window["cluster"] == 0 else other
+        stream = tokenize_stream(tiny_tokenizer, source.read_text())
+        assert window["input_ids"] == stream[window["offset"]: window["offset"] + 16].tolist()
+    assert len({w["offset"] for w in windows if w["cluster"] == 0}) == 3  # distinct windows
+    # A study on the set draws its evo stage windows from its 5 windows, stratified by text.
+    spec = StudySpec.from_dict({"name": "m", "sampler": "evo", "calibration": {"windows_file": str(out)}})
+    from sparsealloc.search.samplers.evo import calibration_pool
+    assert calibration_pool(spec) == (5, (0, 0, 0, 1, 1))
+
+
+@pytest.mark.parametrize(("texts", "n", "message"), [
+    (1, "4", "two or more --calib-text"),
+    (2, "1", "at least one window per text"),
+])
+def test_mix_rejects_one_text_or_too_few_windows(texts, n, message, tiny_llama_dir, text_file, tmp_path, capsys):
+    code = main(["--quiet", "calib", "mix", "--model", str(tiny_llama_dir), "--calib-text", *[str(text_file)] * texts,
+                 "--n", n, "--out", str(tmp_path / "x.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_mix_names_a_missing_text(tiny_llama_dir, text_file, tmp_path, capsys):
+    code = main(["--quiet", "calib", "mix", "--model", str(tiny_llama_dir), "--calib-text", str(text_file),
+                 str(tmp_path / "nope.txt"), "--n", "4", "--out", str(tmp_path / "x.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope.txt" in err and err.count("\n") == 1, err

@@ -4,6 +4,7 @@ stage's windows reaching the evaluator, and the level database (SparseGPT) behin
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,11 +23,12 @@ from sparsealloc.objectives.reconstruction import forward_errors
 from sparsealloc.pruning.apply import prune_
 from sparsealloc.search.dispatch.local import LocalDispatcher
 from sparsealloc.search.orchestrator import run_study
-from sparsealloc.search.samplers.evo import PARENT_ATTR, EvoSampler, level_switch, sparsity_magnitude, stage_windows
+from sparsealloc.search.samplers.evo import (PARENT_ATTR, EvoSampler, level_switch, sparsity_magnitude, stage_windows,
+                                             stratum_counts)
 from sparsealloc.search.session import open_sampler
 from sparsealloc.spaces.levels import LevelGrid, balance
 from sparsealloc.spaces.space import SearchSpace
-from sparsealloc.spaces.spec import EvoSpec, MetricSpec, StudySpec
+from sparsealloc.spaces.spec import CalibrationSpec, EvoSpec, MetricSpec, StudySpec
 from sparsealloc.storage.rdb import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -145,6 +147,34 @@ def test_stage_windows_are_fresh_per_stage_and_reproducible():
     assert stage_windows(0, 3, 0, 32, 32) is None  # the whole pool
 
 
+@given(sizes=st.lists(st.integers(1, 40), min_size=2, max_size=5), size=st.integers(1, 12), seed=st.integers(0, 99))
+@settings(max_examples=60, deadline=None)
+def test_stratum_counts_sum_to_the_stage_and_stay_within_one_of_each_share(sizes, size, seed):
+    counts = stratum_counts(sizes, size, np.random.default_rng(seed))
+    assert sum(counts) == size
+    for n, c in zip(sizes, counts):
+        assert abs(c - size * n / sum(sizes)) < 1
+
+
+def test_stratified_stage_windows_draw_each_stratum_in_proportion_and_every_window_alike():
+    # A pool of 19 windows of one text and 13 of another (the benchmark's mixed pool, by chance).
+    strata = [0] * 19 + [1] * 13
+    draws = [stage_windows(1, g, 0, 2, 32, strata) for g in range(4000)]
+    assert all(len(set(d)) == 2 for d in draws)
+    # Every 2-window stage holds at least one window of each text unless 2·19/32 rounds up for text 0.
+    both = sum(1 for d in draws if {strata[i] for i in d} == {0, 1})
+    assert both / len(draws) == pytest.approx(13 * 2 / 32, abs=0.03)  # text 1 gets its 0.81 extra in 81%
+    assert not [d for d in draws if {strata[i] for i in d} == {1}]  # never two windows of text 1
+    unstratified = [stage_windows(1, g, 0, 2, 32) for g in range(4000)]
+    assert sum(1 for d in unstratified if {strata[i] for i in d} == {0, 1}) / 4000 < 0.6  # 2·19·13/(32·31)
+    # Each window is drawn at the same rate, 2/32 (so the stage mean is unbiased).
+    rate = np.bincount([i for d in draws for i in d], minlength=32) / len(draws)
+    assert rate == pytest.approx(np.full(32, 2 / 32), abs=0.015)
+    # Reproducible, and one stratum is the plain draw.
+    assert stage_windows(1, 7, 0, 2, 32, strata) == draws[7]
+    assert stage_windows(1, 7, 0, 2, 32, [3] * 32) == unstratified[7]
+
+
 # ----------------------------------------------------------------------------- multi-stage in the store
 class RampEvaluator:
     """Error = Σ n·(r − ramp)² over Linears (minimum at a depth ramp, not at uniform); records the
@@ -234,6 +264,30 @@ def test_parent_improves_over_generations_and_resume_continues(store):
     assert evaluator.error(resumed.parent) <= first_value
     generations = [t.user_attrs["generation"] for t in resumed.study.get_trials(deepcopy=False)]
     assert generations == sorted(generations)  # the generation index continues
+
+
+def calibration_file(tmp_path, clusters) -> str:
+    from sparsealloc.pruning.calibration.select import FORMAT, VERSION, CalibrationSet, write_calibration_set
+    header = {"format": FORMAT, "version": VERSION, "vocab_size": 50, "seq_len": 4, "n": len(clusters)}
+    records = tuple({"index": i, "cluster": c, "input_ids": [i % 50] * 4} for i, c in enumerate(clusters))
+    return str(write_calibration_set(CalibrationSet(torch.zeros(1), header, records), tmp_path / "calib.jsonl"))
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_stage_windows_come_from_the_windows_file_and_its_strata(store, tmp_path, stratified):
+    # 12 windows in the file while calibration.samples says 16: the pool is the file's 12.
+    clusters = [0] * 9 + [1] * 3 if stratified else [None] * 12
+    spec = replace(evo_spec("file", offspring=6, stages=((4, 2), (8, 1))),
+                   calibration=CalibrationSpec(samples=16, windows_file=calibration_file(tmp_path, clusters)))
+    space = SearchSpace(spec, layout())
+    sampler = open_sampler(spec, open_storage(store), space)
+    assert sampler.pool == 12 and sampler.strata == (tuple(clusters) if stratified else None)
+    evaluator = RampEvaluator(space)
+    run_study(sampler, LocalDispatcher(evaluator), n_trials=12)
+    stage0 = [w for w in evaluator.calls if w is not None and len(w) == 4]
+    assert stage0 and all(max(w) < 12 for w in evaluator.calls if w is not None)
+    if stratified:  # 4 · 3/12 = exactly one window of the small stratum per stage-0 draw
+        assert all(sum(1 for i in w if clusters[i] == 1) == 1 for w in stage0)
 
 
 def test_a_run_stopped_between_stages_prunes_its_parked_trials(store):
