@@ -194,16 +194,11 @@ def select_calibration_set(model: nn.Module, tokenizer, stream: Tensor, n: int, 
     scored = score_windows(metric, features, k, seed)
     chosen = select(scored.scores, n, keep, scored.labels, balanced, seed).tolist()
     log_event("calibration_selected", metric=metric, keep=keep, n=n, pool=pool)
-    header = {"format": FORMAT, "version": VERSION, "model": None,
-              "tokenizer": getattr(tokenizer, "name_or_path", None),
-              "vocab_size": len(tokenizer), "seq_len": seq_len, "n": n, "metric": metric, "keep": keep,
-              "balanced": balanced, "k": k if metric == "ssp" else None, "layer": block, "pool": pool,
-              "seed": seed, "source": None, **dict(info or {})}
-    records = tuple({
-        "index": rank, "offset": offsets[i], "score": round(float(scored.scores[i]), 6),
-        "cluster": None if scored.labels is None else int(scored.labels[i]),
-        "input_ids": candidates[i].tolist(), "text": tokenizer.decode(candidates[i]),
-    } for rank, i in enumerate(chosen))
+    header = _header(tokenizer, seq_len, n, seed, info, metric=metric, keep=keep, balanced=balanced,
+                     k=k if metric == "ssp" else None, layer=block, pool=pool)
+    records = tuple(_record(tokenizer, rank, candidates[i], offsets[i], round(float(scored.scores[i]), 6),
+                            None if scored.labels is None else int(scored.labels[i]))
+                    for rank, i in enumerate(chosen))
     return CalibrationSet(candidates[chosen].clone(), header, records)
 
 
@@ -235,15 +230,24 @@ def mix_calibration_set(tokenizer, streams: Sequence[tuple[str, Tensor]], n: int
         drawn, offsets = candidate_pool(stream, share, seq_len, seed)
         for window, offset in zip(drawn, offsets):
             windows.append(window)
-            records.append({"index": len(records), "offset": offset, "score": None, "cluster": cluster,
-                            "input_ids": window.tolist(), "text": tokenizer.decode(window)})
+            records.append(_record(tokenizer, len(records), window, offset, None, cluster))
     log_event("calibration_mixed", texts=len(streams), n=n)
-    header = {"format": FORMAT, "version": VERSION, "model": None,
-              "tokenizer": getattr(tokenizer, "name_or_path", None), "vocab_size": len(tokenizer),
-              "seq_len": seq_len, "n": n, "metric": "mix", "keep": None, "balanced": True, "k": len(streams),
-              "layer": None, "pool": None, "seed": seed, "source": " | ".join(s for s, _ in streams),
-              **dict(info or {})}
+    header = _header(tokenizer, seq_len, n, seed, {"source": " | ".join(s for s, _ in streams), **dict(info or {})},
+                     metric="mix", keep=None, balanced=True, k=len(streams), layer=None, pool=None)
     return CalibrationSet(torch.stack(windows), header, tuple(records))
+
+
+def _header(tokenizer, seq_len: int, n: int, seed: int, info: Mapping[str, Any] | None, **selection: Any) -> dict:
+    """The header line of a set: format, tokenizer, sizes, how it was selected, then ``info``."""
+    return {"format": FORMAT, "version": VERSION, "model": None, "tokenizer": getattr(tokenizer, "name_or_path", None),
+            "vocab_size": len(tokenizer), "seq_len": seq_len, "n": n, **selection, "seed": seed, "source": None,
+            **dict(info or {})}
+
+
+def _record(tokenizer, index: int, window: Tensor, offset: int, score: float | None, cluster: int | None) -> dict:
+    """One window's line: its rank, offset in the source, score, cluster, token ids and text."""
+    return {"index": index, "offset": offset, "score": score, "cluster": cluster,
+            "input_ids": window.tolist(), "text": tokenizer.decode(window)}
 
 
 # --------------------------------------------------------------------------- file I/O
