@@ -37,6 +37,7 @@ EVAL_SEQ_LEN = 512
 #: evo's tuning flags: flag (= spec key) → (spec section, how the report describes a given value).
 TUNING = {
     "level_step": ("layerwise", "evo's level step {} of the mean Linear size"),
+    "radius": ("layerwise", "sparsity window ±{} around the target"),
     "max_swaps": ("evo", "evo's max swaps {}"),
     "switch_sparsity": ("evo", "evo's switch sparsity {}"),
     "offspring": ("evo", "evo's offspring {}"),
@@ -92,6 +93,8 @@ def main() -> None:
                              "file whose cluster is the text) and evo's stages draw them in proportion")
     parser.add_argument("--level-step", type=float, default=None,
                         help="evo's layerwise.level_step (weights per level / mean Linear size; default the package's)")
+    parser.add_argument("--radius", type=float, default=None,
+                        help="layerwise.radius: each Linear's sparsity stays within target ± radius (default the package's)")
     parser.add_argument("--max-swaps", type=int, default=None, help="evo's evo.max_swaps (default the package's)")
     parser.add_argument("--offspring", type=int, default=None, help="evo's evo.offspring, λ (default the package's)")
     parser.add_argument("--stages", default=None,
@@ -128,7 +131,7 @@ def main() -> None:
     streams = {"wikitext2-test": tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text()),
                "python-docs": tokenize_stream(tokenizer, TextSource("builtin", "eval").read())}
     val_stream = tokenize_stream(tokenizer, val_text.read_text())
-    with Timer() as t_dense:
+    with Timer():
         dense = {k: perplexity(model, s, EVAL_SEQ_LEN, args.eval_windows) for k, s in streams.items()}
     rows, lines, curves, winners = [], [], {}, {}
 
@@ -176,7 +179,8 @@ def main() -> None:
                    **{key: json.loads(value) if key == "stages" else value
                       for key, section, value in given if section == "evo"}}
             spec = StudySpec.from_dict({**spec.to_dict(), "objectives": None, "proxy_dtype": None, "evo": evo,
-                                        "layerwise": {**spec.to_dict()["layerwise"], "granularity": None, **tuned}})
+                                        "layerwise": {**spec.to_dict()["layerwise"], "granularity": None, "radius": None,
+                                                      **tuned}})
             evaluator = TrialEvaluator(ctx, spec)
             result = run(spec, store, evaluator=evaluator, validate=True, export_dir=work / spec.name)
             study = result.study

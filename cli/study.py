@@ -14,7 +14,7 @@ def register(sub) -> None:
     study_sub = parser.add_subparsers(dest="study_command", metavar="ACTION", parser_class=type(parser))
     study_sub.required = True
 
-    from sparsealloc.spaces.spec import StudySpec
+    from sparsealloc.spaces.spec import EVO_RADIUS, RADIUS, StudySpec
 
     d = StudySpec()  # the defaults the help shows
     run = study_sub.add_parser("run", help="start (or continue) a study")
@@ -31,7 +31,7 @@ def register(sub) -> None:
     run.add_argument("--granularity", default=None,
                      help="block, bins, projection or module (default block; module for the evo sampler)")
     run.add_argument("--radius", type=fraction, default=None,
-                     help=f"ratio window around the target (default {d.layerwise.radius})")
+                     help=f"ratio window around the target (default {RADIUS}; {EVO_RADIUS} for the evo sampler)")
     run.add_argument("--metric", default=None, help="fixed pruning metric (default wanda)")
     run.add_argument("--kv-budget", type=float, default=None, metavar="BITS",
                      help="with kv in the space: mean bits per K/V slot every candidate meets")

@@ -115,9 +115,9 @@ def open_sampler(spec: StudySpec, storage: optuna.storages.BaseStorage, space: S
 
 def check_same_spec(spec: StudySpec, stored: Mapping[str, Any]) -> None:
     """SpecError unless ``stored`` (a study's recorded spec) has ``spec``'s hash."""
-    if StudySpec.from_dict(stored).spec_hash() != spec.spec_hash():
+    if StudySpec.from_stored(stored).spec_hash() != spec.spec_hash():
         raise SpecError(f"study {spec.name!r} exists with a different spec "
-                        f"({spec_difference(StudySpec.from_dict(stored), spec)}); "
+                        f"({spec_difference(StudySpec.from_stored(stored), spec)}); "
                         f"resume it with 'sparsealloc study resume' or choose another --name")
 
 
@@ -155,7 +155,7 @@ def stored_spec(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:
     data = study.user_attrs.get(SPEC_ATTR)
     if data is None:
         raise StorageError(f"study {name!r} was not created by sparsealloc (no spec stored)")
-    return StudySpec.from_dict(data)
+    return StudySpec.from_stored(data)
 
 
 #: Parameter grids of the parametric hand rules (ATP's β, OWL's λ at M=5, AlphaPruning's ε): each

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from optuna.trial import TrialState
 
 from sparsealloc.core.errors import SpecError
-from sparsealloc.core.plan import AllocationPlan, MetricChoice
+from sparsealloc.core.keys import SPEC_ATTR
+from sparsealloc.core.plan import AllocationPlan
 from sparsealloc.core.types import Outcome
 from sparsealloc.objectives import EvalContext, TrialEvaluator
 from sparsealloc.objectives.reconstruction import forward_errors
@@ -25,7 +26,7 @@ from sparsealloc.search.dispatch.local import LocalDispatcher
 from sparsealloc.search.orchestrator import run_study
 from sparsealloc.search.samplers.evo import (PARENT_ATTR, EvoSampler, level_switch, sparsity_magnitude, stage_windows,
                                              stratum_counts)
-from sparsealloc.search.session import open_sampler
+from sparsealloc.search.session import check_existing_study, open_sampler
 from sparsealloc.spaces.levels import LevelGrid, balance
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import CalibrationSpec, EvoSpec, MetricSpec, StudySpec
@@ -102,12 +103,56 @@ def test_sparsity_scaled_switches_move_the_smaller_group_by_about_the_asked_spar
     assert sparsity_magnitude({"k": 256, "d": 2752}, 30, 0.05)("d", "k") == 1
 
 
-def test_switch_sparsity_is_checked_and_left_out_of_older_studies_hashes():
-    assert StudySpec(sampler="evo").spec_hash() == StudySpec(sampler="evo", evo=EvoSpec(switch_sparsity=0.0)).spec_hash()
+def test_the_sparsity_window_is_wider_for_evo_by_default_and_kept_where_given():
+    assert StudySpec(sampler="evo").layerwise.radius == 0.5 and StudySpec().layerwise.radius == 0.3
+    assert StudySpec.from_dict({"sampler": "evo", "layerwise": {"radius": 0.3}}).layerwise.radius == 0.3
+
+
+def test_switch_sparsity_is_checked_and_enters_the_hash():
+    assert StudySpec(sampler="evo").evo.switch_sparsity == 0.05 and StudySpec().layerwise.level_step == 0.01
+    assert StudySpec(sampler="evo").spec_hash() != StudySpec(sampler="evo", evo=EvoSpec(switch_sparsity=0.0)).spec_hash()
     assert StudySpec(sampler="evo").spec_hash() != StudySpec(sampler="evo", evo=EvoSpec(switch_sparsity=0.04)).spec_hash()
     for bad in (-0.1, 1.0, "x"):
         with pytest.raises(SpecError, match="evo.switch_sparsity"):
             StudySpec(sampler="evo", evo=EvoSpec(switch_sparsity=bad))
+
+
+#: Specs as stored by the code before the level-step, switch-sparsity and evo radius defaults changed
+#: (0.02, 0 and 0.3), with the hashes that code gave them.
+OLDER_STUDIES = [
+    ({"sampler": "evo"}, "9d66fbc6c246"),
+    ({"sampler": "evo", "metric": {"name": "sparsegpt"}}, "636ca73eb075"),
+    ({}, "d84f20ecf2a2"),
+    ({"sampler": "evo", "evo": {"switch_sparsity": 0.05}, "layerwise": {"level_step": 0.01}}, "f00a7cc1f7d4"),
+]
+
+
+@pytest.mark.parametrize("given, digest", OLDER_STUDIES)
+def test_stored_specs_of_older_studies_keep_their_grid_mutation_and_hash(given, digest):
+    stored = StudySpec.from_dict({**given, "layerwise": {"level_step": 0.02, "radius": 0.3, **given.get("layerwise", {})},
+                                  "evo": {"switch_sparsity": 0.0, **given.get("evo", {})}}).to_dict()
+    assert StudySpec.from_stored(stored).spec_hash() == digest
+    # Made before the fields existed: the stored spec lacks them and ran with their values of the time.
+    if given.get("layerwise", {}).get("level_step") is None:
+        del stored["layerwise"]["level_step"], stored["evo"]["switch_sparsity"]
+        older = StudySpec.from_stored(stored)
+        assert (older.layerwise.level_step, older.evo.switch_sparsity) == (0.02, 0.0)
+        assert older.spec_hash() == digest
+        newer = StudySpec.from_dict(stored)  # a user's spec without the keys gets today's defaults
+        assert (newer.layerwise.level_step, newer.evo.switch_sparsity) == (0.01, 0.05)
+        assert newer.spec_hash() != digest
+
+
+def test_rerunning_an_older_evo_study_with_todays_defaults_names_the_grid_difference(tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    older = StudySpec.from_dict({"name": "old", "sampler": "evo", "layerwise": {"level_step": 0.02, "radius": 0.3},
+                                 "evo": {"switch_sparsity": 0.0}}).to_dict()
+    del older["layerwise"]["level_step"], older["evo"]["switch_sparsity"]
+    study = optuna.create_study(storage=storage, study_name="old")
+    study.set_user_attr(SPEC_ATTR, older)
+    check_existing_study(StudySpec.from_stored(older), storage)  # resume: same spec
+    with pytest.raises(SpecError, match=r"layerwise.level_step: stored 0.02, given 0.01.*study resume"):
+        check_existing_study(StudySpec(name="old", sampler="evo"), storage)
 
 
 def test_level_switch_never_lowers_the_only_group_that_could_rise():
