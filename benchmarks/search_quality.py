@@ -45,6 +45,19 @@ TUNING = {
 }
 
 
+def sampler_variant(entry: str) -> tuple[str, dict[str, object]]:
+    """A ``--samplers`` entry: ``name``, or ``name:key=value,...`` with evo settings for that study
+    alone (JSON values, e.g. ``evo:merge=true``), so that two variants share one run's hand rules."""
+    name, _, rest = entry.partition(":")
+    overrides = {}
+    for pair in filter(None, rest.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise SystemExit(f"expected --samplers entries like evo or evo:merge=true, but got {entry!r}")
+        overrides[key] = json.loads(value)
+    return name, overrides
+
+
 def tuning(args) -> list[tuple[str, str, object]]:
     """The tuning flags given on the command line: ``(spec key, spec section, value)``, in TUNING's order."""
     return [(key, section, getattr(args, key)) for key, (section, _) in TUNING.items() if getattr(args, key)]
@@ -120,8 +133,8 @@ def main() -> None:
     from sparsealloc.search.samplers.base import SAMPLERS
     from sparsealloc.search.samplers.evo import PARENT_ATTR  # noqa: F401  (every module imported up front)
 
-    for name in args.samplers:
-        SAMPLERS.get(name)
+    for entry in args.samplers:
+        SAMPLERS.get(sampler_variant(entry)[0])
     progress.set_mode("quiet")
     work = Path(tempfile.mkdtemp(prefix="sparsealloc-quality-"))
     mix = TextSource("builtin", "calib").read() if args.calib_mix else None
@@ -172,12 +185,13 @@ def main() -> None:
         best_owl = min((k for k in results if k.startswith("owl")), key=lambda k: results[k]["wikitext2-test"])
         best_ramp = min((k for k in results if k.startswith("depth")), key=lambda k: results[k]["wikitext2-test"])
         for sampler in args.samplers:
-            spec = base.override(name=f"{sampler}-{metric}-{int(target * 100)}-{int(time.time())}", sampler=sampler)
+            name, variant = sampler_variant(sampler)
+            spec = base.override(name=f"{name}-{metric}-{int(target * 100)}-{int(time.time())}", sampler=name)
             given = tuning(args)
             tuned = {key: value for key, section, value in given if section == "layerwise"}
             evo = {**spec.to_dict().get("evo", {}),
                    **{key: json.loads(value) if key == "stages" else value
-                      for key, section, value in given if section == "evo"}}
+                      for key, section, value in given if section == "evo"}, **variant}
             spec = StudySpec.from_dict({**spec.to_dict(), "objectives": None, "proxy_dtype": None, "evo": evo,
                                         "layerwise": {**spec.to_dict()["layerwise"], "granularity": None, "radius": None,
                                                       **tuned}})
@@ -185,7 +199,7 @@ def main() -> None:
             result = run(spec, store, evaluator=evaluator, validate=True, export_dir=work / spec.name)
             study = result.study
             exported = AllocationPlan.load(result.exported[0])
-            exported.save(Path(args.out).with_name(f"{Path(args.out).stem}_{metric}{int(round(target * 100))}_{sampler}_plan.json"))
+            exported.save(Path(args.out).with_name(f"{Path(args.out).stem}_{metric}{int(round(target * 100))}_{sampler.replace(':', '_').replace('=', '-').replace(',', '_')}_plan.json"))
             lowest = study.best_trial
             chosen = exported.provenance["trial"]
             found = measure(evaluator, exported)
@@ -209,7 +223,7 @@ def main() -> None:
             lines.append(
                 f"- **{label}, {sampler}** ({len(complete)} complete + {len(pruned)} pruned trials in "
                 f"{result.seconds / 60:.1f} min; mean trial {trial_s:.2f} s in {str(evaluator.proxy_dtype).removeprefix('torch.')}"
-                f"{f', database build {built:.0f} s inside trials' if built else ''}): WikiText-2 test "
+                f"{f', database build {built:.0f} s inside trials' if built else ''}{_evo_dynamics(study)}): WikiText-2 test "
                 f"**{found['wikitext2-test']:.1f}** = **{found['wikitext2-test'] / uniform['wikitext2-test']:.3f}× uniform** "
                 f"({uniform['wikitext2-test']:.1f}) and **{found['wikitext2-test'] / results[best_ramp]['wikitext2-test']:.3f}× "
                 f"the best depth ramp** ({best_ramp}: {results[best_ramp]['wikitext2-test']:.1f}); best OWL "
@@ -257,6 +271,21 @@ def main() -> None:
     out.write_text("\n".join(text))
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
     print("\n".join(text))
+
+
+def _evo_dynamics(study) -> str:
+    """Generations of an evo study and, with ``evo.merge``, its merged candidates and how many of
+    them became the next parent (the next generation's re-scored parent has their parameters)."""
+    by_generation: dict[int, dict[str, list]] = {}
+    for t in study.trials:
+        if t.user_attrs.get("source") == "evo" and isinstance(t.user_attrs.get("generation"), int):
+            by_generation.setdefault(t.user_attrs["generation"], {}).setdefault(t.user_attrs.get("evo_role"), []).append(t)
+    if not by_generation:
+        return ""
+    merged = [(g, t) for g, roles in by_generation.items() for t in roles.get("merged", [])]
+    adopted = sum(1 for g, t in merged if any(p.params == t.params for p in by_generation.get(g + 1, {}).get("parent", [])))
+    text = f"; last generation {max(by_generation)}"
+    return text + (f"; {len(merged)} merged candidates, {adopted} became the parent" if merged else "")
 
 
 def _curve(study, evaluator, stream, perplexity, seconds: float, points: int = 4) -> list[tuple[float, float]]:

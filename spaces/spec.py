@@ -58,7 +58,8 @@ RADIUS, EVO_RADIUS = 0.3, 0.5
 #: Values that fields had before they existed or before their default changed, per section. A stored
 #: spec lacking a key ran with this value (:meth:`StudySpec.from_stored`), and the spec hash leaves a
 #: key out at this value, so studies made before keep their hash (:meth:`StudySpec.spec_hash`).
-LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"layerwise": {"level_step": 0.02}, "evo": {"switch_sparsity": 0.0}}
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"layerwise": {"level_step": 0.02},
+                                               "evo": {"switch_sparsity": 0.0, "merge": False}}
 
 
 def _expect(cond: bool, what: str, got: Any) -> None:
@@ -302,14 +303,22 @@ class EvoSpec:
     ``level_step`` this lets small Linears move finely and large ones fast. The defaults
     (``switch_sparsity`` 0.05 with ``layerwise.level_step`` 0.01) led one level per switch at step
     0.02 by 7–8% on both held-out texts at Wanda 70% (README, issue-18 results).
+
+    ``merge``: when two or more offspring of the last stage beat the re-scored parent, one more
+    candidate, the parent plus the level changes of all of them, is scored on the same windows
+    before the next parent is chosen (the sum of budget-exact changes is budget-exact). Small
+    switches on different Linears tend to add up, so a generation can take several improving
+    mutations at once instead of one; it costs one more last-stage trial, only in those generations.
     """
 
     offspring: int = 16
     stages: tuple[tuple[int, int], ...] = ((2, 2), (8, 1))
     max_swaps: int = 3
     switch_sparsity: float = 0.05
+    merge: bool = False
 
     def validate(self) -> None:
+        _expect(isinstance(self.merge, bool), "evo.merge must be true or false", self.merge)
         _expect(_is_int(self.offspring) and self.offspring >= 1, "evo.offspring must be an integer >= 1", self.offspring)
         _expect(_is_int(self.max_swaps) and self.max_swaps >= 1, "evo.max_swaps must be an integer >= 1", self.max_swaps)
         _expect(_is_number(self.switch_sparsity) and 0 <= self.switch_sparsity < 1,

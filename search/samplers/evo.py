@@ -10,11 +10,14 @@ of the two groups' sparsity by about that much), then selects in stages of growi
 ``i`` scores the remaining candidates on ``stages[i][0]`` calibration windows drawn afresh from the
 pool and keeps the best ``stages[i][1]``; the last stage also re-scores the parent on the same windows, and the best of them
 is the next parent. Fresh windows per stage keep the search from fitting one calibration sample.
+With ``evo.merge``, when two or more offspring of the last stage beat the parent there, the parent
+plus all their level changes is scored on the same windows too before the choice (a merged
+candidate; the sum of budget-exact switches is budget-exact).
 
 Store mapping (the dashboard shows the climb):
 
 * every candidate is one trial with user attrs ``generation``, ``source = "evo"`` and ``evo_role``
-  (offspring, parent, or queued: warm starts and retries); its value at stage ``i`` is the
+  (offspring, parent, merged, or queued: warm starts and retries); its value at stage ``i`` is the
   intermediate value at step ``i`` and ``stage`` is the last stage it reached;
 * eliminated candidates are PRUNED with the value they reached; the last stage's candidates are
   COMPLETE with their value at full (last-stage) fidelity;
@@ -226,6 +229,7 @@ class EvoSampler(Sampler):
         self._results: list[_Candidate] = []  # told complete in this stage
         self._parked: list[_Candidate] = []  # survivors and queued trials waiting for a later stage
         self._seen: set[tuple] = set()
+        self._held: list[_Candidate] = []  # the last stage's results while its merged candidate is scored
 
     # ------------------------------------------------------------------------------ ask / tell
     def ask(self, n: int = 1) -> list[Proposal]:
@@ -294,6 +298,12 @@ class EvoSampler(Sampler):
         results = sorted(self._results, key=lambda c: c.value)
         self._results = []
         if self._is_final():
+            merged = self._merged(results) if self.config.merge and not self._seeding and not self._held else None
+            if merged is not None:  # one more candidate on the same windows; select after it
+                self._held, self._queue = results, [merged]
+                return
+            results = sorted([*results, *self._held], key=lambda c: c.value)
+            self._held = []
             if results:
                 best = results[0]
                 self.parent = self.space.snap_kv(dict(best.params))
@@ -334,6 +344,34 @@ class EvoSampler(Sampler):
         for cand in queued:
             self._parked.remove(cand)
         return [_Candidate(dict(self.parent), "parent"), *queued]
+
+    def _merged(self, results: Sequence[_Candidate]) -> _Candidate | None:
+        """``evo.merge``: the parent plus the level changes of every offspring of the last stage that
+        beat the re-scored parent (best first, leaving out any whose changes would leave a group's
+        bounds), or None when fewer than two did. Other parameters come from the best of them."""
+        parent = next((c for c in results if c.role == "parent"), None)
+        if parent is None or self.grid is None:
+            return None
+        better = [c for c in results if c.role == "offspring" and c.value < parent.value]
+        if len(better) < 2:
+            return None
+        base = self.grid.levels_of({g: self.parent[g] for g in self.space.groups})
+        levels, used = dict(base), 0
+        for cand in better:
+            delta = {g: n - base[g] for g, n in self.grid.levels_of({g: cand.params[g] for g in base}).items()}
+            trial = {g: levels[g] + delta[g] for g in base}
+            if all(self.grid.bounds[g][0] <= n <= self.grid.bounds[g][1] for g, n in trial.items()):
+                levels, used = trial, used + 1
+        if used < 2:
+            return None
+        child = dict(better[0].params)
+        for g, ratio in self.grid.ratios(levels).items():
+            child[g] = self.space.by_name[g].clip(ratio)
+        child = self.space.snap_kv(child)
+        if self._key(child) in self._seen:
+            return None
+        self._seen.add(self._key(child))
+        return _Candidate(child, "merged")
 
     def _children(self, rng: np.random.Generator) -> list[dict[str, Any]]:
         children: list[dict[str, Any]] = []

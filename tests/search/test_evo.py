@@ -117,6 +117,18 @@ def test_switch_sparsity_is_checked_and_enters_the_hash():
             StudySpec(sampler="evo", evo=EvoSpec(switch_sparsity=bad))
 
 
+def test_merge_is_checked_and_enters_the_hash_only_when_on():
+    off = StudySpec(sampler="evo")
+    assert off.evo.merge is False
+    stored = off.to_dict()
+    del stored["evo"]["merge"]  # a study stored before the field existed ran without merging
+    assert StudySpec.from_stored(stored).evo.merge is False and StudySpec.from_stored(stored).spec_hash() == off.spec_hash()
+    assert StudySpec(sampler="evo", evo=EvoSpec(merge=True)).spec_hash() != off.spec_hash()
+    for bad in (1, "yes", None):
+        with pytest.raises(SpecError, match="evo.merge must be true or false"):
+            StudySpec(sampler="evo", evo=EvoSpec(merge=bad))
+
+
 #: Specs as stored by the code before the level-step, switch-sparsity and evo radius defaults changed
 #: (0.02, 0 and 0.3), with the hashes that code gave them.
 OLDER_STUDIES = [
@@ -351,6 +363,77 @@ def test_a_run_stopped_between_stages_prunes_its_parked_trials(store):
     sampler.close()
     states = [t.state for t in sampler.study.get_trials(deepcopy=False)]
     assert states.count(TrialState.PRUNED) == 4 and states.count(TrialState.RUNNING) == 3  # in flight
+
+
+def _final_stage(sampler):
+    """Stage 0 told with the trial number as value (trials 0 and 1 survive); the last stage asked."""
+    for p in sampler.ask(6):
+        sampler.tell(p.trial_number, Outcome("complete", (float(p.trial_number),)))
+    return {sampler._out[p.trial_number].role + str(i): p for i, p in enumerate(sampler.ask(10))}
+
+
+def test_merge_scores_the_sum_of_the_improving_switches_on_the_same_windows(store):
+    spec = evo_spec("merge", merge=True)
+    space = SearchSpace(spec, layout())
+    sampler = open_sampler(spec, open_storage(store), space)
+    grid, parent = space.levels, dict(sampler.parent)
+    final = _final_stage(sampler)
+    assert sorted(final) == ["offspring0", "offspring1", "parent2"]
+    for key, value in (("offspring0", 5.0), ("offspring1", 6.0), ("parent2", 10.0)):
+        sampler.tell(final[key].trial_number, Outcome("complete", (value,)))
+    [merged] = sampler.ask(10)
+    assert merged.final and merged.windows == final["parent2"].windows  # the same windows
+    levels = {name: grid.levels_of({g: p.params[g] for g in space.groups})
+              for name, p in (("merged", merged), ("a", final["offspring0"]), ("b", final["offspring1"]))}
+    base = grid.levels_of({g: parent[g] for g in space.groups})
+    assert levels["merged"] == {g: levels["a"][g] + levels["b"][g] - base[g] for g in base}
+    assert sum(levels["merged"].values()) == sum(base.values())  # the budget stays exact
+    assert sampler._out[merged.trial_number].role == "merged"
+    sampler.tell(merged.trial_number, Outcome("complete", (1.0,)))
+    sampler.ask(1)  # selection, then the next generation
+    record = sampler.study.user_attrs[PARENT_ATTR]
+    assert record["trial"] == merged.trial_number and sampler.generation == 1
+    trial = sampler.study.trials[merged.trial_number]
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["evo_role"] == "merged"
+
+
+@pytest.mark.parametrize("merge, values", [(True, (5.0, 11.0, 10.0)), (False, (5.0, 6.0, 10.0))])
+def test_no_merge_without_two_improving_offspring_or_when_off(store, merge, values):
+    spec = evo_spec("nomerge", merge=merge)
+    sampler = open_sampler(spec, open_storage(store), SearchSpace(spec, layout()))
+    final = _final_stage(sampler)
+    for key, value in zip(("offspring0", "offspring1", "parent2"), values):
+        sampler.tell(final[key].trial_number, Outcome("complete", (value,)))
+    nxt = sampler.ask(10)
+    assert sampler.generation == 1 and nxt and not nxt[0].final  # straight to the next generation's stage 0
+    assert sampler.study.user_attrs[PARENT_ATTR]["trial"] == final["offspring0"].trial_number
+
+
+def test_merge_keeps_the_budget_and_helps_on_a_separable_error(store):
+    errors, adopted = {False: [], True: []}, 0
+    for seed in range(4):
+        for merge in (False, True):
+            spec = replace(evo_spec(f"separable-{seed}-{merge}", merge=merge, offspring=8), seed=seed)
+            space = SearchSpace(spec, layout(6))
+            evaluator = RampEvaluator(space)
+            sampler = open_sampler(spec, open_storage(store), space)
+            sampler.enqueue(space.defaults(), "uniform")
+            while sampler.generation < 20:  # the same number of generations each
+                for p in sampler.ask(16):
+                    sampler.tell(p.trial_number, evaluator(p.params, p.windows))
+            trials = sampler.study.get_trials(deepcopy=False)
+            merged = [t for t in trials if t.user_attrs.get("evo_role") == "merged"]
+            assert bool(merged) == merge
+            numels = space.layout.numels
+            for t in merged:
+                assert t.state == TrialState.COMPLETE
+                sparsity = AllocationPlan.from_dict(t.user_attrs["plan"]).sparsity
+                assert abs(sum(sparsity[n] * numels[n] for n in numels) / sum(numels.values()) - TARGET) < 1e-9
+            adopted += len({t.number for t in merged} & set(sampler.study.user_attrs[PARENT_ATTR]["history"]))
+            errors[merge].append(evaluator.error(sampler.parent))
+    # Improving switches on different Linears add up on this error: generation for generation the
+    # merged search is ahead (each seed alone is noisy), and merged candidates became parents.
+    assert adopted > 0 and np.mean(errors[True]) < 0.8 * np.mean(errors[False])
 
 
 # ----------------------------------------------------------------------------- the evaluator side
