@@ -309,6 +309,9 @@ class EvoSpec:
     before the next parent is chosen (the sum of budget-exact changes is budget-exact). Small
     switches on different Linears tend to add up, so a generation can take several improving
     mutations at once instead of one; it costs one more last-stage trial, only in those generations.
+    Off by default: at Wanda 70% on SmolLM2 it led for 19 of 25 minutes and then fell behind (165.5
+    against 159.0 WikiText-2 test PPL, one run; README, issue-18 results), most likely because the
+    merged candidate adds up chance gains on the windows that selected its parts.
     """
 
     offspring: int = 16
