@@ -17,14 +17,17 @@ Protocol (one process, one model load, per setting one calibration pass shared b
     python benchmarks/search_quality.py --settings wanda:0.7 --samplers evo --minutes 25
     python benchmarks/search_quality.py --settings wanda:0.7 sparsegpt:0.7 wanda:0.5 \
         --samplers evo tpe cmaes --minutes 30
+    python benchmarks/search_quality.py --settings wanda:0.7 --samplers evo evo:merge=true  # evo settings A/B
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
@@ -50,11 +53,15 @@ def sampler_variant(entry: str) -> tuple[str, dict[str, object]]:
     alone (JSON values, e.g. ``evo:merge=true``), so that two variants share one run's hand rules."""
     name, _, rest = entry.partition(":")
     overrides = {}
-    for pair in filter(None, rest.split(",")):
+    for pair in filter(None, re.split(r",(?=\w+=)", rest)):  # a comma before the next key=
         key, eq, value = pair.partition("=")
         if not eq:
-            raise SystemExit(f"expected --samplers entries like evo or evo:merge=true, but got {entry!r}")
-        overrides[key] = json.loads(value)
+            raise ValueError(f"expected --samplers entries like evo or evo:merge=true, but got {entry!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"expected a JSON value for {key} in {entry!r} (true, 0.05, [[2, 2], [8, 1]]...), "
+                             f"but got {value!r}") from None
     return name, overrides
 
 
@@ -128,13 +135,24 @@ def main() -> None:
     from sparsealloc.pruning.calibration.select import mix_calibration_set, write_calibration_set
     from sparsealloc.search.session import build_evaluator
     from sparsealloc.search.study import run
-    from sparsealloc.spaces.spec import CalibrationSpec, MetricSpec, StudySpec, ValidationSpec
+    from sparsealloc.spaces.spec import CalibrationSpec, EvoSpec, MetricSpec, StudySpec, ValidationSpec
 
+    from sparsealloc.core.errors import UnknownNameError
     from sparsealloc.search.samplers.base import SAMPLERS
     from sparsealloc.search.samplers.evo import PARENT_ATTR  # noqa: F401  (every module imported up front)
 
     for entry in args.samplers:
-        SAMPLERS.get(sampler_variant(entry)[0])
+        try:
+            name, variant = sampler_variant(entry)
+        except ValueError as exc:
+            parser.error(str(exc))
+        try:
+            SAMPLERS.get(name)
+        except UnknownNameError as exc:
+            parser.error(str(exc))
+        unknown = sorted(set(variant) - {f.name for f in fields(EvoSpec)})
+        if unknown:
+            parser.error(f"expected evo settings {sorted(f.name for f in fields(EvoSpec))} in {entry!r}, but got {unknown}")
     progress.set_mode("quiet")
     work = Path(tempfile.mkdtemp(prefix="sparsealloc-quality-"))
     mix = TextSource("builtin", "calib").read() if args.calib_mix else None
@@ -199,7 +217,7 @@ def main() -> None:
             result = run(spec, store, evaluator=evaluator, validate=True, export_dir=work / spec.name)
             study = result.study
             exported = AllocationPlan.load(result.exported[0])
-            exported.save(Path(args.out).with_name(f"{Path(args.out).stem}_{metric}{int(round(target * 100))}_{sampler.replace(':', '_').replace('=', '-').replace(',', '_')}_plan.json"))
+            exported.save(Path(args.out).with_name(f"{Path(args.out).stem}_{metric}{int(round(target * 100))}_{re.sub(r'[^A-Za-z0-9.-]+', '_', sampler)}_plan.json"))
             lowest = study.best_trial
             chosen = exported.provenance["trial"]
             found = measure(evaluator, exported)

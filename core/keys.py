@@ -20,7 +20,7 @@ ACHIEVED_SPARSITY = "achieved_sparsity"  #: parameter-weighted sparsity the prun
 KV_BYTES = "kv_bytes_per_token"  #: KV-cache bytes per token of the plan (analytic; plans with KV bits)
 DATABASE_BUILD_SECONDS = "database_build_seconds"  #: time the trial spent filling the level database
 CALIBRATION_TOKENS = "calibration_tokens"  #: tokens a selection stage scored the trial on (evo)
-EVO_ROLE = "evo_role"  #: evo: offspring, parent (re-scored), merged (evo.merge) or queued (warm start, retry)
+EVO_ROLE = "evo_role"  #: evo: offspring, parent (re-scored), merged or rescored (evo.merge), queued (warm start, retry)
 STAGE = "stage"  #: evo: the last selection stage the trial reached
 EVO_ELIMINATED = "evo_eliminated"  #: evo: pruned by a selection stage
 

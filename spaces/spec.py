@@ -304,14 +304,14 @@ class EvoSpec:
     (``switch_sparsity`` 0.05 with ``layerwise.level_step`` 0.01) led one level per switch at step
     0.02 by 7–8% on both held-out texts at Wanda 70% (README, issue-18 results).
 
-    ``merge``: when two or more offspring of the last stage beat the re-scored parent, one more
-    candidate, the parent plus the level changes of all of them, is scored on the same windows
-    before the next parent is chosen (the sum of budget-exact changes is budget-exact). Small
-    switches on different Linears tend to add up, so a generation can take several improving
-    mutations at once instead of one; it costs one more last-stage trial, only in those generations.
-    Off by default: at Wanda 70% on SmolLM2 it led for 19 of 25 minutes and then fell behind (165.5
-    against 159.0 WikiText-2 test PPL, one run; README, issue-18 results), most likely because the
-    merged candidate adds up chance gains on the windows that selected its parts.
+    ``merge``: when two or more offspring of the last stage beat the re-scored parent, the parent
+    plus the level changes of all of them (budget-exact, as each switch is) and the best of them are
+    scored on fresh windows of the last stage's size; the merged candidate is the next parent only
+    if it wins there. Small switches on different Linears tend to add up, so a generation can take
+    several improving mutations at once; fresh windows keep the merge from adding up the chance gains
+    that made its parts win (the winner's curse). Off by default: judged on the windows that
+    selected its parts, merging led for 19 of 25 minutes at Wanda 70% on SmolLM2 and then fell
+    behind (165.5 against 159.0 WikiText-2 test PPL, one run; README, issue-18 results).
     """
 
     offspring: int = 16

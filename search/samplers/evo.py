@@ -11,13 +11,14 @@ of the two groups' sparsity by about that much), then selects in stages of growi
 pool and keeps the best ``stages[i][1]``; the last stage also re-scores the parent on the same windows, and the best of them
 is the next parent. Fresh windows per stage keep the search from fitting one calibration sample.
 With ``evo.merge``, when two or more offspring of the last stage beat the parent there, the parent
-plus all their level changes is scored on the same windows too before the choice (a merged
-candidate; the sum of budget-exact switches is budget-exact).
+plus all their level changes (a merged candidate; the sum of budget-exact switches is budget-exact)
+and the best of those offspring are scored on fresh windows of the last stage's size, and the
+merged candidate is the next parent only if it wins there.
 
 Store mapping (the dashboard shows the climb):
 
 * every candidate is one trial with user attrs ``generation``, ``source = "evo"`` and ``evo_role``
-  (offspring, parent, merged, or queued: warm starts and retries); its value at stage ``i`` is the
+  (offspring, parent, merged, rescored, or queued: warm starts and retries); its value at stage ``i`` is the
   intermediate value at step ``i`` and ``stage`` is the last stage it reached;
 * eliminated candidates are PRUNED with the value they reached; the last stage's candidates are
   COMPLETE with their value at full (last-stage) fidelity;
@@ -229,7 +230,8 @@ class EvoSampler(Sampler):
         self._results: list[_Candidate] = []  # told complete in this stage
         self._parked: list[_Candidate] = []  # survivors and queued trials waiting for a later stage
         self._seen: set[tuple] = set()
-        self._held: list[_Candidate] = []  # the last stage's results while its merged candidate is scored
+        self._held: list[_Candidate] = []  # the last stage's results while the merge check runs
+        self._merging = False  # the merged candidate and the best offspring are being scored
 
     # ------------------------------------------------------------------------------ ask / tell
     def ask(self, n: int = 1) -> list[Proposal]:
@@ -284,7 +286,8 @@ class EvoSampler(Sampler):
 
     def _windows(self) -> tuple[int, ...] | None:
         stage = len(self.config.stages) - 1 if self._seeding else self._stage
-        return stage_windows(self.seed, self.generation, stage, self.config.stages[stage][0], self.pool,
+        draw = len(self.config.stages) if self._merging else stage  # the merge check: a fresh draw
+        return stage_windows(self.seed, self.generation, draw, self.config.stages[stage][0], self.pool,
                              self.strata)
 
     def _advance(self) -> None:
@@ -298,12 +301,18 @@ class EvoSampler(Sampler):
         results = sorted(self._results, key=lambda c: c.value)
         self._results = []
         if self._is_final():
-            merged = self._merged(results) if self.config.merge and not self._seeding and not self._held else None
-            if merged is not None:  # one more candidate on the same windows; select after it
-                self._held, self._queue = results, [merged]
+            merged = self._merged(results) if self.config.merge and not self._seeding and not self._merging else None
+            if merged is not None:  # the merge against the best offspring, both on fresh windows
+                best = next(c for c in results if c.role == "offspring")
+                self._held, self._merging = results, True
+                self._queue = [merged, _Candidate(dict(best.params), "rescored")]
                 return
-            results = sorted([*results, *self._held], key=lambda c: c.value)
-            self._held = []
+            if self._merging:
+                scored = {c.role: c for c in results}
+                merged, rescored = scored.get("merged"), scored.get("rescored")
+                won = merged is not None and rescored is not None and merged.value < rescored.value
+                results = [merged] if won else self._held
+                self._held, self._merging = [], False
             if results:
                 best = results[0]
                 self.parent = self.space.snap_kv(dict(best.params))

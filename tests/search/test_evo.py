@@ -372,8 +372,10 @@ def _final_stage(sampler):
     return {sampler._out[p.trial_number].role + str(i): p for i, p in enumerate(sampler.ask(10))}
 
 
-def test_merge_scores_the_sum_of_the_improving_switches_on_the_same_windows(store):
-    spec = evo_spec("merge", merge=True)
+@pytest.mark.parametrize("merged_value, adopted", [(1.0, True), (3.0, False)])
+def test_merge_checks_the_sum_of_the_improving_switches_against_the_best_on_fresh_windows(store, merged_value,
+                                                                                          adopted):
+    spec = evo_spec(f"merge-{adopted}", merge=True)
     space = SearchSpace(spec, layout())
     sampler = open_sampler(spec, open_storage(store), space)
     grid, parent = space.levels, dict(sampler.parent)
@@ -381,18 +383,24 @@ def test_merge_scores_the_sum_of_the_improving_switches_on_the_same_windows(stor
     assert sorted(final) == ["offspring0", "offspring1", "parent2"]
     for key, value in (("offspring0", 5.0), ("offspring1", 6.0), ("parent2", 10.0)):
         sampler.tell(final[key].trial_number, Outcome("complete", (value,)))
-    [merged] = sampler.ask(10)
-    assert merged.final and merged.windows == final["parent2"].windows  # the same windows
+    merged, rescored = sampler.ask(10)
+    roles = [sampler._out[p.trial_number].role for p in (merged, rescored)]
+    assert roles == ["merged", "rescored"] and merged.final and rescored.final
+    # Both on the same fresh windows, of the last stage's size, not the ones that selected the parts.
+    assert merged.windows == rescored.windows and len(merged.windows) == 8
+    assert merged.windows != final["parent2"].windows
+    assert rescored.params == final["offspring0"].params
     levels = {name: grid.levels_of({g: p.params[g] for g in space.groups})
               for name, p in (("merged", merged), ("a", final["offspring0"]), ("b", final["offspring1"]))}
     base = grid.levels_of({g: parent[g] for g in space.groups})
     assert levels["merged"] == {g: levels["a"][g] + levels["b"][g] - base[g] for g in base}
     assert sum(levels["merged"].values()) == sum(base.values())  # the budget stays exact
-    assert sampler._out[merged.trial_number].role == "merged"
-    sampler.tell(merged.trial_number, Outcome("complete", (1.0,)))
+    sampler.tell(merged.trial_number, Outcome("complete", (merged_value,)))
+    sampler.tell(rescored.trial_number, Outcome("complete", (2.0,)))
     sampler.ask(1)  # selection, then the next generation
-    record = sampler.study.user_attrs[PARENT_ATTR]
-    assert record["trial"] == merged.trial_number and sampler.generation == 1
+    chosen = sampler.study.user_attrs[PARENT_ATTR]["trial"]
+    assert chosen == (merged.trial_number if adopted else final["offspring0"].trial_number)
+    assert sampler.generation == 1
     trial = sampler.study.trials[merged.trial_number]
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["evo_role"] == "merged"
 
