@@ -231,7 +231,11 @@ class EvoSampler(Sampler):
         self._parked: list[_Candidate] = []  # survivors and queued trials waiting for a later stage
         self._seen: set[tuple] = set()
         self._held: list[_Candidate] = []  # the last stage's results while the merge check runs
-        self._merging = False  # the merged candidate and the best offspring are being scored
+
+    @property
+    def _merging(self) -> bool:
+        """The merge check (the merged candidate and the best offspring on fresh windows) is running."""
+        return bool(self._held)
 
     # ------------------------------------------------------------------------------ ask / tell
     def ask(self, n: int = 1) -> list[Proposal]:
@@ -304,7 +308,7 @@ class EvoSampler(Sampler):
             merged = self._merged(results) if self.config.merge and not self._seeding and not self._merging else None
             if merged is not None:  # the merge against the best offspring, both on fresh windows
                 best = next(c for c in results if c.role == "offspring")
-                self._held, self._merging = results, True
+                self._held = results
                 self._queue = [merged, _Candidate(dict(best.params), "rescored")]
                 return
             if self._merging:
@@ -312,7 +316,7 @@ class EvoSampler(Sampler):
                 merged, rescored = scored.get("merged"), scored.get("rescored")
                 won = merged is not None and rescored is not None and merged.value < rescored.value
                 results = [merged] if won else self._held
-                self._held, self._merging = [], False
+                self._held = []
             if results:
                 best = results[0]
                 self.parent = self.space.snap_kv(dict(best.params))
@@ -373,14 +377,18 @@ class EvoSampler(Sampler):
                 levels, used = trial, used + 1
         if used < 2:
             return None
-        child = dict(better[0].params)
-        for g, ratio in self.grid.ratios(levels).items():
-            child[g] = self.space.by_name[g].clip(ratio)
-        child = self.space.snap_kv(child)
+        child = self.space.snap_kv(self._at_levels(better[0].params, levels))
         if self._key(child) in self._seen:
             return None
         self._seen.add(self._key(child))
         return _Candidate(child, "merged")
+
+    def _at_levels(self, params: Mapping[str, Any], levels: Mapping[str, int]) -> dict[str, Any]:
+        """``params`` with each search group's ratio set to its level in ``levels``."""
+        out = dict(params)
+        for g, ratio in self.grid.ratios(levels).items():
+            out[g] = self.space.by_name[g].clip(ratio)
+        return out
 
     def _children(self, rng: np.random.Generator) -> list[dict[str, Any]]:
         children: list[dict[str, Any]] = []
@@ -402,9 +410,7 @@ class EvoSampler(Sampler):
             levels = self.grid.levels_of({g: child[g] for g in self.space.groups})
             magnitude = (sparsity_magnitude(self.grid.numels, self.grid.step, self.config.switch_sparsity)
                          if self.config.switch_sparsity else None)
-            switched = level_switch(levels, self.grid.bounds, swaps(), rng, magnitude=magnitude)
-            for g, ratio in self.grid.ratios(switched).items():
-                child[g] = self.space.by_name[g].clip(ratio)
+            child = self._at_levels(child, level_switch(levels, self.grid.bounds, swaps(), rng, magnitude=magnitude))
         if self.kv_switched:
             bits = {n: int(child[n]) for n in sorted(self.kv_switched)}
             switched, raised = bit_switch(bits, self.space.kv_ladder, swaps(), rng)
