@@ -292,7 +292,8 @@ def main() -> None:
 
 
 def _evo_dynamics(study) -> str:
-    """Generations of an evo study and, with ``evo.merge``, its merged candidates and how many of
+    """Generations of an evo study, how often the parent changed (its re-scored copies in two
+    consecutive generations differ) and, with ``evo.merge``, its merged candidates and how many of
     them became the next parent (the next generation's re-scored parent has their parameters)."""
     by_generation: dict[int, dict[str, list]] = {}
     for t in study.trials:
@@ -302,7 +303,9 @@ def _evo_dynamics(study) -> str:
         return ""
     merged = [(g, t) for g, roles in by_generation.items() for t in roles.get("merged", [])]
     adopted = sum(1 for g, t in merged if any(p.params == t.params for p in by_generation.get(g + 1, {}).get("parent", [])))
-    text = f"; last generation {max(by_generation)}"
+    parents = [roles["parent"][0].params for _, roles in sorted(by_generation.items()) if roles.get("parent")]
+    moved = sum(1 for a, b in zip(parents, parents[1:]) if a != b)
+    text = f"; last generation {max(by_generation)}; the parent changed in {moved} of {max(len(parents) - 1, 0)} generations"
     return text + (f"; {len(merged)} merged candidates, {adopted} became the parent" if merged else "")
 
 

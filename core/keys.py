@@ -23,6 +23,7 @@ CALIBRATION_TOKENS = "calibration_tokens"  #: tokens a selection stage scored th
 EVO_ROLE = "evo_role"  #: evo: offspring, parent (re-scored), merged or rescored (evo.merge), queued (warm start, retry)
 STAGE = "stage"  #: evo: the last selection stage the trial reached
 EVO_ELIMINATED = "evo_eliminated"  #: evo: pruned by a selection stage
+EVO_PREDICTED = "evo_predicted"  #: evo with evo.guide: the switch model's predicted change of the value
 
 # Study user attributes.
 SPEC_ATTR = "sparsealloc:spec"  #: the StudySpec as a dict

@@ -59,7 +59,7 @@ RADIUS, EVO_RADIUS = 0.3, 0.5
 #: spec lacking a key ran with this value (:meth:`StudySpec.from_stored`), and the spec hash leaves a
 #: key out at this value, so studies made before keep their hash (:meth:`StudySpec.spec_hash`).
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"layerwise": {"level_step": 0.02},
-                                               "evo": {"switch_sparsity": 0.0, "merge": False}}
+                                               "evo": {"switch_sparsity": 0.0, "merge": False, "guide": 0}}
 
 
 def _expect(cond: bool, what: str, got: Any) -> None:
@@ -312,6 +312,16 @@ class EvoSpec:
     that made its parts win (the winner's curse). Off by default: judged on the windows that
     selected its parts, merging led for 19 of 25 minutes at Wanda 70% on SmolLM2 and then fell
     behind (165.5 against 159.0 WikiText-2 test PPL, one run; README, issue-18 results).
+
+    ``guide``: 0 draws every child's switches uniformly (EvoPress). With ``guide`` m ≥ 2, each child
+    is the best of m random switch sets under a fresh posterior draw of a linear model of the
+    fitness in the groups' sparsity changes, fitted to every stage's scores so far
+    (:class:`~sparsealloc.search.samplers.switch_model.SwitchModel`; linear Thompson sampling);
+    1 draws uniformly but records the model's predictions (trial attr ``evo_predicted``), to measure
+    them. Children are drawn uniformly until the model has seen one generation; a resumed study
+    refits it on the stored stages. The default 8 led uniform switches at every point of one
+    25-minute run at Wanda 70% on SmolLM2 (WikiText-2 test 170.7 against 180.9, Python docs 112.8
+    against 122.5, in 88 against 94 generations; README, issue-18 results).
     """
 
     offspring: int = 16
@@ -319,9 +329,13 @@ class EvoSpec:
     max_swaps: int = 3
     switch_sparsity: float = 0.05
     merge: bool = False
+    guide: int = 8
 
     def validate(self) -> None:
         _expect(isinstance(self.merge, bool), "evo.merge must be true or false", self.merge)
+        _expect(_is_int(self.guide) and self.guide >= 0,
+                "evo.guide must be an integer >= 0 (0: uniform switches; m: best of m under the switch model)",
+                self.guide)
         _expect(_is_int(self.offspring) and self.offspring >= 1, "evo.offspring must be an integer >= 1", self.offspring)
         _expect(_is_int(self.max_swaps) and self.max_swaps >= 1, "evo.max_swaps must be an integer >= 1", self.max_swaps)
         _expect(_is_number(self.switch_sparsity) and 0 <= self.switch_sparsity < 1,

@@ -13,12 +13,16 @@ is the next parent. Fresh windows per stage keep the search from fitting one cal
 With ``evo.merge``, when two or more offspring of the last stage beat the parent there, the parent
 plus all their level changes (a merged candidate; the sum of budget-exact switches is budget-exact)
 and the best of those offspring are scored on fresh windows of the last stage's size, and the
-merged candidate is the next parent only if it wins there.
+merged candidate is the next parent only if it wins there. With ``evo.guide`` m, each child is the best
+of m random mutations under a posterior draw of a linear model of the value in the groups' sparsity
+changes, fitted to all stages so far (:mod:`~sparsealloc.search.samplers.switch_model`; linear
+Thompson sampling), rather than the first one drawn.
 
 Store mapping (the dashboard shows the climb):
 
 * every candidate is one trial with user attrs ``generation``, ``source = "evo"`` and ``evo_role``
-  (offspring, parent, merged, rescored, or queued: warm starts and retries); its value at stage ``i`` is the
+  (offspring, parent, merged, rescored, or queued: warm starts and retries), and with ``evo.guide``
+  ``evo_predicted`` (the model's predicted change from the parent); its value at stage ``i`` is the
   intermediate value at step ``i`` and ``stage`` is the last stage it reached;
 * eliminated candidates are PRUNED with the value they reached; the last stage's candidates are
   COMPLETE with their value at full (last-stage) fidelity;
@@ -42,10 +46,12 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from sparsealloc.core.keys import EVO_ELIMINATED, EVO_PARENT, EVO_ROLE, GENERATION, SOURCE, STAGE, WARM_START
+from sparsealloc.core.keys import (EVO_ELIMINATED, EVO_PARENT, EVO_PREDICTED, EVO_ROLE, GENERATION, SOURCE, STAGE,
+                                   WARM_START)
 from sparsealloc.core.types import Outcome, Proposal
 from sparsealloc.pruning.calibration.select import read_calibration_set
 from sparsealloc.search.samplers.base import Sampler
+from sparsealloc.search.samplers.switch_model import SwitchModel
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.storage.optuna_adapter import create_running_trial, set_trial_user_attrs, trial_id_of
@@ -55,6 +61,8 @@ EVO_SOURCE = "evo"
 PARENT_ATTR = EVO_PARENT
 #: Parents kept in the study attr's ``history`` (validation re-scores the latest ones).
 HISTORY = 32
+#: Roles whose stage values fit the switch model (evo.guide): the children and the re-scored parent.
+MODELLED = ("offspring", "parent")
 
 
 @dataclass(eq=False)
@@ -66,6 +74,7 @@ class _Candidate:
     attrs: dict[str, Any] = field(default_factory=dict)
     value: float | None = None
     waiting: bool = False  # a WAITING trial of the store, asked when first proposed
+    predicted: float | None = None  # evo.guide: the switch model's predicted change from the parent
 
 
 def recent_parents(study: optuna.Study, n: int) -> list[int]:
@@ -231,6 +240,12 @@ class EvoSampler(Sampler):
         self._parked: list[_Candidate] = []  # survivors and queued trials waiting for a later stage
         self._seen: set[tuple] = set()
         self._held: list[_Candidate] = []  # the last stage's results while the merge check runs
+        #: evo.guide: the switch model over the search groups (columns: :meth:`_changes`), refitted
+        #: on the stored stages when a study resumes.
+        self.model = SwitchModel(2 * len(self.space.groups)) if self.config.guide and self.grid is not None else None
+        self._stage_values: list[tuple[np.ndarray, np.ndarray]] = []  # this generation's stages, for the model
+        if self.model is not None:
+            self._replay()
 
     @property
     def _merging(self) -> bool:
@@ -304,6 +319,9 @@ class EvoSampler(Sampler):
     def _select(self) -> None:
         results = sorted(self._results, key=lambda c: c.value)
         self._results = []
+        if self.model is not None and not self._seeding and not self._merging:
+            self._stage_values.append(self._regression([(c.params, c.value) for c in results if c.role in MODELLED],
+                                                       self.parent))
         if self._is_final():
             merged = self._merged(results) if self.config.merge and not self._seeding and not self._merging else None
             if merged is not None:  # the merge against the best offspring, both on fresh windows
@@ -323,7 +341,9 @@ class EvoSampler(Sampler):
                 history = [*(self.study.user_attrs.get(PARENT_ATTR) or {}).get("history", []), best.number]
                 self.study.set_user_attr(PARENT_ATTR, {"generation": self.generation, "trial": best.number,
                                                        "history": history[-HISTORY:]})
-            self._stage, self._seeding = None, False
+            for x, y in self._stage_values if self.model is not None else ():
+                self.model.observe(x, y)  # whole generations only, as a resumed study refits them
+            self._stage, self._seeding, self._stage_values = None, False, []
             self.generation += 1
             return
         keep = self.config.stages[self._stage][1]
@@ -347,7 +367,7 @@ class EvoSampler(Sampler):
             self._parked.append(cand)
         rng = np.random.default_rng([self.seed, self.generation + 1, 7919])
         self._seen = {self._key(self.parent)}
-        offspring = [_Candidate(child, "offspring") for child in self._children(rng)]
+        offspring = self._children(rng)
         self._stage = 0
         self._queue = offspring + (self._final_extras() if self._is_final() else [])
 
@@ -390,16 +410,62 @@ class EvoSampler(Sampler):
             out[g] = self.space.by_name[g].clip(ratio)
         return out
 
-    def _children(self, rng: np.random.Generator) -> list[dict[str, Any]]:
-        children: list[dict[str, Any]] = []
+    def _children(self, rng: np.random.Generator) -> list[_Candidate]:
+        """``evo.offspring`` distinct children; with ``evo.guide`` m, each the best of m mutations
+        under a draw of the switch model (once it has seen a generation)."""
+        guided = self.model is not None and self.model.stages >= len(self.config.stages)
+        mean = self.model.mean() if self.model is not None else None
+        children: list[_Candidate] = []
         for _ in range(self.config.offspring):
+            draw = self.model.draw(rng) if guided and self.config.guide > 1 else None
+            options: list[dict[str, Any]] = []
             for _attempt in range(50):
                 child = self._mutate(rng)
                 if self._key(child) not in self._seen:
-                    break
-            self._seen.add(self._key(child))
-            children.append(child)
+                    options.append(child)
+                    if draw is None or len(options) == self.config.guide:
+                        break
+            if not options:
+                options.append(child)  # every draw already seen: keep the last one
+            best = options[0] if draw is None else min(options, key=lambda c: float(self._changes(c) @ draw))
+            self._seen.add(self._key(best))
+            predicted = None if mean is None else float(self._changes(best) @ mean)
+            children.append(_Candidate(best, "offspring", predicted=predicted))
         return children
+
+    def _changes(self, params: Mapping[str, Any], parent: Mapping[str, Any] | None = None) -> np.ndarray:
+        """The switch model's columns: each group's sparsity change ``d`` from the parent, in units of
+        one switch, then ``d²`` (a diagonal second-order model: a Linear's slope, and the curvature
+        that makes large moves cost more than their slope says)."""
+        parent = self.parent if parent is None else parent
+        unit = self.config.switch_sparsity or self.grid.step / float(np.mean(list(self.grid.numels.values())))
+        d = np.array([(float(params[g]) - float(parent[g])) / unit for g in self.space.groups])
+        return np.concatenate([d, d * d])
+
+    def _regression(self, scored: Sequence[tuple[Mapping[str, Any], float]], parent: Mapping[str, Any]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """One stage's (parameters, value) pairs, all on the same windows, as the switch model's
+        (columns, values)."""
+        x = np.stack([self._changes(params, parent) for params, _ in scored]) if scored else np.zeros((0, self.model.size))
+        return x, np.array([value for _, value in scored], dtype=float)
+
+    def _replay(self) -> None:
+        """Refit the switch model on the stored generations, stage by stage, as the run that scored
+        them did: a generation enters the model when its last stage is told, so one stopped before
+        (no re-scored parent) is left out there and here."""
+        generations: dict[int, list] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            if t.user_attrs.get(SOURCE) == EVO_SOURCE and isinstance(t.user_attrs.get(GENERATION), int):
+                generations.setdefault(t.user_attrs[GENERATION], []).append(t)
+        for _, trials in sorted(generations.items()):
+            rescored = [t for t in trials if t.user_attrs.get(EVO_ROLE) == "parent"]
+            if not rescored:
+                continue  # warm starts only, or stopped before its last stage
+            parent = self._full(dict(rescored[0].params))
+            modelled = [t for t in trials if t.user_attrs.get(EVO_ROLE) in MODELLED]
+            for stage in range(len(self.config.stages)):
+                self.model.observe(*self._regression([(self._full(dict(t.params)), t.intermediate_values[stage])
+                                                      for t in modelled if stage in t.intermediate_values], parent))
 
     def _mutate(self, rng: np.random.Generator) -> dict[str, Any]:
         child = dict(self.parent)
@@ -444,6 +510,8 @@ class EvoSampler(Sampler):
         if not cand.waiting:
             params = {k: self.space.by_name[k].clip(v) for k, v in cand.params.items()}
             attrs = {GENERATION: generation, SOURCE: EVO_SOURCE, EVO_ROLE: cand.role}
+            if cand.predicted is not None:
+                attrs[EVO_PREDICTED] = cand.predicted
             cand.number, cand.trial_id = create_running_trial(self.study, params, self.distributions, attrs)
             cand.params, cand.attrs = params, attrs
             return

@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
+from scipy.stats import spearmanr
 
 from sparsealloc.core.errors import SpecError
 from sparsealloc.core.keys import SPEC_ATTR
@@ -129,6 +130,19 @@ def test_merge_is_checked_and_enters_the_hash_only_when_on():
             StudySpec(sampler="evo", evo=EvoSpec(merge=bad))
 
 
+def test_guide_is_checked_and_older_studies_keep_uniform_switches():
+    today = StudySpec(sampler="evo")
+    assert today.evo.guide == 8
+    stored = today.to_dict()
+    del stored["evo"]["guide"]  # a study stored before the field existed drew its switches uniformly
+    older = StudySpec.from_stored(stored)
+    assert older.evo.guide == 0 and older.spec_hash() != today.spec_hash()
+    assert older.spec_hash() == StudySpec(sampler="evo", evo=EvoSpec(guide=0)).spec_hash()
+    for bad in (-1, 2.5, "8", None, True):
+        with pytest.raises(SpecError, match="evo.guide must be an integer >= 0"):
+            StudySpec(sampler="evo", evo=EvoSpec(guide=bad))
+
+
 #: Specs as stored by the code before the level-step, switch-sparsity and evo radius defaults changed
 #: (0.02, 0 and 0.3), with the hashes that code gave them.
 OLDER_STUDIES = [
@@ -143,6 +157,7 @@ OLDER_STUDIES = [
 def test_stored_specs_of_older_studies_keep_their_grid_mutation_and_hash(given, digest):
     stored = StudySpec.from_dict({**given, "layerwise": {"level_step": 0.02, "radius": 0.3, **given.get("layerwise", {})},
                                   "evo": {"switch_sparsity": 0.0, **given.get("evo", {})}}).to_dict()
+    del stored["evo"]["guide"]  # stored before evo.guide existed
     assert StudySpec.from_stored(stored).spec_hash() == digest
     # Made before the fields existed: the stored spec lacks them and ran with their values of the time.
     if given.get("layerwise", {}).get("level_step") is None:
@@ -257,6 +272,18 @@ class RampEvaluator:
 def evo_spec(name: str, **evo) -> StudySpec:
     return StudySpec(name=name, target_sparsity=TARGET, sampler="evo", seed=5,
                      evo=EvoSpec(**{"offspring": 6, "stages": ((2, 2), (8, 1)), **evo}))
+
+
+def evolved(spec: StudySpec, store: str, generations: int, blocks: int = 4, evaluator_class=None):
+    """``spec``'s evo sampler, started at uniform, run until ``generations`` generations are done."""
+    space = SearchSpace(spec, layout(blocks))
+    evaluator = (evaluator_class or RampEvaluator)(space)
+    sampler = open_sampler(spec, open_storage(store), space)
+    sampler.enqueue(space.defaults(), "uniform")
+    while sampler.generation < generations:
+        for p in sampler.ask(16):
+            sampler.tell(p.trial_number, evaluator(p.params, p.windows))
+    return sampler, evaluator
 
 
 @pytest.fixture
@@ -421,14 +448,9 @@ def test_merge_keeps_the_budget_and_helps_on_a_separable_error(store):
     errors, adopted = {False: [], True: []}, 0
     for seed in range(4):
         for merge in (False, True):
-            spec = replace(evo_spec(f"separable-{seed}-{merge}", merge=merge, offspring=8), seed=seed)
-            space = SearchSpace(spec, layout(6))
-            evaluator = RampEvaluator(space)
-            sampler = open_sampler(spec, open_storage(store), space)
-            sampler.enqueue(space.defaults(), "uniform")
-            while sampler.generation < 20:  # the same number of generations each
-                for p in sampler.ask(16):
-                    sampler.tell(p.trial_number, evaluator(p.params, p.windows))
+            spec = replace(evo_spec(f"separable-{seed}-{merge}", merge=merge, offspring=8, guide=0), seed=seed)
+            sampler, evaluator = evolved(spec, store, 20, blocks=6)  # the same number of generations each
+            space = sampler.space
             trials = sampler.study.get_trials(deepcopy=False)
             merged = [t for t in trials if t.user_attrs.get("evo_role") == "merged"]
             assert bool(merged) == merge
@@ -442,6 +464,53 @@ def test_merge_keeps_the_budget_and_helps_on_a_separable_error(store):
     # Improving switches on different Linears add up on this error: generation for generation the
     # merged search is ahead (each seed alone is noisy), and merged candidates became parents.
     assert adopted > 0 and np.mean(errors[True]) < 0.8 * np.mean(errors[False])
+
+
+class OffsetRampEvaluator(RampEvaluator):
+    """:class:`RampEvaluator` plus an offset per set of windows, larger than the error itself (what
+    the windows' own difficulty adds to a KL), the same for every candidate scored on them."""
+
+    def __call__(self, params, windows=None) -> Outcome:
+        outcome = super().__call__(params, windows)
+        offset = 0.05 * np.random.default_rng(list(windows or ())).random()
+        return replace(outcome, values=(outcome.values[0] + offset,))
+
+
+def test_guide_records_predictions_and_helps_on_a_separable_error(store):
+    errors, agreement = {0: [], 1: [], 8: []}, []
+    for seed in range(4):
+        for guide in (0, 1, 8) if seed < 2 else (0, 8):
+            spec = replace(evo_spec(f"guide-{seed}-{guide}", guide=guide, offspring=8), seed=seed)
+            sampler, evaluator = evolved(spec, store, 20, blocks=6, evaluator_class=OffsetRampEvaluator)
+            offspring = [t for t in sampler.study.get_trials(deepcopy=False) if t.user_attrs.get("evo_role") == "offspring"]
+            assert all(("evo_predicted" in t.user_attrs) == bool(guide) for t in offspring)
+            errors[guide].append(evaluator.error(sampler.parent))
+            if guide == 1:  # children drawn uniformly: does the model rank them as their first stage does?
+                for generation in range(10, 20):
+                    trials = [t for t in offspring if t.user_attrs["generation"] == generation]
+                    predicted = [t.user_attrs["evo_predicted"] for t in trials]
+                    agreement.append(spearmanr(predicted, [t.intermediate_values[0] for t in trials]).statistic)
+    # guide 1 only records the model's predictions: the same search as guide 0, draw for draw.
+    assert errors[1] == errors[0][:2]
+    # The error is a sum over Linears: the model learns each Linear's slope and curvature from the
+    # stages seen, ranks new children as the first stage then does (through each stage's own offset),
+    # and children chosen by it improve more, generation for generation.
+    assert np.mean(agreement) > 0.6
+    assert np.mean(errors[8]) < 0.7 * np.mean(errors[0])
+
+
+def test_a_resumed_study_refits_the_switch_model_on_the_stored_stages(store):
+    spec = evo_spec("guide-resume", guide=4)
+    sampler, evaluator = evolved(spec, store, 6, evaluator_class=OffsetRampEvaluator)
+    for p in sampler.ask(1):  # stop inside the next generation's last stage: its first stage told
+        sampler.tell(p.trial_number, evaluator(p.params, p.windows))
+    assert sampler._stage == 1 and sampler._queue
+    sampler.close()
+    resumed = open_sampler(spec, open_storage(store), SearchSpace(spec, layout()))
+    # Five guided generations (the first scores the warm start), two stages each; the stopped one is
+    # in neither model.
+    assert resumed.model.stages == sampler.model.stages == 2 * 5
+    np.testing.assert_allclose(resumed.model.mean(), sampler.model.mean(), rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- the evaluator side
