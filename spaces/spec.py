@@ -314,14 +314,15 @@ class EvoSpec:
     behind (165.5 against 159.0 WikiText-2 test PPL, one run; README, issue-18 results).
 
     ``guide``: 0 draws every child's switches uniformly (EvoPress). With ``guide`` m ≥ 2, each child
-    is the best of m random switch sets under a fresh posterior draw of a linear model of the
-    fitness in the groups' sparsity changes, fitted to every stage's scores so far
+    is the best of m random switch sets under a fresh posterior draw of a model of the fitness
+    linear in each group's sparsity change and its square, fitted to every stage's scores so far
     (:class:`~sparsealloc.search.samplers.switch_model.SwitchModel`; linear Thompson sampling);
     1 draws uniformly but records the model's predictions (trial attr ``evo_predicted``), to measure
     them. Children are drawn uniformly until the model has seen one generation; a resumed study
-    refits it on the stored stages. The default 8 led uniform switches at every point of one
-    25-minute run at Wanda 70% on SmolLM2 (WikiText-2 test 170.7 against 180.9, Python docs 112.8
-    against 122.5, in 88 against 94 generations; README, issue-18 results).
+    refits it on the stored stages. The default 8 led uniform switches at every point of two runs
+    at Wanda 70% on SmolLM2 (WikiText-2 test 170.7 against 180.9 and Python docs 112.8 against 122.5
+    in 25 minutes, seed 1; 168.9 against 196.3 and 113.7 against 129.1 in 15 minutes, seed 2;
+    README, issue-18 results).
     """
 
     offspring: int = 16

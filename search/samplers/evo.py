@@ -14,8 +14,8 @@ With ``evo.merge``, when two or more offspring of the last stage beat the parent
 plus all their level changes (a merged candidate; the sum of budget-exact switches is budget-exact)
 and the best of those offspring are scored on fresh windows of the last stage's size, and the
 merged candidate is the next parent only if it wins there. With ``evo.guide`` m, each child is the best
-of m random mutations under a posterior draw of a linear model of the value in the groups' sparsity
-changes, fitted to all stages so far (:mod:`~sparsealloc.search.samplers.switch_model`; linear
+of m random mutations under a posterior draw of a model of the value linear in each group's sparsity
+change and its square, fitted to all stages so far (:mod:`~sparsealloc.search.samplers.switch_model`; linear
 Thompson sampling), rather than the first one drawn.
 
 Store mapping (the dashboard shows the climb):
