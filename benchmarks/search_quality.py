@@ -295,10 +295,12 @@ def _evo_dynamics(study) -> str:
     """Generations of an evo study, how often the parent changed (its re-scored copies in two
     consecutive generations differ) and, with ``evo.merge``, its merged candidates and how many of
     them became the next parent (the next generation's re-scored parent has their parameters)."""
+    from sparsealloc.search.samplers.evo import trials_by_generation
+
     by_generation: dict[int, dict[str, list]] = {}
-    for t in study.trials:
-        if t.user_attrs.get("source") == "evo" and isinstance(t.user_attrs.get("generation"), int):
-            by_generation.setdefault(t.user_attrs["generation"], {}).setdefault(t.user_attrs.get("evo_role"), []).append(t)
+    for generation, trials in trials_by_generation(study.trials).items():
+        for t in trials:
+            by_generation.setdefault(generation, {}).setdefault(t.user_attrs.get("evo_role"), []).append(t)
     if not by_generation:
         return ""
     merged = [(g, t) for g, roles in by_generation.items() for t in roles.get("merged", [])]

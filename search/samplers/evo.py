@@ -77,6 +77,15 @@ class _Candidate:
     predicted: float | None = None  # evo.guide: the switch model's predicted change from the parent
 
 
+def trials_by_generation(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[int, list[optuna.trial.FrozenTrial]]:
+    """The evo sampler's trials among ``trials``, by generation."""
+    generations: dict[int, list[optuna.trial.FrozenTrial]] = {}
+    for t in trials:
+        if t.user_attrs.get(SOURCE) == EVO_SOURCE and isinstance(t.user_attrs.get(GENERATION), int):
+            generations.setdefault(t.user_attrs[GENERATION], []).append(t)
+    return generations
+
+
 def recent_parents(study: optuna.Study, n: int) -> list[int]:
     """Trial numbers of the latest ``n`` distinct parents (newest first); empty for other samplers."""
     history = (study.user_attrs.get(PARENT_ATTR) or {}).get("history", [])
@@ -243,6 +252,9 @@ class EvoSampler(Sampler):
         #: evo.guide: the switch model over the search groups (columns: :meth:`_changes`), refitted
         #: on the stored stages when a study resumes.
         self.model = SwitchModel(2 * len(self.space.groups)) if self.config.guide and self.grid is not None else None
+        #: The sparsity of one switch, the switch model's column unit.
+        self._unit = (self.config.switch_sparsity or self.grid.step / float(np.mean(list(self.grid.numels.values())))
+                      if self.model is not None else 1.0)
         self._stage_values: list[tuple[np.ndarray, np.ndarray]] = []  # this generation's stages, for the model
         if self.model is not None:
             self._replay()
@@ -438,8 +450,7 @@ class EvoSampler(Sampler):
         one switch, then ``d²`` (a diagonal second-order model: a Linear's slope, and the curvature
         that makes large moves cost more than their slope says)."""
         parent = self.parent if parent is None else parent
-        unit = self.config.switch_sparsity or self.grid.step / float(np.mean(list(self.grid.numels.values())))
-        d = np.array([(float(params[g]) - float(parent[g])) / unit for g in self.space.groups])
+        d = np.array([(float(params[g]) - float(parent[g])) / self._unit for g in self.space.groups])
         return np.concatenate([d, d * d])
 
     def _regression(self, scored: Sequence[tuple[Mapping[str, Any], float]], parent: Mapping[str, Any]
@@ -453,11 +464,7 @@ class EvoSampler(Sampler):
         """Refit the switch model on the stored generations, stage by stage, as the run that scored
         them did: a generation enters the model when its last stage is told, so one stopped before
         (no re-scored parent) is left out there and here."""
-        generations: dict[int, list] = {}
-        for t in self.study.get_trials(deepcopy=False):
-            if t.user_attrs.get(SOURCE) == EVO_SOURCE and isinstance(t.user_attrs.get(GENERATION), int):
-                generations.setdefault(t.user_attrs[GENERATION], []).append(t)
-        for _, trials in sorted(generations.items()):
+        for _, trials in sorted(trials_by_generation(self.study.get_trials(deepcopy=False)).items()):
             rescored = [t for t in trials if t.user_attrs.get(EVO_ROLE) == "parent"]
             if not rescored:
                 continue  # warm starts only, or stopped before its last stage
