@@ -55,11 +55,14 @@ PROXY_DTYPES = ("float32", "bfloat16", "float16", "auto")
 #: per Linear, the evo plans of Wanda 70% pressed the first block's MLP against the lower bound of
 #: ±0.3, and ±0.5 let it go to 0.25 (README, issue-18 results).
 RADIUS, EVO_RADIUS = 0.3, 0.5
+#: evo.guide_fit: the switch model's columns (changes from each stage's parent, or each Linear's sparsity).
+GUIDE_FITS = ("changes", "sparsity")
 #: Values that fields had before they existed or before their default changed, per section. A stored
 #: spec lacking a key ran with this value (:meth:`StudySpec.from_stored`), and the spec hash leaves a
 #: key out at this value, so studies made before keep their hash (:meth:`StudySpec.spec_hash`).
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"layerwise": {"level_step": 0.02},
-                                               "evo": {"switch_sparsity": 0.0, "merge": False, "guide": 0}}
+                                               "evo": {"switch_sparsity": 0.0, "merge": False, "guide": 0,
+                                                       "guide_fit": "changes"}}
 
 
 def _expect(cond: bool, what: str, got: Any) -> None:
@@ -319,10 +322,17 @@ class EvoSpec:
     (:class:`~sparsealloc.search.samplers.switch_model.SwitchModel`; linear Thompson sampling);
     1 draws uniformly but records the model's predictions (trial attr ``evo_predicted``), to measure
     them. Children are drawn uniformly until the model has seen one generation; a resumed study
-    refits it on the stored stages. The default 8 led uniform switches at every point of two runs
-    at Wanda 70% on SmolLM2 (WikiText-2 test 170.7 against 180.9 and Python docs 112.8 against 122.5
-    in 25 minutes, seed 1; 168.9 against 196.3 and 113.7 against 129.1 in 15 minutes, seed 2;
-    README, issue-18 results).
+    refits it on the stored stages. m = 8 led uniform switches at every point of two runs at Wanda
+    70% on SmolLM2 (WikiText-2 test 170.7 against 180.9 and Python docs 112.8 against 122.5 in 25
+    minutes, seed 1; 168.9 against 196.3 and 113.7 against 129.1 in 15 minutes, seed 2), and the
+    default 32 led m = 8 at every point of one run (183.7 against 217.5 and 124.0 against 131.9 in
+    20 minutes on an AVX2-only CPU; README, issue-18 results).
+
+    ``guide_fit``: the model's columns. "changes" (the default): each Linear's sparsity change from
+    the parent of the stage and its square, a quadratic around each parent. "sparsity": each
+    Linear's sparsity and its square, one quadratic per Linear that stages scored around earlier
+    parents still fit exactly. In one run "sparsity" was 3% lower on WikiText-2 test and 15% higher
+    on Python docs (178.1 and 143.1), so the default stays "changes".
     """
 
     offspring: int = 16
@@ -330,13 +340,15 @@ class EvoSpec:
     max_swaps: int = 3
     switch_sparsity: float = 0.05
     merge: bool = False
-    guide: int = 8
+    guide: int = 32
+    guide_fit: str = "changes"
 
     def validate(self) -> None:
         _expect(isinstance(self.merge, bool), "evo.merge must be true or false", self.merge)
         _expect(_is_int(self.guide) and self.guide >= 0,
                 "evo.guide must be an integer >= 0 (0: uniform switches; m: best of m under the switch model)",
                 self.guide)
+        _expect(self.guide_fit in GUIDE_FITS, f"evo.guide_fit must be one of {list(GUIDE_FITS)}", self.guide_fit)
         _expect(_is_int(self.offspring) and self.offspring >= 1, "evo.offspring must be an integer >= 1", self.offspring)
         _expect(_is_int(self.max_swaps) and self.max_swaps >= 1, "evo.max_swaps must be an integer >= 1", self.max_swaps)
         _expect(_is_number(self.switch_sparsity) and 0 <= self.switch_sparsity < 1,

@@ -255,6 +255,7 @@ class EvoSampler(Sampler):
         #: The sparsity of one switch, the switch model's column unit.
         self._unit = (self.config.switch_sparsity or self.grid.step / float(np.mean(list(self.grid.numels.values())))
                       if self.model is not None else 1.0)
+        self._origin = {g: float(v) for g, v in space.defaults().items() if g in self.space.groups}
         self._stage_values: list[tuple[np.ndarray, np.ndarray]] = []  # this generation's stages, for the model
         if self.model is not None:
             self._replay()
@@ -446,12 +447,25 @@ class EvoSampler(Sampler):
         return children
 
     def _changes(self, params: Mapping[str, Any], parent: Mapping[str, Any] | None = None) -> np.ndarray:
-        """The switch model's columns: each group's sparsity change ``d`` from the parent, in units of
-        one switch, then ``d²`` (a diagonal second-order model: a Linear's slope, and the curvature
-        that makes large moves cost more than their slope says)."""
+        """The switch model's columns for ``params`` against ``parent`` (default: the current one).
+
+        ``evo.guide_fit`` "changes": each group's sparsity change ``d`` from the parent, in units of
+        one switch, then ``d²`` (a diagonal second-order model around the parent: a Linear's slope,
+        and the curvature that makes large moves cost more than their slope says). "sparsity": the
+        difference of ``u`` and ``u²`` between the two, ``u`` a group's sparsity (from its starting
+        value, in switch units): one quadratic per Linear in its own sparsity, so a stage scored
+        around an earlier parent still says the right thing about the current one (the slope at the
+        parent moves with it by the curvature)."""
         parent = self.parent if parent is None else parent
+        if self.config.guide_fit == "sparsity":
+            u, v = self._position(params), self._position(parent)
+            return np.concatenate([u - v, u * u - v * v])
         d = np.array([(float(params[g]) - float(parent[g])) / self._unit for g in self.space.groups])
         return np.concatenate([d, d * d])
+
+    def _position(self, params: Mapping[str, Any]) -> np.ndarray:
+        """Each group's sparsity from its starting value (the space's default), in switch units."""
+        return np.array([(float(params[g]) - self._origin[g]) / self._unit for g in self.space.groups])
 
     def _regression(self, scored: Sequence[tuple[Mapping[str, Any], float]], parent: Mapping[str, Any]
                     ) -> tuple[np.ndarray, np.ndarray]:

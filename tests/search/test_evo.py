@@ -132,7 +132,11 @@ def test_merge_is_checked_and_enters_the_hash_only_when_on():
 
 def test_guide_is_checked_and_older_studies_keep_uniform_switches():
     today = StudySpec(sampler="evo")
-    assert today.evo.guide == 8
+    assert today.evo.guide == 32 and today.evo.guide_fit == "changes"
+    # A study made while the default was 8 stored it, and keeps it.
+    made_with_8 = StudySpec(sampler="evo", evo=EvoSpec(guide=8))
+    assert StudySpec.from_stored(made_with_8.to_dict()).evo.guide == 8
+    assert StudySpec.from_stored(made_with_8.to_dict()).spec_hash() == made_with_8.spec_hash() != today.spec_hash()
     stored = today.to_dict()
     del stored["evo"]["guide"]  # a study stored before the field existed drew its switches uniformly
     older = StudySpec.from_stored(stored)
@@ -497,6 +501,38 @@ def test_guide_records_predictions_and_helps_on_a_separable_error(store):
     # and children chosen by it improve more, generation for generation.
     assert np.mean(agreement) > 0.6
     assert np.mean(errors[8]) < 0.7 * np.mean(errors[0])
+
+
+def test_guide_fit_sparsity_keeps_one_quadratic_per_linear_across_parents(store):
+    # A fitness that is one quadratic per Linear in its own sparsity: with guide_fit "sparsity" the
+    # columns of any (child, parent) pair give its exact change under one coefficient vector, wherever
+    # the parent stands; the columns around the parent ("changes") do so only at the starting point.
+    results = {}
+    for fit in ("sparsity", "changes"):
+        spec = evo_spec(f"fit-{fit}", guide=8, guide_fit=fit)
+        space = SearchSpace(spec, layout())
+        sampler = open_sampler(spec, open_storage(store), space)
+        groups = list(space.groups)
+        rng = np.random.default_rng(0)
+        slope, curvature = rng.normal(size=len(groups)), rng.uniform(0.5, 2.0, size=len(groups))
+        coefficients = np.concatenate([slope, curvature])
+
+        def fitness(params):
+            u = sampler._position(params)
+            return float(slope @ u + curvature @ (u * u))
+
+        errors = []
+        for _ in range(5):
+            parent = sampler._mutate(rng)  # parents away from the start, then their children
+            sampler.parent = parent
+            child = sampler._mutate(rng)
+            errors.append(abs(sampler._changes(child, parent) @ coefficients - (fitness(child) - fitness(parent))))
+        results[fit] = max(errors)
+        sampler.close()
+    assert results["sparsity"] < 1e-9 < results["changes"]
+    for bad in ("absolute", None, 1):
+        with pytest.raises(SpecError, match=r"evo.guide_fit must be one of \['changes', 'sparsity'\]"):
+            StudySpec(sampler="evo", evo=EvoSpec(guide_fit=bad))
 
 
 def test_a_resumed_study_refits_the_switch_model_on_the_stored_stages(store):
