@@ -456,12 +456,8 @@ class EvoSampler(Sampler):
         value, in switch units): one quadratic per Linear in its own sparsity, so a stage scored
         around an earlier parent still says the right thing about the current one (the slope at the
         parent moves with it by the curvature)."""
-        parent = self.parent if parent is None else parent
-        if self.config.guide_fit == "sparsity":
-            u, v = self._position(params), self._position(parent)
-            return np.concatenate([u - v, u * u - v * v])
-        d = np.array([(float(params[g]) - float(parent[g])) / self._unit for g in self.space.groups])
-        return np.concatenate([d, d * d])
+        u, v = self._position(params), self._position(self.parent if parent is None else parent)
+        return np.concatenate([u - v, u * u - v * v if self.config.guide_fit == "sparsity" else (u - v) ** 2])
 
     def _position(self, params: Mapping[str, Any]) -> np.ndarray:
         """Each group's sparsity from its starting value (the space's default), in switch units."""
