@@ -326,7 +326,8 @@ class EvoSpec:
     70% on SmolLM2 (WikiText-2 test 170.7 against 180.9 and Python docs 112.8 against 122.5 in 25
     minutes, seed 1; 168.9 against 196.3 and 113.7 against 129.1 in 15 minutes, seed 2), and the
     default 32 led m = 8 at every point of one run (183.7 against 217.5 and 124.0 against 131.9 in
-    20 minutes on an AVX2-only CPU; README, issue-18 results).
+    20 minutes on an AVX2-only CPU) and uniform switches at every point of another (160.8 against
+    177.8 and 102.7 against 121.0 in 25 minutes, seed 1; README, issue-18 results).
 
     ``guide_fit``: the model's columns. "changes" (the default): each Linear's sparsity change from
     the parent of the stage and its square, a quadratic around each parent. "sparsity": each
