@@ -113,11 +113,12 @@ def replay_generation(values: np.ndarray, parent: np.ndarray, offspring: int, st
 def trial_cost(study, stages) -> tuple[float, float]:
     """Seconds per trial and per window, from the study's eliminated first-stage children and its
     re-scored parents (a line through their median trial times against their window counts)."""
-    trials = study.get_trials(deepcopy=False)
-    first = [t.user_attrs["trial_seconds"] for t in trials if t.user_attrs.get("evo_role") == "offspring"
-             and t.state.name == "PRUNED" and "trial_seconds" in t.user_attrs]
-    last = [t.user_attrs["trial_seconds"] for t in trials if t.user_attrs.get("evo_role") == "parent"
-            and "trial_seconds" in t.user_attrs]
+    from sparsealloc.core.keys import EVO_ROLE, TRIAL_SECONDS
+
+    timed = [t for t in study.get_trials(deepcopy=False) if TRIAL_SECONDS in t.user_attrs]
+    first = [t.user_attrs[TRIAL_SECONDS] for t in timed
+             if t.user_attrs.get(EVO_ROLE) == "offspring" and t.state.name == "PRUNED"]
+    last = [t.user_attrs[TRIAL_SECONDS] for t in timed if t.user_attrs.get(EVO_ROLE) == "parent"]
     w0, w1 = stages[0][0], stages[-1][0]
     if not first or not last or w0 == w1:
         return 0.0, 1.0  # window evaluations only
@@ -176,8 +177,8 @@ def main() -> None:
 
     rows, lines = [], []
     parent_mean = values[0].mean()
-    for kind in ("guided", "uniform"):
-        rows_of_kind = [i for i, (k, _) in enumerate(candidates) if k == kind]
+    rows_by_kind = {kind: [i for i, (k, _) in enumerate(candidates) if k == kind] for kind in ("guided", "uniform")}
+    for kind, rows_of_kind in rows_by_kind.items():
         if len(rows_of_kind) < 3:
             continue
         block = values[rows_of_kind]
@@ -194,8 +195,7 @@ def main() -> None:
                          "held-out regret of stage's best (KL)": round(stats["regret"], 5)})
     per_trial, per_window = trial_cost(sampler.study, spec.evo.stages)
     settings = []
-    guided_rows = [i for i, (k, _) in enumerate(candidates) if k == "guided"] or \
-        [i for i, (k, _) in enumerate(candidates) if k == "uniform"]
+    guided_rows = rows_by_kind["guided"] or rows_by_kind["uniform"]
     for offspring, stages in SETTINGS:
         if offspring > len(guided_rows) or sum(w for w, _ in stages) >= n_windows:
             continue
