@@ -313,7 +313,11 @@ def _evo_dynamics(study) -> str:
 
 def _curve(study, evaluator, stream, perplexity, seconds: float, points: int = 4) -> list[tuple[float, float]]:
     """Validation PPL (8×512) of the incumbent at a few moments of the study: the evo parent, or
-    the lowest proxy so far for the other samplers."""
+    the lowest proxy so far for the other samplers.
+
+    The study attr keeps only the latest parents; before the oldest of them, the parent is the one
+    re-scored last (the ``parent`` role of its generation's last stage)."""
+    from sparsealloc.core.keys import EVO_ROLE
     from sparsealloc.core.plan import AllocationPlan
     from sparsealloc.search.samplers.evo import PARENT_ATTR
 
@@ -330,7 +334,10 @@ def _curve(study, evaluator, stream, perplexity, seconds: float, points: int = 4
             continue
         numbers = {t.number for t in done}
         parents = [n for n in history if n in numbers]
-        incumbent = study.trials[parents[-1]] if parents else min(done, key=lambda t: t.values[0])
+        rescored = [t for t in done if t.user_attrs.get(EVO_ROLE) == "parent"]
+        incumbent = (study.trials[parents[-1]] if parents else
+                     max(rescored, key=lambda t: t.datetime_complete) if rescored else
+                     min(done, key=lambda t: t.values[0]))
         with evaluator.applied(AllocationPlan.from_dict(incumbent.user_attrs["plan"])):
             out.append(((cutoff - start) / 60, perplexity(evaluator.ctx.model, stream, 512, 8)))
     return out

@@ -6,7 +6,9 @@ same number of pruned weights, so a *level switch* (−1 on one group, +1 on ano
 exact. Each generation mutates the parent into ``evo.offspring`` distinct children with
 ``k = min(U{1..K}, U{1..K})`` switches each (K = ``evo.max_swaps``; EvoPress found a fixed large k
 far worse; ``evo.switch_sparsity`` moves several levels per switch, as many as change the smaller
-of the two groups' sparsity by about that much), then selects in stages of growing fidelity: stage
+of the two groups' sparsity by about that much; with ``evo.block_switch`` p, each switch is with
+probability p a *block switch*, the same switch between every Linear of one decoder block and its
+counterpart in another), then selects in stages of growing fidelity: stage
 ``i`` scores the remaining candidates on ``stages[i][0]`` calibration windows drawn afresh from the
 pool and keeps the best ``stages[i][1]``; the last stage also re-scores the parent on the same windows, and the best of them
 is the next parent. Fresh windows per stage keep the search from fitting one calibration sample.
@@ -176,6 +178,56 @@ def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]
     return out
 
 
+def block_roles(groups: Mapping[str, Sequence[str]], block_of: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Each decoder block's search groups by role (the Linear's name inside its block, e.g.
+    ``self_attn.q_proj``), for :func:`block_switch`. Empty unless every group is one Linear (the
+    evo sampler's default granularity, ``module``): a group of several Linears has no one role."""
+    blocks: dict[str, dict[str, str]] = {}
+    for group, members in groups.items():
+        if len(members) != 1:
+            return {}
+        block = block_of[members[0]]
+        blocks.setdefault(block, {})[members[0].removeprefix(block + ".")] = group
+    return blocks
+
+
+def block_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]],
+                 blocks: Mapping[str, Mapping[str, str]], rng: np.random.Generator,
+                 magnitude: Callable[[str, str], int] | None = None) -> dict[str, int]:
+    """One *block switch*: a level switch between every Linear of one decoder block and the Linear of
+    the same role in another (``q_proj`` with ``q_proj``, ...), so the whole block gives up sparsity
+    to the other, role for role. Each pair moves as :func:`level_switch` moves one (``magnitude``,
+    cut to what both bounds allow; a pair at a bound is left as is), so the budget stays exact.
+
+    A level switch moves one Linear; the depth profile of an allocation (the sparsity of whole
+    blocks, which the hand rules OWL and the depth ramp set) then changes one Linear at a time. A
+    block switch moves it in one step, as a block-granularity search would, inside the per-Linear
+    genome of EvoPress (Sieberling et al., ICML 2025, arXiv:2410.14649).
+
+    Args:
+        levels: Level per group.
+        bounds: (lowest, highest) level per group.
+        blocks: Groups per block and role (:func:`block_roles`).
+        rng: Draws the two blocks.
+        magnitude: Levels a pair moves (default one).
+    """
+    out = dict(levels)
+    names = sorted(blocks)
+    if len(names) < 2:
+        return out
+    i, j = (int(k) for k in rng.choice(len(names), size=2, replace=False))
+    lowered, raised = blocks[names[i]], blocks[names[j]]
+    for role in sorted(set(lowered) & set(raised)):
+        a, b = lowered[role], raised[role]
+        room = min(out[a] - bounds[a][0], bounds[b][1] - out[b])
+        if room <= 0:
+            continue
+        moved = min(room, 1 if magnitude is None else max(1, int(magnitude(a, b))))
+        out[a] -= moved
+        out[b] += moved
+    return out
+
+
 def bit_switch(bits: Mapping[str, int], ladder: Sequence[int], swaps: int, rng: np.random.Generator
                ) -> tuple[dict[str, int], set[str]]:
     """``swaps`` ladder switches: each raises one slot by a rung and lowers another by one (the
@@ -236,6 +288,8 @@ class EvoSampler(Sampler):
         self.grid = space.levels
         #: KV widths under a bit budget mutate by bit switches (then fitted), not one at a time.
         self.kv_switched = set(space.kv_params) if space.kv_total is not None else set()
+        #: evo.block_switch: the search groups of each decoder block by role (empty: no block switches).
+        self._blocks = block_roles(space.groups, space.layout.block_of) if self.grid is not None else {}
         self.others = [p for p in space.params if not (self.grid is not None and p.name in space.groups)
                        and p.name not in self.kv_switched]
         self.parent: dict[str, Any] = space.snap_kv(self._stored_parent() or space.defaults())
@@ -493,7 +547,14 @@ class EvoSampler(Sampler):
             levels = self.grid.levels_of({g: child[g] for g in self.space.groups})
             magnitude = (sparsity_magnitude(self.grid.numels, self.grid.step, self.config.switch_sparsity)
                          if self.config.switch_sparsity else None)
-            child = self._at_levels(child, level_switch(levels, self.grid.bounds, swaps(), rng, magnitude=magnitude))
+            if self.config.block_switch and self._blocks:
+                for _ in range(swaps()):  # each switch a block switch with probability evo.block_switch
+                    levels = (block_switch(levels, self.grid.bounds, self._blocks, rng, magnitude)
+                              if rng.random() < self.config.block_switch
+                              else level_switch(levels, self.grid.bounds, 1, rng, magnitude=magnitude))
+            else:
+                levels = level_switch(levels, self.grid.bounds, swaps(), rng, magnitude=magnitude)
+            child = self._at_levels(child, levels)
         if self.kv_switched:
             bits = {n: int(child[n]) for n in sorted(self.kv_switched)}
             switched, raised = bit_switch(bits, self.space.kv_ladder, swaps(), rng)

@@ -25,7 +25,7 @@ from sparsealloc.objectives.reconstruction import forward_errors
 from sparsealloc.pruning.apply import prune_
 from sparsealloc.search.dispatch.local import LocalDispatcher
 from sparsealloc.search.orchestrator import run_study
-from sparsealloc.search.samplers.evo import (PARENT_ATTR, EvoSampler, level_switch, sparsity_magnitude, stage_windows,
+from sparsealloc.search.samplers.evo import (PARENT_ATTR, EvoSampler, block_roles, block_switch, level_switch, sparsity_magnitude, stage_windows,
                                              stratum_counts)
 from sparsealloc.search.session import check_existing_study, open_sampler
 from sparsealloc.spaces.levels import LevelGrid, balance
@@ -102,6 +102,54 @@ def test_sparsity_scaled_switches_move_the_smaller_group_by_about_the_asked_spar
     # The smaller group sets the move: 0.05 · 256 / 3 = 4.3 levels; below one level, still one.
     assert sparsity_magnitude({"k": 256, "d": 2752}, 3, 0.05)("d", "k") == 4
     assert sparsity_magnitude({"k": 256, "d": 2752}, 30, 0.05)("d", "k") == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), scaled=st.booleans())
+def test_block_switches_move_one_block_to_another_role_for_role_on_an_exact_budget(seed, scaled):
+    lay = layout(5)
+    groups = {f"sparsity/module/{n}": [n] for n in lay.linears}
+    blocks = block_roles(groups, lay.block_of)
+    assert sorted(blocks) == lay.blocks and all(sorted(roles) == ["mlp.down_proj", "self_attn.k_proj",
+                                                                  "self_attn.q_proj"] for roles in blocks.values())
+    grid = LevelGrid.build({g: lay.numels[m[0]] for g, m in groups.items()}, TARGET, 0.3, 0.9, 0.01)
+    magnitude = sparsity_magnitude(grid.numels, grid.step, 0.05) if scaled else None
+    rng = np.random.default_rng(seed)
+    levels = {g: 0 for g in grid.numels}
+    for _ in range(12):  # up to the bounds and back
+        child = block_switch(levels, grid.bounds, blocks, rng, magnitude)
+        assert sum(child.values()) == 0
+        assert all(grid.bounds[g][0] <= v <= grid.bounds[g][1] for g, v in child.items())
+        moved = {g: child[g] - levels[g] for g in child if child[g] != levels[g]}
+        by_block: dict[str, dict[str, int]] = {}
+        for g, delta in moved.items():
+            name = groups[g][0]
+            by_block.setdefault(lay.block_of[name], {})[name.removeprefix(lay.block_of[name] + ".")] = delta
+        assert len(by_block) in (0, 2)  # two blocks or, where every pair is at a bound, none
+        if by_block:
+            (_, one), (_, other) = by_block.items()
+            assert sorted(one) == sorted(other) and all(one[r] == -other[r] != 0 for r in one)  # role for role
+            assert len({np.sign(d) for d in one.values()}) == 1  # one block gives, the other takes
+            if not scaled:
+                assert {abs(d) for d in one.values()} == {1}
+        levels = child
+    # Groups of several Linears have no one role: no block switches there.
+    assert block_roles({"sparsity/block_0": lay.linears[:3]}, lay.block_of) == {}
+
+
+def test_block_switch_is_checked_and_enters_the_hash_only_when_on():
+    off = StudySpec(sampler="evo")
+    assert off.evo.block_switch == 0.0
+    stored = off.to_dict()
+    del stored["evo"]["block_switch"]
+    assert StudySpec.from_stored(stored).spec_hash() == off.spec_hash()
+    assert StudySpec(sampler="evo", evo=EvoSpec(block_switch=0.25)).spec_hash() != off.spec_hash()
+    for bad in (-0.1, 1.5, "x", None):
+        with pytest.raises(SpecError, match="evo.block_switch"):
+            StudySpec(sampler="evo", evo=EvoSpec(block_switch=bad))
+    with pytest.raises(SpecError, match="evo.block_switch needs one search group per Linear.*'block'"):
+        StudySpec.from_dict({"sampler": "evo", "evo": {"block_switch": 0.25}, "layerwise": {"granularity": "block"}})
+    assert StudySpec.from_dict({"sampler": "evo", "evo": {"block_switch": 0.25}}).layerwise.granularity == "module"
 
 
 def test_the_sparsity_window_is_wider_for_evo_by_default_and_kept_where_given():
@@ -468,6 +516,21 @@ def test_merge_keeps_the_budget_and_helps_on_a_separable_error(store):
     # Improving switches on different Linears add up on this error: generation for generation the
     # merged search is ahead (each seed alone is noisy), and merged candidates became parents.
     assert adopted > 0 and np.mean(errors[True]) < 0.8 * np.mean(errors[False])
+
+
+def test_block_switches_find_a_depth_profile_faster(store):
+    errors = {0.0: [], 0.5: []}
+    for seed in range(4):
+        for share in errors:
+            spec = replace(evo_spec(f"blocks-{seed}-{share}", block_switch=share, offspring=8, guide=0), seed=seed)
+            sampler, evaluator = evolved(spec, store, 20, blocks=8)  # the same number of generations each
+            numels = sampler.space.layout.numels
+            sparsity = sampler.space.decode(sampler.parent).sparsity
+            assert abs(sum(sparsity[n] * numels[n] for n in numels) / sum(numels.values()) - TARGET) < 1e-9
+            errors[share].append(evaluator.error(sampler.parent))
+    # The error's minimum is a depth ramp: moving whole blocks gets there in fewer generations than
+    # moving one Linear at a time.
+    assert np.mean(errors[0.5]) < 0.6 * np.mean(errors[0.0])
 
 
 class OffsetRampEvaluator(RampEvaluator):
