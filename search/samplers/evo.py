@@ -547,13 +547,11 @@ class EvoSampler(Sampler):
             levels = self.grid.levels_of({g: child[g] for g in self.space.groups})
             magnitude = (sparsity_magnitude(self.grid.numels, self.grid.step, self.config.switch_sparsity)
                          if self.config.switch_sparsity else None)
-            if self.config.block_switch and self._blocks:
-                for _ in range(swaps()):  # each switch a block switch with probability evo.block_switch
-                    levels = (block_switch(levels, self.grid.bounds, self._blocks, rng, magnitude)
-                              if rng.random() < self.config.block_switch
-                              else level_switch(levels, self.grid.bounds, 1, rng, magnitude=magnitude))
-            else:
-                levels = level_switch(levels, self.grid.bounds, swaps(), rng, magnitude=magnitude)
+            share = self.config.block_switch if self._blocks else 0.0
+            for _ in range(swaps()):  # each a block switch with probability evo.block_switch (no draw when 0)
+                levels = (block_switch(levels, self.grid.bounds, self._blocks, rng, magnitude)
+                          if share and rng.random() < share
+                          else level_switch(levels, self.grid.bounds, 1, rng, magnitude=magnitude))
             child = self._at_levels(child, levels)
         if self.kv_switched:
             bits = {n: int(child[n]) for n in sorted(self.kv_switched)}
