@@ -115,7 +115,7 @@ def main() -> None:
         rows[-1]["late / early loop"] = round(late["loop ms/trial"] / early["loop ms/trial"], 2)
         print(f"{sampler}: {told} outcomes in {result.seconds:.1f} s", flush=True)
     table = pd.DataFrame(rows)
-    text = [f"# Loop overhead at the start and the end of a study (benchmarks/loop_overhead.py)", "",
+    text = ["# Loop overhead at the start and the end of a study (benchmarks/loop_overhead.py)", "",
             f"Machine: {machine()}. Tiny random Llama (4 blocks, hidden 64), in process, SQLite (WAL), "
             f"calibration 8×64 tokens, no warm starts; one study per sampler of about {args.told} told "
             "outcomes; the loop's time outside scoring per told outcome over the first and the last "

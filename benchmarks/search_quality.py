@@ -3,7 +3,7 @@
 Protocol (one process, one model load, per setting one calibration pass shared by every plan):
 
 * text: WikiText-2 ``valid.txt`` split by lines, the first 70% for calibration (a pool of
-  ``--calib-samples`` windows × 256 tokens, seed 0) and the last 30% for the studies' validation
+  ``--calib-samples`` windows × ``--calib-seq-len`` tokens (256), seed 0) and the last 30% for the studies' validation
   (8 windows × 512, the text that picks the exported plan); evaluation on two held-out texts that
   neither the search nor its validation saw: WikiText-2 ``test.txt`` (first 20 windows × 512) and
   the built-in Python-docs evaluation split (first 20 windows × 512; another domain);
@@ -94,12 +94,30 @@ def split_valid(folder: Path, mix: str | None = None) -> tuple[Path, Path]:
     return calib, val
 
 
+def protocol_evaluator(model, tokenizer, target: float = 0.7, samples: int = 32, seq_len: int = 256,
+                       mix: bool = True, seed: int = 1):
+    """This protocol's Wanda evaluator outside a run (for the scripts that re-measure its plans): the
+    same calibration pool (``--calib-mix``, ``--calib-samples``, ``--calib-seq-len``), so the same Wanda
+    statistics; with the validation text's path in ``spec.validation.text``."""
+    from sparsealloc.pruning import TextSource
+    from sparsealloc.search.session import build_evaluator
+    from sparsealloc.spaces.spec import CalibrationSpec, MetricSpec, StudySpec, ValidationSpec
+
+    work = Path(tempfile.mkdtemp(prefix="sparsealloc-quality-"))
+    calib_text, val_text = split_valid(work, TextSource("builtin", "calib").read() if mix else None)
+    spec = StudySpec(name="probe", target_sparsity=target, metric=MetricSpec(name="wanda"), trials=1, seed=seed,
+                     calibration=CalibrationSpec(text=str(calib_text), samples=samples, seq_len=seq_len),
+                     validation=ValidationSpec(text=str(val_text), seq_len=512, windows=8, top_k=5))
+    return build_evaluator(spec.override(sampler="evo"), model, tokenizer)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=["wanda:0.7"], help="metric:target pairs")
     parser.add_argument("--samplers", nargs="+", default=["evo"])
     parser.add_argument("--minutes", type=float, default=25.0, help="wall time of each study")
-    parser.add_argument("--calib-samples", type=int, default=32, help="calibration pool (windows × 256)")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration pool (windows × --calib-seq-len)")
+    parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "search_quality.md"))
     parser.add_argument("--store", default=None, help="SQLite file for the studies (default: a temp folder)")
     parser.add_argument("--owl-lambdas", type=float, nargs="+", default=[0.04, 0.08, 0.12, 0.16])
@@ -170,11 +188,11 @@ def main() -> None:
         with evaluator.applied(plan):
             return {k: perplexity(model, s, EVAL_SEQ_LEN, args.eval_windows) for k, s in streams.items()}
 
-    calibration = CalibrationSpec(text=str(calib_text), samples=args.calib_samples, seq_len=256)
+    calibration = CalibrationSpec(text=str(calib_text), samples=args.calib_samples, seq_len=args.calib_seq_len)
     if args.calib_strata:  # what `sparsealloc calib mix` writes, from the two parts
         parts = [(name, tokenize_stream(tokenizer, part))
                  for name, part in zip(("WikiText-2 valid", "builtin:calib"), calibration_parts(mix))]
-        mixed = mix_calibration_set(tokenizer, parts, args.calib_samples, 256, info={"model": "smollm2-135m"})
+        mixed = mix_calibration_set(tokenizer, parts, args.calib_samples, args.calib_seq_len, info={"model": "smollm2-135m"})
         calibration = CalibrationSpec(windows_file=str(write_calibration_set(mixed, work / "calib.jsonl")))
     for setting in args.settings:
         metric, target = setting.split(":")
@@ -252,7 +270,7 @@ def main() -> None:
                 f"lowest-proxy plan (trial {lowest.number}) scores {lowest_ppl['wikitext2-test']:.1f} on WikiText-2 test, "
                 f"so exporting the best validated plan {gain}.")
         lines.append(f"- {label}: setup {t_setup.seconds:.0f} s (calibration statistics and dense reference over "
-                     f"{args.calib_samples}×256 tokens); hand rules measured in {t_hand.seconds / 60:.1f} min{db_note}.")
+                     f"{args.calib_samples}×{args.calib_seq_len} tokens); hand rules measured in {t_hand.seconds / 60:.1f} min{db_note}.")
     frame = pd.DataFrame(rows)
     for col in streams:
         frame[col] = frame[col].astype(float)
@@ -262,7 +280,7 @@ def main() -> None:
     text = [
         "# Search quality (benchmarks/search_quality.py)", "",
         f"Machine: {machine()}. Model: SmolLM2-135M-Instruct (embedded GGUF, fp32). Calibration: a pool of "
-        f"{args.calib_samples}×256 tokens from "
+        f"{args.calib_samples}×{args.calib_seq_len} tokens from "
         + ("half the first 70% of WikiText-2 valid, half the built-in Python-docs calibration topics (in "
            "characters; topics disjoint from its evaluation text)" if args.calib_mix and not args.calib_strata else
            "WikiText-2 valid's first 70% and the built-in Python-docs calibration topics, half the windows from "
@@ -277,6 +295,7 @@ def main() -> None:
         + (f"; seed {args.seed}" if args.seed else "") + ".", "",
         f"Command: `python benchmarks/search_quality.py --settings {' '.join(args.settings)} --samplers "
         f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples} "
+        f"{f'--calib-seq-len {args.calib_seq_len} ' if args.calib_seq_len != 256 else ''}"
         f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
         f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}"
         f"{' --calib-strata' if args.calib_strata else ''}"
