@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table, require_data
-from search_quality import protocol_evaluator
+from _common import EVAL_SEQ_LEN, EVAL_WINDOWS, ROOT, Timer, load_smollm2, machine, markdown_table, require_data
+from search_quality import heldout_streams, protocol_evaluator
 
 
 def mean_plan(plans):
@@ -45,7 +45,7 @@ def main() -> None:
     from sparsealloc.core import progress
     from sparsealloc.core.keys import PLAN
     from sparsealloc.core.plan import AllocationPlan
-    from sparsealloc.pruning import TextSource, perplexity, tokenize_stream
+    from sparsealloc.pruning import perplexity, tokenize_stream
     from sparsealloc.search.samplers.evo import recent_parents
 
     progress.set_mode("quiet")
@@ -56,16 +56,16 @@ def main() -> None:
     parents = [AllocationPlan.from_dict(trials[n].user_attrs[PLAN]) for n in recent_parents(study, max(args.ks))]
     model, tokenizer, _ = load_smollm2()
     evaluator = protocol_evaluator(model, tokenizer, samples=args.calib_samples, seq_len=args.calib_seq_len)
-    streams = {"validation": (tokenize_stream(tokenizer, Path(evaluator.spec.validation.text).read_text()), 8),
-               "wikitext2-test": (tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text()), 20),
-               "python-docs": (tokenize_stream(tokenizer, TextSource("builtin", "eval").read()), 20)}
+    validation = evaluator.spec.validation  # the windows that pick search_quality.py's exported plan
+    streams = {"validation": (tokenize_stream(tokenizer, Path(validation.text).read_text()), validation.windows),
+               **{text: (stream, EVAL_WINDOWS) for text, stream in heldout_streams(tokenizer).items()}}
     candidates = {"newest parent": parents[0]}
     candidates |= {f"mean of the latest {k}": mean_plan(parents[:k]) for k in args.ks if k <= len(parents)}
     rows = []
     with Timer() as timer:
         for name, plan in candidates.items():
             with evaluator.applied(plan):
-                rows.append({"plan": name, **{text: perplexity(model, stream, 512, windows)
+                rows.append({"plan": name, **{text: perplexity(model, stream, EVAL_SEQ_LEN, windows)
                                               for text, (stream, windows) in streams.items()}})
     frame = pd.DataFrame(rows)
     out = Path(args.out)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table, require_data, from_root
-from search_quality import protocol_evaluator
+from _common import ROOT, Timer, from_root, load_smollm2, machine, markdown_table, require_data
+from search_quality import heldout_streams, protocol_evaluator
 
 LENGTHS = ((128, 80), (256, 40), (512, 20))
 
@@ -31,13 +31,12 @@ def main() -> None:
     require_data()
     from sparsealloc.core import progress
     from sparsealloc.core.plan import AllocationPlan
-    from sparsealloc.pruning import TextSource, perplexity, tokenize_stream
+    from sparsealloc.pruning import perplexity
     from sparsealloc.pruning.allocators import AllocationInputs, allocate
 
     progress.set_mode("quiet")
     model, tokenizer, _ = load_smollm2()
-    streams = {"wikitext2-test": tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text()),
-               "python-docs": tokenize_stream(tokenizer, TextSource("builtin", "eval").read())}
+    streams = heldout_streams(tokenizer)
     evaluator = protocol_evaluator(model, tokenizer, samples=args.calib_samples, seq_len=args.calib_seq_len)
     ctx = evaluator.ctx
     inputs = AllocationInputs(ctx.layout, ctx.weights(), ctx.stats)

@@ -94,6 +94,15 @@ def split_valid(folder: Path, mix: str | None = None) -> tuple[Path, Path]:
     return calib, val
 
 
+def heldout_streams(tokenizer) -> dict[str, list[int]]:
+    """This protocol's two held-out texts, tokenized: WikiText-2 test and the built-in Python-docs
+    evaluation topics."""
+    from sparsealloc.pruning import TextSource, tokenize_stream
+
+    return {"wikitext2-test": tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text()),
+            "python-docs": tokenize_stream(tokenizer, TextSource("builtin", "eval").read())}
+
+
 def protocol_evaluator(model, tokenizer, target: float = 0.7, samples: int = 32, seq_len: int = 256,
                        mix: bool = True, seed: int = 1):
     """This protocol's Wanda evaluator outside a run (for the scripts that re-measure its plans): the
@@ -177,8 +186,7 @@ def main() -> None:
     calib_text, val_text = split_valid(work, mix)
     store = f"sqlite:///{Path(args.store) if args.store else work / 'studies.db'}"
     model, tokenizer, _ = load_smollm2()
-    streams = {"wikitext2-test": tokenize_stream(tokenizer, (WIKITEXT / "test.txt").read_text()),
-               "python-docs": tokenize_stream(tokenizer, TextSource("builtin", "eval").read())}
+    streams = heldout_streams(tokenizer)
     val_stream = tokenize_stream(tokenizer, val_text.read_text())
     with Timer():
         dense = {k: perplexity(model, s, EVAL_SEQ_LEN, args.eval_windows) for k, s in streams.items()}
