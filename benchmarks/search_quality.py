@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=25.0, help="wall time of each study")
     parser.add_argument("--calib-samples", type=int, default=32, help="calibration pool (windows × --calib-seq-len)")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
+    parser.add_argument("--score-samples", type=int, default=0,
+                        help="calibration.score_samples: score trials on this many other windows of the calibration "
+                             "text, disjoint from the statistics pool (default 0: on the pool)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "search_quality.md"))
     parser.add_argument("--store", default=None, help="SQLite file for the studies (default: a temp folder)")
     parser.add_argument("--owl-lambdas", type=float, nargs="+", default=[0.04, 0.08, 0.12, 0.16])
@@ -153,6 +156,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.calib_strata and not args.calib_mix:
         parser.error("expected --calib-strata together with --calib-mix, but got it alone")
+    if args.calib_strata and args.score_samples:
+        parser.error("expected --score-samples without --calib-strata (a windows file has no text to draw from), "
+                     "but got both")
     require_data()
     from sparsealloc.core import progress
     from sparsealloc.core.plan import AllocationPlan
@@ -196,7 +202,8 @@ def main() -> None:
         with evaluator.applied(plan):
             return {k: perplexity(model, s, EVAL_SEQ_LEN, args.eval_windows) for k, s in streams.items()}
 
-    calibration = CalibrationSpec(text=str(calib_text), samples=args.calib_samples, seq_len=args.calib_seq_len)
+    calibration = CalibrationSpec(text=str(calib_text), samples=args.calib_samples, seq_len=args.calib_seq_len,
+                                  score_samples=args.score_samples)
     if args.calib_strata:  # what `sparsealloc calib mix` writes, from the two parts
         parts = [(name, tokenize_stream(tokenizer, part))
                  for name, part in zip(("WikiText-2 valid", "builtin:calib"), calibration_parts(mix))]
@@ -277,8 +284,9 @@ def main() -> None:
                 f"Within-study Spearman ρ(proxy, validation PPL) = {'n/a' if rho is None else f'{rho:.2f}'}; the "
                 f"lowest-proxy plan (trial {lowest.number}) scores {lowest_ppl['wikitext2-test']:.1f} on WikiText-2 test, "
                 f"so exporting the best validated plan {gain}.")
-        lines.append(f"- {label}: setup {t_setup.seconds:.0f} s (calibration statistics and dense reference over "
-                     f"{args.calib_samples}×{args.calib_seq_len} tokens); hand rules measured in {t_hand.seconds / 60:.1f} min{db_note}.")
+        lines.append(f"- {label}: setup {t_setup.seconds:.0f} s (calibration statistics over "
+                     f"{args.calib_samples}×{args.calib_seq_len} tokens, dense reference over "
+                     f"{args.score_samples or args.calib_samples}×{args.calib_seq_len}); hand rules measured in {t_hand.seconds / 60:.1f} min{db_note}.")
     frame = pd.DataFrame(rows)
     for col in streams:
         frame[col] = frame[col].astype(float)
@@ -294,7 +302,9 @@ def main() -> None:
            "WikiText-2 valid's first 70% and the built-in Python-docs calibration topics, half the windows from "
            "each (topics disjoint from its evaluation text; evo's stages draw the two in proportion)"
            if args.calib_strata else
-           "the first 70% of WikiText-2 valid") + "; validation (picks the exported "
+           "the first 70% of WikiText-2 valid")
+        + (f"; trials scored on {args.score_samples}×{args.calib_seq_len} other tokens of that text, disjoint from the "
+           "pool" if args.score_samples else "") + "; validation (picks the exported "
         "plan): 8×512 from its last 30%; held-out evaluation: WikiText-2 test and the built-in Python-docs "
         f"evaluation text, {args.eval_windows}×512 each. Dense PPL {dense['wikitext2-test']:.2f} / {dense['python-docs']:.2f}. "
         f"Studies: {', '.join(args.samplers)}, {args.minutes:g} min each, sampler defaults (evo: KL proxy, one "
@@ -304,6 +314,7 @@ def main() -> None:
         f"Command: `python benchmarks/search_quality.py --settings {' '.join(args.settings)} --samplers "
         f"{' '.join(args.samplers)} --minutes {args.minutes:g} --calib-samples {args.calib_samples} "
         f"{f'--calib-seq-len {args.calib_seq_len} ' if args.calib_seq_len != 256 else ''}"
+        f"{f'--score-samples {args.score_samples} ' if args.score_samples else ''}"
         f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
         f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}"
         f"{' --calib-strata' if args.calib_strata else ''}"

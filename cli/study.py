@@ -63,9 +63,13 @@ def register(sub) -> None:
     run.add_argument("--calib-windows", metavar="CALIB.jsonl", default=None,
                      help="windows from 'sparsealloc calib select' (replace the text, samples and seq-len)")
     run.add_argument("--calib-samples", type=positive_int, default=None,
-                     help=f"calibration windows each trial scores (default {d.calibration.samples})")
+                     help="calibration windows: the pruning statistics, and what trials score unless "
+                          f"--score-samples (default {d.calibration.samples})")
     run.add_argument("--calib-seq-len", type=positive_int, default=None,
                      help=f"tokens per calibration window (default {d.calibration.seq_len})")
+    run.add_argument("--score-samples", type=int, default=None,
+                     help="score trials on this many other windows of the calibration text, disjoint from the "
+                          "--calib-samples windows the pruning statistics come from (default 0: on those)")
     run.add_argument("--eval-text", metavar="FILE", default=None,
                      help="held-out text for validation (default: built-in held-out text)")
     run.add_argument("--eval-windows", type=positive_int, default=None,
@@ -136,7 +140,8 @@ def spec_from_args(args: argparse.Namespace):
         "metric": {"name": args.metric},
         "kv": {"budget": args.kv_budget, "budget_bytes": args.kv_budget_bytes},
         "calibration": {"text": args.calib_text, "dataset": args.calib_dataset, "samples": args.calib_samples,
-                        "seq_len": args.calib_seq_len, "windows_file": args.calib_windows},
+                        "seq_len": args.calib_seq_len, "windows_file": args.calib_windows,
+                        "score_samples": args.score_samples},
         "validation": {"text": args.eval_text, "windows": args.eval_windows, "seq_len": args.eval_seq_len,
                        "top_k": args.validate_top, "max_seconds": args.validate_seconds},
         "early_stopping": {"pruner": args.early_stopping, "gram_rung": args.gram_rung},

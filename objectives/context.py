@@ -83,12 +83,16 @@ class EvalContext:
     _block_cache: BlockOutputCache | None = None
     _logit_sq_per_window: list[float] | None = None
     _compute_models: dict[torch.dtype, nn.Module] = field(default_factory=dict)
+    #: Windows trials are scored on when they are not :attr:`windows` (held-out windows of the
+    #: calibration text, ``calibration.score_samples``); None: :attr:`windows`. See :attr:`scored`.
+    score_windows: torch.Tensor | None = None
 
     @classmethod
     @torch.inference_mode()
     def build(cls, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, gram: bool = False,
               model_info: Mapping[str, Any] | None = None, tokenizer: Any = None,
-              layer_grams: bool = False, lazy_pristine: bool = False) -> EvalContext:
+              layer_grams: bool = False, lazy_pristine: bool = False,
+              score_windows: torch.Tensor | None = None) -> EvalContext:
         """Collect statistics, the pristine weights and the dense reference in one place.
 
         Args:
@@ -101,6 +105,8 @@ class EvalContext:
             layer_grams: Keep H/N per Linear in bfloat16 for the layer-local error (the zero-forward
                 rung and the ``layer_local`` proxy), collected in the same calibration pass.
             lazy_pristine: Copy the prunable weights only when first needed (module docstring).
+            score_windows: Token ids (m, seq_len) to score trials on instead of ``windows`` (the
+                statistics come from ``windows`` either way; the dense reference from these).
         """
         layout = model_layout(model)
         stats = collect_stats(model, windows, batch_size=batch_size, gram=gram or layer_grams, layout=layout)
@@ -115,14 +121,21 @@ class EvalContext:
         trunk = decoder_trunk(model)
         device = next(model.parameters()).device
         dense_hidden, dense_sq = [], []
-        for batch in windows.split(batch_size):
+        for batch in (windows if score_windows is None else score_windows).split(batch_size):
             h = trunk(input_ids=batch.to(device), use_cache=False).last_hidden_state.float()
             dense_hidden.append(h)
             dense_sq.append(sum(float(head(part).square_().sum(dtype=torch.float64))
                                 for part in h.reshape(-1, h.shape[-1]).split(CHUNK)))
         info = {"n_layers": len(layout.blocks), **dict(model_info or {})}
         return cls(model, layout, windows, batch_size, stats, pristine_weight, pristine_bias,
-                   dense_hidden, head_gram, dense_sq, info, tokenizer, grams=grams)
+                   dense_hidden, head_gram, dense_sq, info, tokenizer, grams=grams, score_windows=score_windows)
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """The windows trials are scored on (the dense reference's): :attr:`score_windows`, or the
+        statistics windows :attr:`windows` when there are none. Window indices (``windows=`` of
+        trials and stages) index these."""
+        return self.windows if self.score_windows is None else self.score_windows
 
     @torch.no_grad()
     def restore_(self, weights: bool = True) -> None:
@@ -238,7 +251,7 @@ class EvalContext:
     def batch_windows(self, windows: Sequence[int] | None = None) -> list[tuple[int, ...]]:
         """The window indices of each batch :meth:`reference_batches` yields for ``windows`` (None: all
         windows, in the batches the dense reference was computed in)."""
-        order = list(range(self.windows.shape[0])) if windows is None else [int(w) for w in windows]
+        order = list(range(self.scored.shape[0])) if windows is None else [int(w) for w in windows]
         return [tuple(order[i : i + self.batch_size]) for i in range(0, len(order), self.batch_size)]
 
     def ranks_for(self, plan) -> dict[str, torch.Tensor] | None:
@@ -291,10 +304,11 @@ class EvalContext:
 
     def reference_batches(self, windows: Sequence[int] | None = None, logit_sq: bool = True
                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, float]]:
-        """Calibration batches with their dense reference: ``(ids, hidden, kl_terms, logit_sq)``.
+        """Batches of the scored windows (:attr:`scored`) with their dense reference: ``(ids, hidden,
+        kl_terms, logit_sq)``.
 
         Args:
-            windows: Indices of the calibration windows to use (a selection stage's fidelity);
+            windows: Indices of the scored windows to use (a selection stage's fidelity);
                 None: all of them, in the batches the reference was computed in.
             logit_sq: Whether the caller needs Σ dense logit² (the ``logits`` proxy); 0.0 otherwise.
                 Per window it costs an LM-head product, done once and kept.
@@ -304,13 +318,13 @@ class EvalContext:
             of those tokens, or None when it is not cached; Σ dense logit² of those tokens.
         """
         if windows is None:
-            for i, (batch, hidden) in enumerate(zip(self.windows.split(self.batch_size), self.dense_hidden)):
+            for i, (batch, hidden) in enumerate(zip(self.scored.split(self.batch_size), self.dense_hidden)):
                 yield batch, hidden, self.kl_terms[i] if self.kl_terms else None, self.dense_logit_sq[i]
             return
         index = torch.as_tensor(list(windows), dtype=torch.long)
-        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= self.windows.shape[0]:
-            raise ValueError(f"window indices must lie in [0, {self.windows.shape[0]}), but got {list(windows)[:8]}")
-        seq = self.windows.shape[1]
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= self.scored.shape[0]:
+            raise ValueError(f"window indices must lie in [0, {self.scored.shape[0]}), but got {list(windows)[:8]}")
+        seq = self.scored.shape[1]
         per_window = self._window_logit_sq() if logit_sq else None
         for ids in self.batch_windows(windows):  # the batching forward_errors keys its block reuse on
             chunk = torch.as_tensor(ids, dtype=torch.long)
@@ -321,7 +335,7 @@ class EvalContext:
                 rows = [slice(int(j) * seq, (int(j) + 1) * seq) for j in r]
                 kl = (torch.cat([self.kl_terms[int(i)][0][rows_] for i, rows_ in zip(b, rows)]),
                       torch.cat([self.kl_terms[int(i)][1][rows_] for i, rows_ in zip(b, rows)]))
-            yield self.windows[chunk], hidden, kl, sum(per_window[int(i)] for i in chunk) if logit_sq else 0.0
+            yield self.scored[chunk], hidden, kl, sum(per_window[int(i)] for i in chunk) if logit_sq else 0.0
 
     @torch.inference_mode()
     def _window_logit_sq(self) -> list[float]:

@@ -254,7 +254,7 @@ class TrialEvaluator:
         built = self.database.build_seconds if self.database is not None else 0.0
         intermediate: list[tuple[int, float]] = []
         offset = 1 if report is not None and self.gram_rung else 0
-        n_windows = len(self.ctx.windows) if windows is None else len(windows)
+        n_windows = len(self.ctx.scored) if windows is None else len(windows)
         last = offset + -(-n_windows // self.ctx.batch_size)
         windows = None if windows is None else tuple(int(w) for w in windows)
 
@@ -293,5 +293,5 @@ class TrialEvaluator:
         if self.database is not None:
             attrs[DATABASE_BUILD_SECONDS] = self.database.build_seconds - built
         if windows is not None:
-            attrs[CALIBRATION_TOKENS] = n_windows * int(self.ctx.windows.shape[1])
+            attrs[CALIBRATION_TOKENS] = n_windows * int(self.ctx.scored.shape[1])
         return Outcome("complete", values_out, attrs=attrs, intermediate=tuple(intermediate))

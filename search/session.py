@@ -23,7 +23,8 @@ from sparsealloc.objectives.context import EvalContext
 from sparsealloc.objectives.trial import TrialEvaluator
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
 from sparsealloc.pruning.calibration.select import read_calibration_set
-from sparsealloc.pruning.calibration.text import TextSource, sample_windows, tokenize_stream
+from sparsealloc.pruning.calibration.text import (TextSource, disjoint_windows, sample_windows, tokenize_stream,
+                                                 window_starts)
 from sparsealloc.pruning.metrics import check_params, metric_traits
 from sparsealloc.pruning.model.evaluation import perplexity
 from sparsealloc.pruning.model.models import load_model, resolve_device, resolve_source
@@ -43,7 +44,7 @@ def validation_source(spec: StudySpec) -> TextSource:
     return TextSource("file", spec.validation.text) if spec.validation.text else TextSource("builtin", "eval")
 
 
-def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None) -> TrialEvaluator:
+def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None, score_windows=None) -> TrialEvaluator:
     """Load the model (unless given), draw (or read) the calibration windows, build the worker context.
 
     Args:
@@ -51,6 +52,8 @@ def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None) -
         model: The dense model (default: loaded from ``spec.model``).
         tokenizer: Its tokenizer.
         windows: Calibration token ids already drawn (Ray workers get the driver's), else drawn here.
+        score_windows: The held-out windows trials are scored on (``calibration.score_samples``)
+            already drawn, with ``windows``; else drawn here when the spec asks for them.
     """
     selected = None
     if windows is None and spec.calibration.windows_file:
@@ -58,16 +61,24 @@ def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None) -
     text = None if selected is not None or windows is not None else calibration_source(spec).read()
     if model is None:
         model, tokenizer, _ = load_model(spec.model, device=spec.device)
+    c = spec.calibration
     if selected:
         selected.check_tokenizer(tokenizer)
         windows = selected.windows
     elif windows is None:
-        windows = sample_windows(tokenize_stream(tokenizer, text), spec.calibration.samples,
-                                 spec.calibration.seq_len, spec.calibration.seed)
+        stream = tokenize_stream(tokenizer, text)
+        windows = sample_windows(stream, c.samples, c.seq_len, c.seed)
+        if c.score_samples:
+            taken = window_starts(stream.numel(), c.samples, c.seq_len, c.seed)
+            score_windows = disjoint_windows(stream, c.score_samples, c.seq_len, taken, c.seed)
+    elif c.score_samples and score_windows is None:
+        raise ValueError(f"calibration.score_samples is {c.score_samples}: expected the held-out score_windows "
+                         "with the given windows, but got none")
     layer_grams = spec.early_stopping.uses_gram_rung or "layer_local" in spec.objectives
     gram = "metric" not in spec.space and metric_traits(spec.metric.name).gram == "required"  # SparseGPT
     ctx = EvalContext.build(model, windows, spec.calibration.batch_size, model_info={"name": spec.model},
-                            tokenizer=tokenizer, layer_grams=layer_grams, lazy_pristine=True, gram=gram)
+                            tokenizer=tokenizer, layer_grams=layer_grams, lazy_pristine=True, gram=gram,
+                            score_windows=score_windows)
     return TrialEvaluator(ctx, spec)
 
 
@@ -178,7 +189,7 @@ def screen_grid(evaluator: TrialEvaluator, name: str) -> tuple[dict[str, Any], d
     space, spec, ctx = evaluator.space, evaluator.spec, evaluator.ctx
     inputs = AllocationInputs(ctx.layout, ctx.weights(), ctx.stats)
     key, grid = WARM_START_GRIDS[name]
-    windows = tuple(range(min(SCREEN_WINDOWS, len(ctx.windows))))
+    windows = tuple(range(min(SCREEN_WINDOWS, len(ctx.scored))))
     best: tuple[float, dict[str, Any], dict[str, float]] | None = None
     for point in track(grid, desc=f"warm start {name}", total=len(grid), unit="point"):
         try:

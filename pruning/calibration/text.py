@@ -8,6 +8,7 @@ generator. Memory is bounded by ``n × seq_len`` tokens, never by ``max_position
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,9 +150,38 @@ def sample_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int = 0) ->
         raise SpecError(f"expected at least 1 window of at least 2 tokens, but got {n} × {seq_len}")
     if stream.numel() <= seq_len:
         raise SpecError(f"calibration text has {stream.numel()} tokens; need more than seq_len={seq_len}")
+    return torch.stack([stream[s : s + seq_len] for s in window_starts(stream.numel(), n, seq_len, seed)])
+
+
+def window_starts(n_tokens: int, n: int, seq_len: int, seed: int = 0) -> list[int]:
+    """The offsets :func:`sample_windows` draws its windows at (seeded, uniform, overlaps allowed)."""
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seq_len, (n,), generator=gen)
-    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seq_len, (n,), generator=gen).tolist()
+
+
+def disjoint_starts(n_tokens: int, n: int, seq_len: int, taken: Sequence[int], seed: int = 0) -> list[int]:
+    """Offsets of ``n`` windows of ``seq_len`` tokens that share no token with the windows starting at
+    ``taken`` (each ``seq_len`` long) nor with each other: held-out windows of the same text.
+
+    The stream is cut into aligned chunks of ``seq_len``; the chunks that overlap a taken window are
+    left out and ``n`` of the rest are drawn with a permutation seeded by ``seed``.
+
+    Raises:
+        SpecError: when the text has fewer than ``n`` such chunks.
+    """
+    chunks = n_tokens // seq_len
+    blocked = {c for s in taken for c in range(s // seq_len, (s + seq_len - 1) // seq_len + 1)}
+    free = [c for c in range(chunks) if c not in blocked]
+    if n > len(free):
+        raise SpecError(f"expected a calibration text with {n} windows of {seq_len} tokens besides the "
+                        f"{len(taken)} statistics windows, but it has room for {len(free)}")
+    order = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed))[:n]
+    return [free[i] * seq_len for i in order.tolist()]
+
+
+def disjoint_windows(stream: torch.Tensor, n: int, seq_len: int, taken: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """The windows at :func:`disjoint_starts`' offsets, shape (n, seq_len)."""
+    return torch.stack([stream[s : s + seq_len] for s in disjoint_starts(stream.numel(), n, seq_len, taken, seed)])
 
 
 def calibration_windows(tokenizer, source: TextSource, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:

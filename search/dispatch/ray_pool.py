@@ -52,8 +52,10 @@ class ScorerActor:
 
         progress.set_mode("quiet")
         torch.set_num_threads(max(1, threads))
-        windows = torch.from_numpy(np.array(ray.get(windows_holder[0])))  # small: (n, seq_len) ids
-        self.evaluator = build_evaluator(StudySpec.from_dict(dict(spec_dict)), windows=windows)
+        # small: (n, seq_len) ids; then the held-out windows trials are scored on, where there are any
+        windows, *scored = (torch.from_numpy(np.array(ray.get(ref))) for ref in windows_holder)
+        self.evaluator = build_evaluator(StudySpec.from_dict(dict(spec_dict)), windows=windows,
+                                         score_windows=scored[0] if scored else None)
         self.pid = os.getpid()
 
     def score(self, params: Mapping[str, Any], windows: tuple[int, ...] | None = None) -> Outcome:
@@ -72,6 +74,7 @@ class RayDispatcher(Dispatcher):
     Args:
         spec: The study spec (as a dict or StudySpec); actors rebuild everything from it.
         windows: Calibration token ids, shape (n, seq_len) (torch or numpy).
+        score_windows: The held-out windows trials are scored on (``calibration.score_samples``), or None.
         workers: Number of actors.
         cpus_per_worker: ``num_cpus`` of each actor (also its torch threads).
         gpus_per_worker: ``num_gpus`` of each actor (fractional allowed).
@@ -86,11 +89,11 @@ class RayDispatcher(Dispatcher):
     @classmethod
     def for_study(cls, spec, evaluator, **options) -> RayDispatcher:
         """Actors that rebuild the evaluator from ``spec`` on ``evaluator``'s calibration windows."""
-        return cls(spec, evaluator.ctx.windows, **options)
+        return cls(spec, evaluator.ctx.windows, score_windows=evaluator.ctx.score_windows, **options)
 
     def __init__(self, spec, windows, workers: int = 2, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
                  address: str | None = None, max_restarts: int = 1,
-                 actor_body: type[ScorerActor] = ScorerActor) -> None:
+                 actor_body: type[ScorerActor] = ScorerActor, score_windows=None) -> None:
         import numpy as np
 
         ray = _require_ray()
@@ -104,13 +107,14 @@ class RayDispatcher(Dispatcher):
                 kwargs["num_cpus"] = max(int(workers * cpus_per_worker), os.cpu_count() or 1)
             ray.init(address=address, **kwargs)
         spec_dict = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
-        array = windows.numpy() if hasattr(windows, "numpy") else np.asarray(windows)
+        arrays = [w.numpy() if hasattr(w, "numpy") else np.asarray(w)
+                  for w in (windows, score_windows) if w is not None]
         # Held for the pool's lifetime: an actor restarted after a crash re-runs __init__ and fetches
         # the windows again, which fails once the driver has dropped its last reference.
-        self._windows_ref = windows_ref = ray.put(array)
+        self._windows_refs = windows_refs = [ray.put(array) for array in arrays]
         actor_cls = ray.remote(actor_body).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                                     max_restarts=max_restarts, max_task_retries=0)
-        self.actors = [actor_cls.remote(spec_dict, [windows_ref], int(max(1, cpus_per_worker)))
+        self.actors = [actor_cls.remote(spec_dict, windows_refs, int(max(1, cpus_per_worker)))
                        for _ in range(workers)]
         ray.get([a.ping.remote() for a in self.actors])  # surface start-up errors now
         self._idle = list(self.actors)

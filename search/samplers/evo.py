@@ -138,12 +138,14 @@ def stratum_counts(sizes: Sequence[int], size: int, rng: np.random.Generator) ->
 def calibration_pool(spec) -> tuple[int, tuple[int, ...] | None]:
     """The number of calibration windows stage windows are drawn from, and a stratum per window.
 
-    The pool is ``calibration.samples`` windows of text, or the windows of ``calibration.windows_file``
-    (whatever ``samples`` says); its strata are the set's clusters when every window has one (a
-    ``calib select --metric ssp`` set, or a set mixed from several texts), else None.
+    The pool is the windows trials are scored on: ``calibration.score_samples`` held-out windows of the
+    text where it asks for them, else its ``calibration.samples`` windows, or the windows of
+    ``calibration.windows_file`` (whatever ``samples`` says); its strata are the set's clusters when
+    every window has one (a ``calib select --metric ssp`` set, or a set mixed from several texts),
+    else None.
     """
     if not spec.calibration.windows_file:
-        return int(spec.calibration.samples), None
+        return int(spec.calibration.score_samples or spec.calibration.samples), None
     records = read_calibration_set(spec.calibration.windows_file).records
     clusters = [r.get("cluster") for r in records]
     whole = all(isinstance(c, int) and not isinstance(c, bool) for c in clusters)

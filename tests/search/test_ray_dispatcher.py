@@ -53,6 +53,23 @@ def test_study_with_two_workers_completes(ray_runtime, tiny_llama_dir, text_file
     assert local.values[0] == pytest.approx(trial.values[0], rel=1e-5)
 
 
+def test_workers_score_on_the_held_out_windows_of_the_driver(ray_runtime, tiny_llama_dir, text_file, tmp_path):
+    spec = StudySpec.from_dict({**_spec(tiny_llama_dir, text_file, "ray-held-out", 3).to_dict(),
+                                "calibration": {"text": str(text_file), "samples": 4, "seq_len": 16, "batch_size": 2,
+                                                "score_samples": 5}})
+    evaluator = build_evaluator(spec)
+    sampler = open_sampler(spec, open_storage(f"sqlite:///{tmp_path / 's.db'}"), evaluator.space)
+    dispatcher = RayDispatcher.for_study(spec, evaluator, workers=1)
+    try:
+        run_study(sampler, dispatcher, spec.trials)
+    finally:
+        dispatcher.close()
+    trial = sampler.study.best_trial
+    assert evaluator(trial.params).values[0] == pytest.approx(trial.values[0], rel=1e-5)
+    on_statistics_windows = build_evaluator(_spec(tiny_llama_dir, text_file, "ray-held-out", 3))
+    assert on_statistics_windows(trial.params).values[0] != pytest.approx(trial.values[0], rel=1e-3)
+
+
 def test_killed_worker_mid_study_every_trial_accounted(ray_runtime, tiny_llama_dir, text_file, tmp_path):
     spec = _spec(tiny_llama_dir, text_file, "ray-kill", 20)
     evaluator = build_evaluator(spec)
