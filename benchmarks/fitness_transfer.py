@@ -74,6 +74,7 @@ def main() -> None:
     held = torch.stack([stream[s : s + calibration.seq_len] for s in starts])
     wiki_tokens = tokenize_stream(tokenizer, calibration_parts(TextSource("builtin", "calib").read())[0]).numel()
     part = pd.Series(["wiki" if s < wiki_tokens else "docs" for s in starts])  # the text is WikiText, then docs
+    stats_part = {p: tuple(i for i, s in enumerate(taken) if (s < wiki_tokens) == (p == "wiki")) for p in ("wiki", "docs")}
     head = lm_head_of(model)
     with torch.inference_mode():
         reference = [kl_reference(decoder_trunk(model)(input_ids=w[None], use_cache=False).last_hidden_state[0].float(),
@@ -83,10 +84,12 @@ def main() -> None:
         for path in tqdm(args.plans, desc="fitness transfer", unit="plan", dynamic_ncols=True):
             with evaluator.applied(AllocationPlan.load(path)):
                 fitness = forward_errors(ctx, ("kl",))["kl"]
+                fitness_part = {p: forward_errors(ctx, ("kl",), windows=w)["kl"] for p, w in stats_part.items()}
                 kls, ces = (pd.Series(v) for v in window_scores(model, held, reference))
                 ppl = {k: perplexity(model, s, EVAL_SEQ_LEN, EVAL_WINDOWS) for k, s in streams.items()}
             rows.append({"plan": Path(path).name.removeprefix("search_quality_").removesuffix("_plan.json"),
-                         "fitness KL (statistics windows)": fitness,
+                         "fitness KL (statistics windows)": fitness, "fitness KL wiki": fitness_part["wiki"],
+                         "fitness KL docs": fitness_part["docs"],
                          "KL held-out": kls.mean(), "KL held-out wiki": kls[part == "wiki"].mean(),
                          "KL held-out docs": kls[part == "docs"].mean(),
                          "CE held-out": ces.mean(), "CE held-out wiki": ces[part == "wiki"].mean(),
@@ -105,7 +108,8 @@ def main() -> None:
         f"Machine: {machine()}. Wanda at {evaluator.spec.target_sparsity:g}; statistics from search_quality.py's "
         f"--calib-mix pool ({calibration.samples}×{calibration.seq_len} tokens); {args.heldout_windows}×"
         f"{calibration.seq_len} held-out tokens of the same text ({(part == 'wiki').sum()} WikiText-2 valid windows, "
-        f"{(part == 'docs').sum()} Python-docs calibration windows), disjoint from them; every value measured in "
+        f"{(part == 'docs').sum()} Python-docs calibration windows; the statistics windows: {len(stats_part['wiki'])} "
+        f"and {len(stats_part['docs'])}), disjoint from them; every value measured in "
         f"this run, in float32 ({timer.seconds / 60:.1f} min).", "",
         f"Command: `python benchmarks/fitness_transfer.py {' '.join(from_root(p) for p in args.plans)}"
         f"{f' --heldout-windows {args.heldout_windows}' if args.heldout_windows != 48 else ''}`", "",
