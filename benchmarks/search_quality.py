@@ -27,7 +27,7 @@ import json
 import re
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -141,6 +141,12 @@ def main() -> None:
     parser.add_argument("--calib-strata", action="store_true",
                         help="with --calib-mix: the pool takes half its windows from each text (a calibration-set "
                              "file whose cluster is the text) and evo's stages draw them in proportion")
+    parser.add_argument("--calib-domains", action="store_true",
+                        help="with --calib-mix: give the two texts as calibration.domains (the same pool; evo's stages "
+                             "draw each window's domain in proportion)")
+    parser.add_argument("--domain-weights", type=float, nargs="+", default=None,
+                        help="with --calib-mix: calibration.domain_weights of the two texts (WikiText-2, Python docs), "
+                             "e.g. 1 1: each text counts the same in the proxy (implies --calib-domains)")
     parser.add_argument("--level-step", type=float, default=None,
                         help="evo's layerwise.level_step (weights per level / mean Linear size; default the package's)")
     parser.add_argument("--radius", type=float, default=None,
@@ -159,6 +165,12 @@ def main() -> None:
     if args.calib_strata and args.score_samples:
         parser.error("expected --score-samples without --calib-strata (a windows file has no text to draw from), "
                      "but got both")
+    if args.domain_weights is not None:
+        args.calib_domains = True
+    if args.calib_domains and (not args.calib_mix or args.calib_strata):
+        parser.error("expected --calib-domains / --domain-weights with --calib-mix and without --calib-strata")
+    if args.domain_weights is not None and len(args.domain_weights) != 2:
+        parser.error(f"expected two --domain-weights (WikiText-2, Python docs), but got {args.domain_weights}")
     require_data()
     from sparsealloc.core import progress
     from sparsealloc.core.plan import AllocationPlan
@@ -204,6 +216,12 @@ def main() -> None:
 
     calibration = CalibrationSpec(text=str(calib_text), samples=args.calib_samples, seq_len=args.calib_seq_len,
                                   score_samples=args.score_samples)
+    if args.calib_domains:  # the same text, in two files: one domain each
+        domains = [work / "calib_wikitext2.txt", work / "calib_python_docs.txt"]
+        for path, part in zip(domains, calibration_parts(mix)):
+            path.write_text(part)
+        calibration = replace(calibration, text=None, domains=tuple(map(str, domains)),
+                              domain_weights=tuple(args.domain_weights) if args.domain_weights else None)
     if args.calib_strata:  # what `sparsealloc calib mix` writes, from the two parts
         parts = [(name, tokenize_stream(tokenizer, part))
                  for name, part in zip(("WikiText-2 valid", "builtin:calib"), calibration_parts(mix))]
@@ -303,6 +321,9 @@ def main() -> None:
            "each (topics disjoint from its evaluation text; evo's stages draw the two in proportion)"
            if args.calib_strata else
            "the first 70% of WikiText-2 valid")
+        + ("; the two texts are calibration domains (evo's stages draw them in proportion)" if args.calib_domains else "")
+        + (f"; the proxy weighs them {' : '.join(f'{w:g}' for w in args.domain_weights)} (calibration.domain_weights)"
+           if args.domain_weights else "")
         + (f"; trials scored on {args.score_samples}×{args.calib_seq_len} other tokens of that text, disjoint from the "
            "pool" if args.score_samples else "") + "; validation (picks the exported "
         "plan): 8×512 from its last 30%; held-out evaluation: WikiText-2 test and the built-in Python-docs "
@@ -318,6 +339,8 @@ def main() -> None:
         f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
         f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}"
         f"{' --calib-strata' if args.calib_strata else ''}"
+        f"{' --calib-domains' if args.calib_domains and not args.domain_weights else ''}"
+        f"{' --domain-weights ' + ' '.join(f'{w:g}' for w in args.domain_weights) if args.domain_weights else ''}"
         + "".join(f" --{key.replace('_', '-')} {_shown(value, quote=key == 'stages')}" for key, _, value in tuning(args))
         + (f" --seed {args.seed}" if args.seed else "") + "`", "",
         *lines, "", markdown_table(frame), "",

@@ -102,6 +102,7 @@ def calibration_source(args: argparse.Namespace, plan=None):
 
     recorded = dict((plan.provenance.get("calibration") or {}) if plan is not None else {})
     builtin = "calib"
+    several = None  # a study's calibration.domains: several files read as one text
     if recorded.get("source") and not (getattr(args, "calib_windows", None) or args.calib_text
                                        or getattr(args, "calib_dataset", None)):
         source = str(recorded["source"])
@@ -111,6 +112,8 @@ def calibration_source(args: argparse.Namespace, plan=None):
             parsed = TextSource.parse(source)
             if parsed.kind == "file":
                 args.calib_text = parsed.location
+            elif parsed.kind == "files":
+                several = parsed
             elif parsed.kind == "dataset":
                 args.calib_dataset = parsed.location
             else:
@@ -125,6 +128,8 @@ def calibration_source(args: argparse.Namespace, plan=None):
         from sparsealloc.pruning.calibration.select import read_calibration_set
 
         return read_calibration_set(args.calib_windows)
+    if several is not None:
+        return several
     return TextSource.of(args.calib_text, getattr(args, "calib_dataset", None), args.calib_text_field, builtin)
 
 

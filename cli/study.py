@@ -60,6 +60,12 @@ def register(sub) -> None:
                      help="calibration text file (default: built-in text)")
     run.add_argument("--calib-dataset", metavar="NAME[:CONFIG[:SPLIT]]", default=None,
                      help="calibration text from a Hugging Face dataset")
+    run.add_argument("--calib-domains", metavar="FILE", nargs="+", default=None,
+                     help="calibration text from several files, one domain each (e.g. prose and code), read as one "
+                          "text; evo's stages draw each domain in proportion")
+    run.add_argument("--domain-weights", metavar="W", type=float, nargs="+", default=None,
+                     help="one relative weight per calibration domain (e.g. 1 1: each domain counts the same in the "
+                          "proxy; default: each token counts the same)")
     run.add_argument("--calib-windows", metavar="CALIB.jsonl", default=None,
                      help="windows from 'sparsealloc calib select' (replace the text, samples and seq-len)")
     run.add_argument("--calib-samples", type=positive_int, default=None,
@@ -141,7 +147,8 @@ def spec_from_args(args: argparse.Namespace):
         "kv": {"budget": args.kv_budget, "budget_bytes": args.kv_budget_bytes},
         "calibration": {"text": args.calib_text, "dataset": args.calib_dataset, "samples": args.calib_samples,
                         "seq_len": args.calib_seq_len, "windows_file": args.calib_windows,
-                        "score_samples": args.score_samples},
+                        "score_samples": args.score_samples, "domains": args.calib_domains,
+                        "domain_weights": args.domain_weights},
         "validation": {"text": args.eval_text, "windows": args.eval_windows, "seq_len": args.eval_seq_len,
                        "top_k": args.validate_top, "max_seconds": args.validate_seconds},
         "early_stopping": {"pruner": args.early_stopping, "gram_rung": args.gram_rung},

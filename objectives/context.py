@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsealloc.core.errors import SpecError
 from sparsealloc.core.types import LayerStats
 from sparsealloc.objectives.block_cache import BlockOutputCache
 from sparsealloc.objectives.divergence import CHUNK, kl_reference
@@ -86,13 +87,21 @@ class EvalContext:
     #: Windows trials are scored on when they are not :attr:`windows` (held-out windows of the
     #: calibration text, ``calibration.score_samples``); None: :attr:`windows`. See :attr:`scored`.
     score_windows: torch.Tensor | None = None
+    #: The domain of each scored window (:attr:`scored`; ``calibration.domains`` or a windows file's
+    #: clusters), or None.
+    window_domains: tuple[int, ...] | None = None
+    #: One relative weight per domain for the forward proxies (``calibration.domain_weights``), or
+    #: None: every scored token weighs the same (see
+    #: :func:`~sparsealloc.objectives.reconstruction.forward_errors`).
+    domain_weights: tuple[float, ...] | None = None
 
     @classmethod
     @torch.inference_mode()
     def build(cls, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, gram: bool = False,
               model_info: Mapping[str, Any] | None = None, tokenizer: Any = None,
               layer_grams: bool = False, lazy_pristine: bool = False,
-              score_windows: torch.Tensor | None = None) -> EvalContext:
+              score_windows: torch.Tensor | None = None, window_domains: Sequence[int] | None = None,
+              domain_weights: Sequence[float] | None = None) -> EvalContext:
         """Collect statistics, the pristine weights and the dense reference in one place.
 
         Args:
@@ -107,7 +116,17 @@ class EvalContext:
             lazy_pristine: Copy the prunable weights only when first needed (module docstring).
             score_windows: Token ids (m, seq_len) to score trials on instead of ``windows`` (the
                 statistics come from ``windows`` either way; the dense reference from these).
+            window_domains: The domain of each scored window (see :attr:`window_domains`).
+            domain_weights: One relative weight per domain (see :attr:`domain_weights`).
         """
+        scored = windows if score_windows is None else score_windows
+        if domain_weights is not None:
+            if window_domains is None or len(window_domains) != scored.shape[0]:
+                raise ValueError(f"domain weights need the domain of each of the {scored.shape[0]} scored windows, "
+                                 f"but got {None if window_domains is None else len(window_domains)}")
+            if max(window_domains) >= len(domain_weights) or min(window_domains) < 0:
+                raise SpecError(f"expected one domain weight per domain ({max(window_domains) + 1}), "
+                                f"but got {len(domain_weights)}: {list(domain_weights)}")
         layout = model_layout(model)
         stats = collect_stats(model, windows, batch_size=batch_size, gram=gram or layer_grams, layout=layout)
         grams = compact_grams(stats, drop=not gram) if layer_grams else {}
@@ -128,7 +147,9 @@ class EvalContext:
                                 for part in h.reshape(-1, h.shape[-1]).split(CHUNK)))
         info = {"n_layers": len(layout.blocks), **dict(model_info or {})}
         return cls(model, layout, windows, batch_size, stats, pristine_weight, pristine_bias,
-                   dense_hidden, head_gram, dense_sq, info, tokenizer, grams=grams, score_windows=score_windows)
+                   dense_hidden, head_gram, dense_sq, info, tokenizer, grams=grams, score_windows=score_windows,
+                   window_domains=None if window_domains is None else tuple(int(d) for d in window_domains),
+                   domain_weights=None if domain_weights is None else tuple(float(w) for w in domain_weights))
 
     @property
     def scored(self) -> torch.Tensor:
@@ -325,7 +346,7 @@ class EvalContext:
         if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= self.scored.shape[0]:
             raise ValueError(f"window indices must lie in [0, {self.scored.shape[0]}), but got {list(windows)[:8]}")
         seq = self.scored.shape[1]
-        per_window = self._window_logit_sq() if logit_sq else None
+        per_window = self.window_logit_sq() if logit_sq else None
         for ids in self.batch_windows(windows):  # the batching forward_errors keys its block reuse on
             chunk = torch.as_tensor(ids, dtype=torch.long)
             b, r = chunk // self.batch_size, chunk % self.batch_size
@@ -338,7 +359,7 @@ class EvalContext:
             yield self.scored[chunk], hidden, kl, sum(per_window[int(i)] for i in chunk) if logit_sq else 0.0
 
     @torch.inference_mode()
-    def _window_logit_sq(self) -> list[float]:
+    def window_logit_sq(self) -> list[float]:
         """Σ dense logit² of each calibration window (computed on first use, then kept)."""
         if self._logit_sq_per_window is None:
             head = lm_head_of(self.model)

@@ -18,7 +18,7 @@ All of them come from one forward pass of the pruned model over the calibration 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -55,7 +55,9 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
             every block runs.
 
     Returns:
-        Each kind's value over all windows (lower is better).
+        Each kind's value over all windows (lower is better). With domain weights
+        (:attr:`EvalContext.domain_weights`, ``calibration.domain_weights``) the weighted mean of each
+        domain's value over the domains the windows hold; else one value over all their tokens.
     """
     unknown = [k for k in kinds if k not in FORWARD_PROXIES]
     if unknown or not kinds:
@@ -67,8 +69,10 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
     head = lm_head_of(model)
     bias = getattr(head, "bias", None)
     device = ctx.device
-    num = dict.fromkeys(kinds, 0.0)
-    den = dict.fromkeys(kinds, 0.0)
+    # Sums per calibration domain (calibration.domain_weights; one domain, 0, without weights).
+    num: dict[int, dict[str, float]] = {}
+    den: dict[int, dict[str, float]] = {}
+    weighted = ctx.domain_weights is not None and ctx.window_domains is not None
     values: dict[str, float] = {}
     layers = model.get_submodule(ctx.layout.blocks_path) if blocks is not None else None
     batches = ctx.reference_batches(windows, "logits" in kinds)
@@ -77,23 +81,49 @@ def forward_errors(ctx: EvalContext, kinds: Sequence[str], report: Reporter | No
                  else nullcontext())
         with reuse:
             h = trunk(input_ids=batch.to(device), use_cache=False).last_hidden_state.float()
-        if "logits" in kinds:
-            delta = (h - dense_h).reshape(-1, h.shape[-1])  # (tokens, d)
-            num["logits"] += float(((delta @ ctx.head_gram) * delta).sum(dtype=torch.float64))
-            den["logits"] += logit_sq
-            values["logits"] = math.sqrt(max(num["logits"], 0.0) / den["logits"]) if den["logits"] > 0 else math.nan
-        if "kl" in kinds:
-            m, c = kl_terms
-            num["kl"] += kl_sum(h, head.weight, bias, m, c)
-            den["kl"] += h.shape[0] * h.shape[1]
-            values["kl"] = num["kl"] / den["kl"]
-        if "hidden" in kinds:
-            num["hidden"] += float((h - dense_h).pow(2).sum(dtype=torch.float64))
-            den["hidden"] += float(dense_h.pow(2).sum(dtype=torch.float64))
-            values["hidden"] = num["hidden"] / den["hidden"] if den["hidden"] > 0 else math.nan
+        rows: dict[int, list[int]] = {}
+        for j, window in enumerate(ids):
+            rows.setdefault(ctx.window_domains[window] if weighted else 0, []).append(j)
+        for domain, picked in rows.items():
+            whole = len(picked) == len(ids)  # the batch at once (always, without domain weights)
+            part_h, part_dense = (h, dense_h) if whole else (h[picked], dense_h[picked])
+            n, d = num.setdefault(domain, dict.fromkeys(kinds, 0.0)), den.setdefault(domain, dict.fromkeys(kinds, 0.0))
+            if "logits" in kinds:
+                delta = (part_h - part_dense).reshape(-1, h.shape[-1])  # (tokens, d)
+                n["logits"] += float(((delta @ ctx.head_gram) * delta).sum(dtype=torch.float64))
+                d["logits"] += logit_sq if whole else sum(ctx.window_logit_sq()[ids[j]] for j in picked)
+            if "kl" in kinds:
+                m, c = kl_terms
+                if not whole:
+                    tokens = torch.cat([torch.arange(j * h.shape[1], (j + 1) * h.shape[1]) for j in picked])
+                    m, c = m[tokens.to(m.device)], c[tokens.to(c.device)]
+                n["kl"] += kl_sum(part_h, head.weight, bias, m, c)
+                d["kl"] += part_h.shape[0] * part_h.shape[1]
+            if "hidden" in kinds:
+                n["hidden"] += float((part_h - part_dense).pow(2).sum(dtype=torch.float64))
+                d["hidden"] += float(part_dense.pow(2).sum(dtype=torch.float64))
+        values = {kind: _combined(kind, num, den, ctx.domain_weights if weighted else None) for kind in kinds}
         if report is not None:
             report(done, values[kinds[0]])
     return values
+
+
+def _value(kind: str, num: float, den: float) -> float:
+    """One proxy from its sums: ``sqrt(num / den)`` for ``logits`` (a relative Frobenius norm), else
+    ``num / den``; NaN without a denominator."""
+    if den <= 0:
+        return math.nan
+    return math.sqrt(max(num, 0.0) / den) if kind == "logits" else num / den
+
+
+def _combined(kind: str, num: Mapping[int, Mapping[str, float]], den: Mapping[int, Mapping[str, float]],
+              weights: Sequence[float] | None) -> float:
+    """The proxy over the windows so far: from all sums together without domain weights; else the
+    weighted mean of each domain's value, over the domains seen (weights renormalised over them)."""
+    if weights is None:
+        return _value(kind, sum(n[kind] for n in num.values()), sum(d[kind] for d in den.values()))
+    total = sum(weights[domain] for domain in num)
+    return sum(weights[domain] / total * _value(kind, num[domain][kind], den[domain][kind]) for domain in num)
 
 
 def reconstruction_error(ctx: EvalContext, kind: str = "logits", report: Reporter | None = None,

@@ -91,12 +91,13 @@ class TrialEvaluator:
         if fixed and needs_database(metric, spec.pattern, ctx.layout.linears):
             self.database = LevelDatabase.open(ctx.model, ctx.layout.linears, ctx.stats, metric, spec.pattern,
                                                ctx.windows, root=database_root, model_name=str(spec.model))
-        self.space = space or SearchSpace(spec, ctx.layout, leveled=spec.sampler == "evo" or self.database is not None)
+        self.space = space or SearchSpace(spec, ctx.layout, leveled=spec.sampler == "evo" or self.database is not None,
+                                          window_strata=ctx.window_domains)
         self.objectives = [OBJECTIVES.get(name) for name in spec.objectives]
         c = spec.calibration
         #: What plans record of the calibration, so that ``apply`` rebuilds the very same model.
         self.calibration = {"source": f"windows:{c.windows_file}" if c.windows_file else
-                            TextSource.of(c.text, c.dataset).describe(), "samples": int(ctx.windows.shape[0]),
+                            TextSource.of(c.text, c.dataset, domains=c.domains).describe(), "samples": int(ctx.windows.shape[0]),
                             "seq_len": int(ctx.windows.shape[1]), "seed": c.seed, "batch_size": ctx.batch_size}
         if "kl" in spec.objectives:  # first: its temporaries come and go before the ranks exist
             ctx.cache_kl_reference()

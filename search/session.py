@@ -23,8 +23,9 @@ from sparsealloc.objectives.context import EvalContext
 from sparsealloc.objectives.trial import TrialEvaluator
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
 from sparsealloc.pruning.calibration.select import read_calibration_set
-from sparsealloc.pruning.calibration.text import (TextSource, disjoint_windows, sample_windows, tokenize_stream,
-                                                 window_starts)
+from sparsealloc.pruning.calibration.text import (DOMAIN_SEPARATOR, TextSource, disjoint_starts, disjoint_windows,
+                                                  domain_starts, sample_windows, tokenize_stream, window_starts)
+from sparsealloc.pruning.calibration.text import window_domains as text_window_domains
 from sparsealloc.pruning.metrics import check_params, metric_traits
 from sparsealloc.pruning.model.evaluation import perplexity
 from sparsealloc.pruning.model.models import load_model, resolve_device, resolve_source
@@ -37,14 +38,15 @@ from sparsealloc.storage.rdb import create_or_load_study, load_study, study_name
 
 
 def calibration_source(spec: StudySpec) -> TextSource:
-    return TextSource.of(spec.calibration.text, spec.calibration.dataset)
+    return TextSource.of(spec.calibration.text, spec.calibration.dataset, domains=spec.calibration.domains)
 
 
 def validation_source(spec: StudySpec) -> TextSource:
     return TextSource("file", spec.validation.text) if spec.validation.text else TextSource("builtin", "eval")
 
 
-def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None, score_windows=None) -> TrialEvaluator:
+def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None, score_windows=None,
+                    window_domains=None) -> TrialEvaluator:
     """Load the model (unless given), draw (or read) the calibration windows, build the worker context.
 
     Args:
@@ -54,31 +56,49 @@ def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None, s
         windows: Calibration token ids already drawn (Ray workers get the driver's), else drawn here.
         score_windows: The held-out windows trials are scored on (``calibration.score_samples``)
             already drawn, with ``windows``; else drawn here when the spec asks for them.
+        window_domains: The domain of each scored window (``calibration.domains``), with
+            ``windows``; else found here.
     """
     selected = None
     if windows is None and spec.calibration.windows_file:
         selected = read_calibration_set(spec.calibration.windows_file)
-    text = None if selected is not None or windows is not None else calibration_source(spec).read()
+    source = calibration_source(spec)
+    parts = None if selected is not None or windows is not None else source.parts()
     if model is None:
         model, tokenizer, _ = load_model(spec.model, device=spec.device)
     c = spec.calibration
     if selected:
         selected.check_tokenizer(tokenizer)
         windows = selected.windows
+        clusters = [r.get("cluster") for r in selected.records]
+        if all(isinstance(k, int) and not isinstance(k, bool) for k in clusters):
+            window_domains = tuple(clusters)
     elif windows is None:
-        stream = tokenize_stream(tokenizer, text)
+        stream = tokenize_stream(tokenizer, DOMAIN_SEPARATOR.join(parts))
+        taken = window_starts(stream.numel(), c.samples, c.seq_len, c.seed)
         windows = sample_windows(stream, c.samples, c.seq_len, c.seed)
+        scored_starts = taken
         if c.score_samples:
-            taken = window_starts(stream.numel(), c.samples, c.seq_len, c.seed)
+            scored_starts = disjoint_starts(stream.numel(), c.score_samples, c.seq_len, taken, c.seed)
             score_windows = disjoint_windows(stream, c.score_samples, c.seq_len, taken, c.seed)
-    elif c.score_samples and score_windows is None:
-        raise ValueError(f"calibration.score_samples is {c.score_samples}: expected the held-out score_windows "
-                         "with the given windows, but got none")
+        if c.domains:  # the file holding each scored window's middle token
+            window_domains = text_window_domains(scored_starts, c.seq_len, domain_starts(tokenizer, parts))
+    else:
+        if c.score_samples and score_windows is None:
+            raise ValueError(f"calibration.score_samples is {c.score_samples}: expected the held-out score_windows "
+                             "with the given windows, but got none")
+        if c.domains and window_domains is None:
+            raise ValueError("calibration.domains is set: expected the domain of each scored window "
+                             "with the given windows, but got none")
+    if c.domain_weights is not None and window_domains is None:
+        raise SpecError("calibration.domain_weights needs domains: expected calibration.domains or a windows_file "
+                        "whose windows all have a cluster, but the windows have none")
     layer_grams = spec.early_stopping.uses_gram_rung or "layer_local" in spec.objectives
     gram = "metric" not in spec.space and metric_traits(spec.metric.name).gram == "required"  # SparseGPT
     ctx = EvalContext.build(model, windows, spec.calibration.batch_size, model_info={"name": spec.model},
                             tokenizer=tokenizer, layer_grams=layer_grams, lazy_pristine=True, gram=gram,
-                            score_windows=score_windows)
+                            score_windows=score_windows, window_domains=window_domains,
+                            domain_weights=c.domain_weights)
     return TrialEvaluator(ctx, spec)
 
 
@@ -97,7 +117,7 @@ def preflight(spec: StudySpec, validate: bool = True) -> None:
     check_params(spec.metric.name, dict(spec.metric.params))
     if spec.calibration.windows_file:
         read_calibration_set(spec.calibration.windows_file)
-    elif spec.calibration.text:
+    elif spec.calibration.text or spec.calibration.domains:
         calibration_source(spec).read()
     if validate and spec.validation.top_k > 0 and spec.validation.text:
         validation_source(spec).read()

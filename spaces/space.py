@@ -116,10 +116,14 @@ class SearchSpace:
         layout: The model's structure.
         leveled: Snap group ratios onto the level grid (default: for the evo sampler). Ignored when
             the budget itself is searched (``remaining_weights``).
+        window_strata: The domain of each scored calibration window (``calibration.domains``), which
+            samplers that score on a few windows at a time stratify their draws over; None: none.
     """
 
-    def __init__(self, spec: StudySpec, layout: LayoutLike, leveled: bool | None = None) -> None:
+    def __init__(self, spec: StudySpec, layout: LayoutLike, leveled: bool | None = None,
+                 window_strata: tuple[int, ...] | None = None) -> None:
         self.spec = spec
+        self.window_strata = window_strata
         self.layout = layout
         self.target = float(spec.target_sparsity)
         self.params: list[Param] = []

@@ -1,6 +1,7 @@
 """Calibration and evaluation text: where it comes from, one token stream, seeded windows.
 
-Text sources: a plain text file, a Hugging Face dataset (``name[:config[:split]]``), or the
+Text sources: a plain text file, several files read as one text (one calibration *domain* each,
+:data:`DOMAIN_SEPARATOR` between them), a Hugging Face dataset (``name[:config[:split]]``), or the
 offline built-in default (the Python reference manual shipped with CPython as ``pydoc_data``).
 Text is tokenized as one stream and ``n`` windows of ``seq_len`` tokens are drawn with a seeded
 generator. Memory is bounded by ``n × seq_len`` tokens, never by ``max_position_embeddings``.
@@ -8,6 +9,7 @@ generator. Memory is bounded by ``n × seq_len`` tokens, never by ``max_position
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +19,15 @@ import torch
 from sparsealloc.core.errors import SpecError
 
 BUILTIN_SOURCE = "builtin:python-docs"
+#: What joins the files of a several-file source (``kind`` "files"): one blank line.
+DOMAIN_SEPARATOR = "\n\n"
 
 
 @dataclass(frozen=True)
 class TextSource:
     """Where calibration or evaluation text comes from; :meth:`read` returns the text."""
 
-    kind: str  # "file" | "dataset" | "builtin"
+    kind: str  # "file" | "files" (paths joined by os.pathsep, one domain each) | "dataset" | "builtin"
     location: str = ""
     text_field: str = "text"
     max_chars: int | None = None
@@ -35,19 +39,23 @@ class TextSource:
 
     @classmethod
     def parse(cls, description: str) -> TextSource:
-        """The source :meth:`describe` wrote (``file:PATH``, ``dataset:NAME``, ``builtin:python-docs:SPLIT``)."""
+        """The source :meth:`describe` wrote (``file:PATH``, ``files:PATH{os.pathsep}PATH...``,
+        ``dataset:NAME``, ``builtin:python-docs:SPLIT``)."""
         if description.startswith(f"{BUILTIN_SOURCE}:"):
             return cls("builtin", description[len(BUILTIN_SOURCE) + 1:])
         kind, _, location = description.partition(":")
-        if kind not in ("file", "dataset") or not location:
-            raise SpecError(f"expected a text source 'file:PATH', 'dataset:NAME' or '{BUILTIN_SOURCE}:SPLIT', "
-                            f"but got {description!r}")
+        if kind not in ("file", "files", "dataset") or not location:
+            raise SpecError(f"expected a text source 'file:PATH', 'files:PATH{os.pathsep}PATH', 'dataset:NAME' or "
+                            f"'{BUILTIN_SOURCE}:SPLIT', but got {description!r}")
         return cls(kind, location, max_chars=5_000_000 if kind == "dataset" else None)
 
     @classmethod
-    def of(cls, text: str | None, dataset: str | None, text_field: str = "text", builtin: str = "calib"
-           ) -> TextSource:
-        """Calibration text: a file, a dataset (its ``text_field`` column), or a built-in split."""
+    def of(cls, text: str | None, dataset: str | None, text_field: str = "text", builtin: str = "calib",
+           domains: Sequence[str] = ()) -> TextSource:
+        """Calibration text: a file, several files (``domains``, one domain each, read as one text), a
+        dataset (its ``text_field`` column), or a built-in split."""
+        if domains:
+            return cls("files", os.pathsep.join(domains))
         if text:
             return cls("file", text)
         if dataset:
@@ -57,11 +65,19 @@ class TextSource:
     def read(self) -> str:
         if self.kind == "file":
             text = read_text_file(self.location)
+        elif self.kind == "files":
+            text = DOMAIN_SEPARATOR.join(self.parts())
         elif self.kind == "dataset":
             text = dataset_text(self.location, self.text_field, self.max_chars)
         else:
             text = builtin_text(self.location or "all")
         return text[: self.max_chars] if self.max_chars else text
+
+    def parts(self) -> list[str]:
+        """The text of each domain, in order: each file of a ``files`` source; else the whole text."""
+        if self.kind == "files":
+            return [read_text_file(path) for path in self.location.split(os.pathsep)]
+        return [self.read()]
 
 
 def read_text_file(path: str | Path) -> str:
@@ -182,6 +198,24 @@ def disjoint_starts(n_tokens: int, n: int, seq_len: int, taken: Sequence[int], s
 def disjoint_windows(stream: torch.Tensor, n: int, seq_len: int, taken: Sequence[int], seed: int = 0) -> torch.Tensor:
     """The windows at :func:`disjoint_starts`' offsets, shape (n, seq_len)."""
     return torch.stack([stream[s : s + seq_len] for s in disjoint_starts(stream.numel(), n, seq_len, taken, seed)])
+
+
+def domain_starts(tokenizer, parts: Sequence[str]) -> list[int]:
+    """Where each part of a several-part text begins in its token stream (the parts joined by
+    :data:`DOMAIN_SEPARATOR`, as :meth:`TextSource.read` joins them): ``[0, len(tokens(part 1 + sep)),
+    ...]``, from the token count of each prefix. A merge across the joint can move a boundary by a
+    token or two, which :func:`window_domains` does not notice."""
+    starts, prefix = [0], ""
+    for part in parts[:-1]:
+        prefix += part + DOMAIN_SEPARATOR
+        starts.append(int(tokenize_stream(tokenizer, prefix).numel()))
+    return starts
+
+
+def window_domains(offsets: Sequence[int], seq_len: int, starts: Sequence[int]) -> tuple[int, ...]:
+    """The domain of each window: the part (of :func:`domain_starts`' ``starts``) that holds its middle
+    token, so a window that straddles a joint goes to the part with most of its tokens."""
+    return tuple(max(i for i, start in enumerate(starts) if start <= offset + seq_len // 2) for offset in offsets)
 
 
 def calibration_windows(tokenizer, source: TextSource, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -41,7 +41,8 @@ def _require_ray():
 class ScorerActor:
     """Body of the Ray actor (wrapped with ``ray.remote`` at pool creation)."""
 
-    def __init__(self, spec_dict: Mapping[str, Any], windows_holder: list, threads: int) -> None:
+    def __init__(self, spec_dict: Mapping[str, Any], windows_holder: list, threads: int,
+                 window_domains: tuple[int, ...] | None = None) -> None:
         import numpy as np
         import ray
         import torch
@@ -55,7 +56,7 @@ class ScorerActor:
         # small: (n, seq_len) ids; then the held-out windows trials are scored on, where there are any
         windows, *scored = (torch.from_numpy(np.array(ray.get(ref))) for ref in windows_holder)
         self.evaluator = build_evaluator(StudySpec.from_dict(dict(spec_dict)), windows=windows,
-                                         score_windows=scored[0] if scored else None)
+                                         score_windows=scored[0] if scored else None, window_domains=window_domains)
         self.pid = os.getpid()
 
     def score(self, params: Mapping[str, Any], windows: tuple[int, ...] | None = None) -> Outcome:
@@ -75,6 +76,8 @@ class RayDispatcher(Dispatcher):
         spec: The study spec (as a dict or StudySpec); actors rebuild everything from it.
         windows: Calibration token ids, shape (n, seq_len) (torch or numpy).
         score_windows: The held-out windows trials are scored on (``calibration.score_samples``), or None.
+        window_domains: The domain of each scored window (``calibration.domains``, a windows file's
+            clusters), or None.
         workers: Number of actors.
         cpus_per_worker: ``num_cpus`` of each actor (also its torch threads).
         gpus_per_worker: ``num_gpus`` of each actor (fractional allowed).
@@ -89,11 +92,13 @@ class RayDispatcher(Dispatcher):
     @classmethod
     def for_study(cls, spec, evaluator, **options) -> RayDispatcher:
         """Actors that rebuild the evaluator from ``spec`` on ``evaluator``'s calibration windows."""
-        return cls(spec, evaluator.ctx.windows, score_windows=evaluator.ctx.score_windows, **options)
+        return cls(spec, evaluator.ctx.windows, score_windows=evaluator.ctx.score_windows,
+                   window_domains=evaluator.ctx.window_domains, **options)
 
     def __init__(self, spec, windows, workers: int = 2, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
                  address: str | None = None, max_restarts: int = 1,
-                 actor_body: type[ScorerActor] = ScorerActor, score_windows=None) -> None:
+                 actor_body: type[ScorerActor] = ScorerActor, score_windows=None,
+                 window_domains: tuple[int, ...] | None = None) -> None:
         import numpy as np
 
         ray = _require_ray()
@@ -114,7 +119,7 @@ class RayDispatcher(Dispatcher):
         self._windows_refs = windows_refs = [ray.put(array) for array in arrays]
         actor_cls = ray.remote(actor_body).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                                     max_restarts=max_restarts, max_task_retries=0)
-        self.actors = [actor_cls.remote(spec_dict, windows_refs, int(max(1, cpus_per_worker)))
+        self.actors = [actor_cls.remote(spec_dict, windows_refs, int(max(1, cpus_per_worker)), window_domains)
                        for _ in range(workers)]
         ray.get([a.ping.remote() for a in self.actors])  # surface start-up errors now
         self._idle = list(self.actors)

@@ -135,17 +135,19 @@ def stratum_counts(sizes: Sequence[int], size: int, rng: np.random.Generator) ->
     return counts
 
 
-def calibration_pool(spec) -> tuple[int, tuple[int, ...] | None]:
+def calibration_pool(spec, domains: Sequence[int] | None = None) -> tuple[int, tuple[int, ...] | None]:
     """The number of calibration windows stage windows are drawn from, and a stratum per window.
 
     The pool is the windows trials are scored on: ``calibration.score_samples`` held-out windows of the
     text where it asks for them, else its ``calibration.samples`` windows, or the windows of
     ``calibration.windows_file`` (whatever ``samples`` says); its strata are the set's clusters when
     every window has one (a ``calib select --metric ssp`` set, or a set mixed from several texts),
-    else None.
+    else ``domains`` (the domain of each scored window, ``calibration.domains``; the space's
+    ``window_strata``) when there is one per pool window, else None.
     """
     if not spec.calibration.windows_file:
-        return int(spec.calibration.score_samples or spec.calibration.samples), None
+        pool = int(spec.calibration.score_samples or spec.calibration.samples)
+        return pool, tuple(int(d) for d in domains) if domains is not None and len(domains) == pool else None
     records = read_calibration_set(spec.calibration.windows_file).records
     clusters = [r.get("cluster") for r in records]
     whole = all(isinstance(c, int) and not isinstance(c, bool) for c in clusters)
@@ -286,7 +288,7 @@ class EvoSampler(Sampler):
         spec = space.spec
         self.config = spec.evo
         self.seed = int(spec.seed)
-        self.pool, self.strata = calibration_pool(spec)
+        self.pool, self.strata = calibration_pool(spec, space.window_strata)
         self.grid = space.levels
         #: KV widths under a bit budget mutate by bit switches (then fitted), not one at a time.
         self.kv_switched = set(space.kv_params) if space.kv_total is not None else set()

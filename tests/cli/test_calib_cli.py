@@ -141,7 +141,7 @@ def test_study_evaluator_uses_the_selected_windows(ssp_set, tiny_llama_dir, text
     spec = StudySpec.from_dict({"model": str(tiny_llama_dir), "calibration": {"windows_file": str(ssp_set)}})
     evaluator = build_evaluator(spec, model, tokenizer)
     assert torch.equal(evaluator.ctx.windows, read_calibration_set(ssp_set).windows)
-    with pytest.raises(SpecError, match="one of text, dataset or windows_file"):
+    with pytest.raises(SpecError, match="one of text, dataset, windows_file or domains"):
         StudySpec.from_dict({"calibration": {"windows_file": str(ssp_set), "text": str(text_file)}})
 
 

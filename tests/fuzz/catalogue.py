@@ -141,7 +141,7 @@ CASES: tuple[Case, ...] = (
     spec_case("spec-calibration-samples", "calibration: {text: <text>, samples: -4}\n",
               "calibration.samples must be a positive integer", "-4", base=False),
     spec_case("spec-calibration-two-sources", "calibration: {text: <text>, dataset: wikitext}\n",
-              "calibration takes one of text, dataset or windows_file", base=False),
+              "calibration takes one of text, dataset, windows_file or domains", base=False),
     spec_case("spec-calibration-seed-text", "calibration: {text: <text>, seed: abc}\n",
               "calibration.seed must be an integer", "'abc'", base=False),
     spec_case("spec-name-control-character", 'name: "line\\nbreak"\n', "printable characters", "'line\\nbreak'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -53,10 +54,9 @@ def test_study_with_two_workers_completes(ray_runtime, tiny_llama_dir, text_file
     assert local.values[0] == pytest.approx(trial.values[0], rel=1e-5)
 
 
-def test_workers_score_on_the_held_out_windows_of_the_driver(ray_runtime, tiny_llama_dir, text_file, tmp_path):
-    spec = StudySpec.from_dict({**_spec(tiny_llama_dir, text_file, "ray-held-out", 3).to_dict(),
-                                "calibration": {"text": str(text_file), "samples": 4, "seq_len": 16, "batch_size": 2,
-                                                "score_samples": 5}})
+def _best_on_one_worker_matches_the_driver(spec, tmp_path):
+    """Run ``spec`` on one Ray worker built by ``for_study``; the best trial, after checking that the
+    driver's evaluator scores it the same."""
     evaluator = build_evaluator(spec)
     sampler = open_sampler(spec, open_storage(f"sqlite:///{tmp_path / 's.db'}"), evaluator.space)
     dispatcher = RayDispatcher.for_study(spec, evaluator, workers=1)
@@ -66,8 +66,29 @@ def test_workers_score_on_the_held_out_windows_of_the_driver(ray_runtime, tiny_l
         dispatcher.close()
     trial = sampler.study.best_trial
     assert evaluator(trial.params).values[0] == pytest.approx(trial.values[0], rel=1e-5)
+    return trial
+
+
+def test_workers_score_on_the_held_out_windows_of_the_driver(ray_runtime, tiny_llama_dir, text_file, tmp_path):
+    spec = StudySpec.from_dict({**_spec(tiny_llama_dir, text_file, "ray-held-out", 3).to_dict(),
+                                "calibration": {"text": str(text_file), "samples": 4, "seq_len": 16, "batch_size": 2,
+                                                "score_samples": 5}})
+    trial = _best_on_one_worker_matches_the_driver(spec, tmp_path)
     on_statistics_windows = build_evaluator(_spec(tiny_llama_dir, text_file, "ray-held-out", 3))
     assert on_statistics_windows(trial.params).values[0] != pytest.approx(trial.values[0], rel=1e-3)
+
+
+def test_workers_weigh_the_domains_of_the_driver(ray_runtime, tiny_llama_dir, text_file, tmp_path):
+    words = text_file.read_text().split()
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text(" ".join(words[: len(words) // 2]))
+    second.write_text(" ".join(words[len(words) // 2:]))
+    spec = StudySpec.from_dict({**_spec(tiny_llama_dir, text_file, "ray-domains", 3).to_dict(),
+                                "calibration": {"domains": [str(first), str(second)], "domain_weights": [1, 4],
+                                                "samples": 6, "seq_len": 16, "batch_size": 2}})
+    trial = _best_on_one_worker_matches_the_driver(spec, tmp_path)
+    unweighted = build_evaluator(spec.override(calibration=replace(spec.calibration, domain_weights=None)))
+    assert unweighted(trial.params).values[0] != pytest.approx(trial.values[0], rel=1e-3)
 
 
 def test_killed_worker_mid_study_every_trial_accounted(ray_runtime, tiny_llama_dir, text_file, tmp_path):
