@@ -61,7 +61,7 @@ def main() -> None:
     from sparsealloc.objectives.reconstruction import forward_errors
     from sparsealloc.pruning import TextSource, perplexity, tokenize_stream
     from sparsealloc.pruning.calibration.stats import decoder_trunk
-    from sparsealloc.pruning.calibration.text import disjoint_starts, window_starts
+    from sparsealloc.pruning.calibration.text import disjoint_starts, window_starts, windows_at
 
     progress.set_mode("quiet")
     model, tokenizer, _ = load_smollm2()
@@ -71,7 +71,7 @@ def main() -> None:
     stream = tokenize_stream(tokenizer, Path(calibration.text).read_text())
     taken = window_starts(stream.numel(), calibration.samples, calibration.seq_len, calibration.seed)
     starts = disjoint_starts(stream.numel(), args.heldout_windows, calibration.seq_len, taken, calibration.seed)
-    held = torch.stack([stream[s : s + calibration.seq_len] for s in starts])
+    held = windows_at(stream, starts, calibration.seq_len)
     wiki_tokens = tokenize_stream(tokenizer, calibration_parts(TextSource("builtin", "calib").read())[0]).numel()
     part = pd.Series(["wiki" if s < wiki_tokens else "docs" for s in starts])  # the text is WikiText, then docs
     stats_part = {p: tuple(i for i, s in enumerate(taken) if (s < wiki_tokens) == (p == "wiki")) for p in ("wiki", "docs")}

@@ -23,8 +23,8 @@ from sparsealloc.objectives.context import EvalContext
 from sparsealloc.objectives.trial import TrialEvaluator
 from sparsealloc.pruning.allocators import AllocationInputs, allocate
 from sparsealloc.pruning.calibration.select import read_calibration_set
-from sparsealloc.pruning.calibration.text import (DOMAIN_SEPARATOR, TextSource, disjoint_starts, disjoint_windows,
-                                                  domain_starts, sample_windows, tokenize_stream, window_starts)
+from sparsealloc.pruning.calibration.text import (DOMAIN_SEPARATOR, TextSource, disjoint_starts, domain_starts,
+                                                  sample_windows, tokenize_stream, window_starts, windows_at)
 from sparsealloc.pruning.calibration.text import window_domains as text_window_domains
 from sparsealloc.pruning.metrics import check_params, metric_traits
 from sparsealloc.pruning.model.evaluation import perplexity
@@ -70,9 +70,7 @@ def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None, s
     if selected:
         selected.check_tokenizer(tokenizer)
         windows = selected.windows
-        clusters = [r.get("cluster") for r in selected.records]
-        if all(isinstance(k, int) and not isinstance(k, bool) for k in clusters):
-            window_domains = tuple(clusters)
+        window_domains = selected.clusters
     elif windows is None:
         stream = tokenize_stream(tokenizer, DOMAIN_SEPARATOR.join(parts))
         taken = window_starts(stream.numel(), c.samples, c.seq_len, c.seed)
@@ -80,7 +78,7 @@ def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None, s
         scored_starts = taken
         if c.score_samples:
             scored_starts = disjoint_starts(stream.numel(), c.score_samples, c.seq_len, taken, c.seed)
-            score_windows = disjoint_windows(stream, c.score_samples, c.seq_len, taken, c.seed)
+            score_windows = windows_at(stream, scored_starts, c.seq_len)
         if c.domains:  # the file holding each scored window's middle token
             window_domains = text_window_domains(scored_starts, c.seq_len, domain_starts(tokenizer, parts))
     else:

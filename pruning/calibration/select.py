@@ -59,6 +59,14 @@ class CalibrationSet:
     def read(self) -> str:
         return "\n\n".join(str(r.get("text", "")) for r in self.records)
 
+    @property
+    def clusters(self) -> tuple[int, ...] | None:
+        """Each window's cluster when every window has one (``calib mix``, ``calib select --metric
+        ssp``), else None."""
+        labels = [r.get("cluster") for r in self.records]
+        whole = bool(labels) and all(isinstance(c, int) and not isinstance(c, bool) for c in labels)
+        return tuple(labels) if whole else None
+
     def check_tokenizer(self, tokenizer) -> None:
         """Fail unless ``tokenizer`` has the vocabulary size the windows were tokenized with."""
         size = len(tokenizer)

@@ -166,7 +166,12 @@ def sample_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int = 0) ->
         raise SpecError(f"expected at least 1 window of at least 2 tokens, but got {n} × {seq_len}")
     if stream.numel() <= seq_len:
         raise SpecError(f"calibration text has {stream.numel()} tokens; need more than seq_len={seq_len}")
-    return torch.stack([stream[s : s + seq_len] for s in window_starts(stream.numel(), n, seq_len, seed)])
+    return windows_at(stream, window_starts(stream.numel(), n, seq_len, seed), seq_len)
+
+
+def windows_at(stream: torch.Tensor, starts: Sequence[int], seq_len: int) -> torch.Tensor:
+    """The windows of ``seq_len`` tokens of ``stream`` that begin at ``starts``, shape (len(starts), seq_len)."""
+    return torch.stack([stream[s : s + seq_len] for s in starts])
 
 
 def window_starts(n_tokens: int, n: int, seq_len: int, seed: int = 0) -> list[int]:
@@ -197,7 +202,7 @@ def disjoint_starts(n_tokens: int, n: int, seq_len: int, taken: Sequence[int], s
 
 def disjoint_windows(stream: torch.Tensor, n: int, seq_len: int, taken: Sequence[int], seed: int = 0) -> torch.Tensor:
     """The windows at :func:`disjoint_starts`' offsets, shape (n, seq_len)."""
-    return torch.stack([stream[s : s + seq_len] for s in disjoint_starts(stream.numel(), n, seq_len, taken, seed)])
+    return windows_at(stream, disjoint_starts(stream.numel(), n, seq_len, taken, seed), seq_len)
 
 
 def domain_starts(tokenizer, parts: Sequence[str]) -> list[int]:

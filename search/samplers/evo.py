@@ -148,10 +148,8 @@ def calibration_pool(spec, domains: Sequence[int] | None = None) -> tuple[int, t
     if not spec.calibration.windows_file:
         pool = int(spec.calibration.score_samples or spec.calibration.samples)
         return pool, tuple(int(d) for d in domains) if domains is not None and len(domains) == pool else None
-    records = read_calibration_set(spec.calibration.windows_file).records
-    clusters = [r.get("cluster") for r in records]
-    whole = all(isinstance(c, int) and not isinstance(c, bool) for c in clusters)
-    return len(records), tuple(clusters) if whole else None
+    selected = read_calibration_set(spec.calibration.windows_file)
+    return len(selected.records), selected.clusters
 
 
 def level_switch(levels: Mapping[str, int], bounds: Mapping[str, tuple[int, int]], swaps: int,
