@@ -20,7 +20,7 @@ from sparsealloc.core.progress import duration, get_mode, log_event, say
 from sparsealloc.search.dispatch.base import Dispatcher
 from sparsealloc.search.samplers.base import Sampler
 from sparsealloc.storage.coordination import BudgetLock, Heartbeat, requeue, sweep_stale
-from sparsealloc.storage.optuna_adapter import count_trials, storage_of, trial_id
+from sparsealloc.storage.optuna_adapter import best_single_value, count_trials, storage_of, trial_id
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,11 @@ def complete_count(study: optuna.Study) -> int:
 
 
 def best_value_text(study: optuna.Study) -> str:
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not trials:
-        return "-"
     if len(study.directions) == 1:
-        return f"{min(t.values[0] for t in trials):.4g}"
+        best = best_single_value(study)
+        return "-" if best is None else f"{best:.4g}"
+    if count_trials(study, TrialState.COMPLETE) == 0:
+        return "-"
     return f"pareto={len(study.best_trials)}"
 
 

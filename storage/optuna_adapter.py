@@ -10,6 +10,7 @@ inside :func:`experimental_api`.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -65,6 +66,36 @@ def count_trials(study: optuna.Study, *states: optuna.trial.TrialState) -> int:
                  f"({', '.join(':' + k for k in names)})")
     with engine.connect() as conn:
         return int(conn.execute(query, {"study": study._study_id, **names}).scalar_one())
+
+
+def best_single_value(study: optuna.Study) -> float | None:
+    """The best value of a single-objective study's COMPLETE trials (None: none yet).
+
+    For RDB stores one aggregate over Optuna's ``trial_values`` table (finite values in ``value``,
+    infinities as NULL with ``value_type`` INF_POS / INF_NEG) instead of ``Study.get_trials``, which
+    re-reads every RUNNING trial with all its parameters: called after every told outcome for the
+    progress line, that read took 12% of an evo study's loop at Wanda 70% on SmolLM2 (py-spy, 150 s
+    study, SQLite).
+    """
+    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
+    engine = getattr(backend_of(study), "engine", None)
+    if engine is None:
+        values = [t.values[0] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+        return (min(values) if minimize else max(values)) if values else None
+    query = text(
+        "SELECT min(CASE WHEN v.value_type = 'FINITE' THEN v.value END), "
+        "max(CASE WHEN v.value_type = 'FINITE' THEN v.value END), "
+        "sum(CASE WHEN v.value_type = 'INF_NEG' THEN 1 ELSE 0 END), "
+        "sum(CASE WHEN v.value_type = 'INF_POS' THEN 1 ELSE 0 END), count(*) "
+        "FROM trial_values v JOIN trials t ON v.trial_id = t.trial_id "
+        "WHERE t.study_id = :study AND t.state = 'COMPLETE' AND v.objective = 0")
+    with engine.connect() as conn:
+        lowest, highest, neg_inf, pos_inf, n = conn.execute(query, {"study": study._study_id}).one()
+    if not n:
+        return None
+    if minimize:
+        return -math.inf if neg_inf else float(lowest) if lowest is not None else math.inf
+    return math.inf if pos_inf else float(highest) if highest is not None else -math.inf
 
 
 def create_running_trial(study: optuna.Study, params: dict[str, Any],

@@ -56,7 +56,7 @@ from sparsealloc.search.samplers.base import Sampler
 from sparsealloc.search.samplers.switch_model import SwitchModel
 from sparsealloc.spaces.params import ChoiceParam, FloatParam, IntParam
 from sparsealloc.spaces.space import SearchSpace
-from sparsealloc.storage.optuna_adapter import create_running_trial, set_trial_user_attrs, trial_id_of
+from sparsealloc.storage.optuna_adapter import count_trials, create_running_trial, set_trial_user_attrs, trial_id_of
 
 #: ``user_attrs[SOURCE]`` of every trial this sampler creates.
 EVO_SOURCE = "evo"
@@ -600,6 +600,8 @@ class EvoSampler(Sampler):
             trial.set_user_attr(key, value)
 
     def _waiting(self) -> list[_Candidate]:
+        if count_trials(self.study, TrialState.WAITING) == 0:  # a count, not a re-read of the RUNNING trials
+            return []
         trials = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         return [_Candidate(dict(t.params), "queued", attrs=dict(t.user_attrs), waiting=True) for t in trials]
 

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from sparsealloc.core.types import Outcome
 from sparsealloc.search.dispatch.local import LocalDispatcher
-from sparsealloc.search.orchestrator import AllTrialsFailed, run_study
+from sparsealloc.search.orchestrator import AllTrialsFailed, best_value_text, run_study
 from sparsealloc.search.samplers.base import SAMPLERS
 from sparsealloc.search.session import open_sampler
 from sparsealloc.spaces.space import SearchSpace
@@ -206,3 +206,22 @@ def test_plain_trial_lines_count_down_to_the_timeout(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].endswith("1 min 00 s elapsed, about 1 min 30 s left")  # the timeout, not 100,000 trials
     assert lines[1].endswith("2 min 00 s elapsed, about 30 s left")
+
+
+@pytest.mark.parametrize(("direction", "shown"), [("minimize", "-2.5"), ("maximize", "7")])
+def test_the_progress_line_shows_the_best_value_in_the_study_direction(tmp_path, direction, shown):
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'bar.db'}"), direction=direction)
+    assert best_value_text(study) == "-"
+    for value in (3.0, -2.5, 7.0):
+        study.tell(study.ask(), value)
+    study.ask()  # RUNNING: not counted
+    assert best_value_text(study) == shown
+
+
+def test_the_progress_line_of_a_multi_objective_study_counts_the_front(tmp_path):
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'bar.db'}"),
+                                directions=["minimize", "minimize"])
+    assert best_value_text(study) == "-"
+    for values in ((1.0, 2.0), (2.0, 1.0), (3.0, 3.0)):
+        study.tell(study.ask(), values)
+    assert best_value_text(study) == "pareto=2"

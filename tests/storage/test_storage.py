@@ -23,6 +23,7 @@ from sparsealloc.search.session import open_sampler, stored_spec
 from sparsealloc.spaces.space import SearchSpace
 from sparsealloc.spaces.spec import KVSpec, StudySpec
 from sparsealloc.storage.export import export_study
+from sparsealloc.storage.optuna_adapter import best_single_value
 from sparsealloc.storage.rdb import (create_or_load_study, load_study, open_storage, parse_storage_url,
                                      recover_orphans, redact, study_names)
 
@@ -127,6 +128,32 @@ def test_a_stored_study_keeps_its_directions_and_its_spec(tmp_path, layout):
         open_sampler(other, storage, SearchSpace(other, layout))
 
 
+def check_best_single_value(storage, names: tuple[str, str]) -> None:
+    """The best COMPLETE value by the store's aggregate equals the trial list's, for both directions
+    and with infinities; RUNNING, PRUNED and FAILED trials do not count."""
+    for name, (direction, finite_best, inf_best) in zip(
+            names, (("minimize", -2.5, float("-inf")), ("maximize", 7.0, float("inf"))), strict=True):
+        study = optuna.create_study(storage=storage, study_name=name, direction=direction)
+        assert best_single_value(study) is None
+        for value in (3.0, -2.5, 7.0):
+            study.tell(study.ask(), value)
+        running = study.ask()
+        study.tell(study.ask(), state=TrialState.PRUNED)
+        study.tell(study.ask(), state=TrialState.FAIL)
+        assert best_single_value(study) == finite_best == study.best_value
+        study.tell(study.ask(), -inf_best)  # the worst infinity changes nothing
+        assert best_single_value(study) == finite_best
+        study.tell(study.ask(), inf_best)
+        assert best_single_value(study) == inf_best == study.best_value
+        study.tell(running, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_best_single_value_matches_the_trial_list(tmp_path, kind):
+    storage = open_storage(f"sqlite:///{tmp_path / 'best.db'}") if kind == "sqlite" else optuna.storages.InMemoryStorage()
+    check_best_single_value(storage, ("best-min", "best-max"))
+
+
 # ----------------------------------------------------------------------------------- PostgreSQL
 @pytest.fixture(scope="module")
 def pg_url() -> str:
@@ -192,3 +219,8 @@ def test_postgres_load_study_of_an_unknown_name_is_a_storage_error(pg_url, pg_na
     with pytest.raises(StorageError) as info:
         load_study(storage, name + "-missing")
     assert name in str(info.value)
+
+
+@pytest.mark.postgres
+def test_postgres_best_single_value_matches_the_trial_list(pg_url, pg_names):
+    check_best_single_value(open_storage(pg_url), (pg_names("best-min"), pg_names("best-max")))
