@@ -46,6 +46,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +207,7 @@ def build_model(args, torch, tmp: Path) -> dict:
     clock = Clock(torch)
     torch.manual_seed(0)
     t_init, cpu_model = clock(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
-    t_save, _ = clock(lambda: cpu_model.save_pretrained(model_dir))
+    t_save, _ = clock(partial(cpu_model.save_pretrained, model_dir))
     AutoTokenizer.from_pretrained(data / "tokenizer").save_pretrained(model_dir)
     n_params = sum(p.numel() for p in cpu_model.parameters())
     del cpu_model
