@@ -73,9 +73,8 @@ def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None, s
         window_domains = selected.clusters
     elif windows is None:
         stream = tokenize_stream(tokenizer, DOMAIN_SEPARATOR.join(parts))
-        taken = window_starts(stream.numel(), c.samples, c.seq_len, c.seed)
-        windows = sample_windows(stream, c.samples, c.seq_len, c.seed)
-        scored_starts = taken
+        windows = sample_windows(stream, c.samples, c.seq_len, c.seed)  # checks the sizes first
+        scored_starts = taken = window_starts(stream.numel(), c.samples, c.seq_len, c.seed)
         if c.score_samples:
             scored_starts = disjoint_starts(stream.numel(), c.score_samples, c.seq_len, taken, c.seed)
             score_windows = windows_at(stream, scored_starts, c.seq_len)

@@ -85,6 +85,13 @@ def test_a_study_with_score_samples_scores_its_trials_on_that_many_held_out_wind
         build_evaluator(spec, windows=evaluator.ctx.windows)  # a worker given only half of the driver's windows
 
 
+def test_a_calibration_text_shorter_than_a_window_is_a_spec_error(tiny_llama_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("a short text")
+    with pytest.raises(SpecError, match="need more than seq_len=16"):
+        build_evaluator(_spec(tiny_llama_dir, short))
+
+
 @pytest.mark.parametrize("calibration, message", [
     ({"score_samples": -1}, "calibration.score_samples must be an integer >= 0"),
     ({"score_samples": 2}, r"calibration.score_samples \(the window pool\) must hold the largest evo stage"),
