@@ -31,6 +31,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from _common import ROOT, WIKITEXT, Timer, load_smollm2, machine, markdown_table, require_data
 
@@ -94,6 +95,33 @@ def split_valid(folder: Path, mix: str | None = None) -> tuple[Path, Path]:
     return calib, val
 
 
+def unused_part_text(tokenizer, calib_text: Path, parts: list[str], samples: int, seq_len: int, seed: int = 0,
+                     min_tokens: int = 64) -> str:
+    """The last part of the calibration text (the Python-docs half with ``--calib-mix``) without the
+    tokens of the statistics windows: held-out text of that domain for validation. The pool's windows
+    are where ``sample_windows`` draws them in the whole text (``window_starts``, the calibration seed);
+    the runs of at least ``min_tokens`` tokens of the last part that none of them covers are decoded and
+    joined by blank lines."""
+    from sparsealloc.pruning import tokenize_stream
+    from sparsealloc.pruning.calibration.text import window_starts
+
+    stream = tokenize_stream(tokenizer, calib_text.read_text())
+    before = len(tokenize_stream(tokenizer, calib_text.read_text()[: -len(parts[-1])])) + 8  # a margin at the seam
+    covered = torch.zeros(stream.numel(), dtype=torch.bool)
+    for start in window_starts(stream.numel(), samples, seq_len, seed):
+        covered[start : start + seq_len] = True
+    covered[:before] = True
+    runs, start = [], None
+    for i, taken in enumerate([*covered.tolist(), True]):
+        if not taken and start is None:
+            start = i
+        elif taken and start is not None:
+            if i - start >= min_tokens:
+                runs.append(tokenizer.decode(stream[start:i].tolist()))
+            start = None
+    return "\n\n".join(runs)
+
+
 def heldout_streams(tokenizer) -> dict[str, list[int]]:
     """This protocol's two held-out texts, tokenized: WikiText-2 test and the built-in Python-docs
     evaluation topics."""
@@ -138,6 +166,9 @@ def main() -> None:
     parser.add_argument("--calib-mix", action="store_true",
                         help="calibrate on half WikiText-2 valid, half the built-in Python-docs calibration topics "
                              "(disjoint from its evaluation topics); validation stays on WikiText-2 only")
+    parser.add_argument("--validate-domains", action="store_true",
+                        help="with --calib-mix: validation also on the Python-docs calibration text outside the statistics "
+                             "windows (validation.extra_texts; the exported plan has the best geometric mean of the two)")
     parser.add_argument("--calib-strata", action="store_true",
                         help="with --calib-mix: the pool takes half its windows from each text (a calibration-set "
                              "file whose cluster is the text) and evo's stages draw them in proportion")
@@ -165,6 +196,8 @@ def main() -> None:
     if args.calib_strata and args.score_samples:
         parser.error("expected --score-samples without --calib-strata (a windows file has no text to draw from), "
                      "but got both")
+    if args.validate_domains and (not args.calib_mix or args.calib_strata):
+        parser.error("expected --validate-domains with --calib-mix and without --calib-strata")
     if args.domain_weights is not None:
         args.calib_domains = True
     if args.calib_domains and (not args.calib_mix or args.calib_strata):
@@ -206,6 +239,14 @@ def main() -> None:
     model, tokenizer, _ = load_smollm2()
     streams = heldout_streams(tokenizer)
     val_stream = tokenize_stream(tokenizer, val_text.read_text())
+    extra_texts: tuple[str, ...] = ()
+    code_tokens = 0
+    if args.validate_domains:
+        code_val = work / "validation_python_docs.txt"
+        code_val.write_text(unused_part_text(tokenizer, calib_text, calibration_parts(mix), args.calib_samples,
+                                             args.calib_seq_len))
+        extra_texts = (str(code_val),)
+        code_tokens = len(tokenize_stream(tokenizer, code_val.read_text()))
     with Timer():
         dense = {k: perplexity(model, s, EVAL_SEQ_LEN, args.eval_windows) for k, s in streams.items()}
     rows, lines, curves, winners = [], [], {}, {}
@@ -234,7 +275,8 @@ def main() -> None:
         base = StudySpec(name="base", target_sparsity=target, metric=MetricSpec(name=metric), trials=10**6,
                          timeout=args.minutes * 60, seed=args.seed,
                          calibration=calibration,
-                         validation=ValidationSpec(text=str(val_text), seq_len=512, windows=8, top_k=5))
+                         validation=ValidationSpec(text=str(val_text), extra_texts=extra_texts, seq_len=512,
+                                                   windows=8, top_k=5))
         with Timer() as t_setup:
             shared = build_evaluator(base.override(sampler="evo"), model, tokenizer)
         ctx = shared.ctx
@@ -284,6 +326,19 @@ def main() -> None:
             if lowest.number != chosen:
                 rows.append({"setting": label, "allocation": f"{sampler} lowest proxy (trial {lowest.number})",
                              **lowest_ppl})
+            by_text = (study.user_attrs.get("validation") or {}).get("by_text") or {}
+            one_text = ""
+            if by_text:  # what validation on WikiText-2 alone would have exported, measured too
+                first = next(iter(by_text.values()))
+                wiki_pick = int(min(first, key=first.get))
+                wiki_ppl = found if wiki_pick == chosen else lowest_ppl if wiki_pick == lowest.number else measure(
+                    evaluator, AllocationPlan.from_dict(study.trials[wiki_pick].user_attrs["plan"]))
+                if wiki_pick not in (chosen, lowest.number):
+                    rows.append({"setting": label, "allocation": f"{sampler} WikiText-2 validation's pick (trial {wiki_pick})",
+                                 **wiki_ppl})
+                one_text = (f" Validation on both texts exported trial {chosen}; WikiText-2 validation alone would have "
+                            f"exported trial {wiki_pick}" + (" (the same)." if wiki_pick == chosen else
+                            f", which scores {wiki_ppl['wikitext2-test']:.1f} / {wiki_ppl['python-docs']:.1f}."))
             curves[(label, sampler)] = _curve(study, evaluator, val_stream, perplexity, result.seconds)
             winners[(label, sampler)] = (exported, found["wikitext2-test"])
             rho = (result.validation.spearman if result.validation else None)
@@ -301,7 +356,7 @@ def main() -> None:
                 f"{results[best_ramp]['python-docs']:.1f} ({found['python-docs'] / results[best_ramp]['python-docs']:.3f}×). "
                 f"Within-study Spearman ρ(proxy, validation PPL) = {'n/a' if rho is None else f'{rho:.2f}'}; the "
                 f"lowest-proxy plan (trial {lowest.number}) scores {lowest_ppl['wikitext2-test']:.1f} on WikiText-2 test, "
-                f"so exporting the best validated plan {gain}.")
+                f"so exporting the best validated plan {gain}.{one_text}")
         lines.append(f"- {label}: setup {t_setup.seconds:.0f} s (calibration statistics over "
                      f"{args.calib_samples}×{args.calib_seq_len} tokens, dense reference over "
                      f"{args.score_samples or args.calib_samples}×{args.calib_seq_len}); hand rules measured in {t_hand.seconds / 60:.1f} min{db_note}.")
@@ -326,7 +381,10 @@ def main() -> None:
            if args.domain_weights else "")
         + (f"; trials scored on {args.score_samples}×{args.calib_seq_len} other tokens of that text, disjoint from the "
            "pool" if args.score_samples else "") + "; validation (picks the exported "
-        "plan): 8×512 from its last 30%; held-out evaluation: WikiText-2 test and the built-in Python-docs "
+        "plan): 8×512 from its last 30%"
+        + (f" and 8×512 of the Python-docs calibration text outside the pool's windows ({code_tokens} tokens), the "
+           "exported plan the best geometric mean of the two (validation.extra_texts)" if args.validate_domains else "")
+        + "; held-out evaluation: WikiText-2 test and the built-in Python-docs "
         f"evaluation text, {args.eval_windows}×512 each. Dense PPL {dense['wikitext2-test']:.2f} / {dense['python-docs']:.2f}. "
         f"Studies: {', '.join(args.samplers)}, {args.minutes:g} min each, sampler defaults (evo: KL proxy, one "
         "level per Linear; tpe/cmaes: hidden-state proxy, one ratio per block)"
@@ -338,6 +396,7 @@ def main() -> None:
         f"{f'--score-samples {args.score_samples} ' if args.score_samples else ''}"
         f"--owl-lambdas {' '.join(map(str, args.owl_lambdas))} --ramp-betas {' '.join(map(str, args.ramp_betas))} "
         f"--eval-windows {args.eval_windows}{' --calib-mix' if args.calib_mix else ''}"
+        f"{' --validate-domains' if args.validate_domains else ''}"
         f"{' --calib-strata' if args.calib_strata else ''}"
         f"{' --calib-domains' if args.calib_domains and not args.domain_weights else ''}"
         f"{' --domain-weights ' + ' '.join(f'{w:g}' for w in args.domain_weights) if args.domain_weights else ''}"

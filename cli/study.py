@@ -76,8 +76,9 @@ def register(sub) -> None:
     run.add_argument("--score-samples", type=int, default=None,
                      help="score trials on this many other windows of the calibration text, disjoint from the "
                           "--calib-samples windows the pruning statistics come from (default 0: on those)")
-    run.add_argument("--eval-text", metavar="FILE", default=None,
-                     help="held-out text for validation (default: built-in held-out text)")
+    run.add_argument("--eval-text", metavar="FILE", nargs="+", default=None,
+                     help="held-out text(s) for validation (default: built-in held-out text); with several (one "
+                          "per calibration domain, say) a plan's validation PPL is the geometric mean over them")
     run.add_argument("--eval-windows", type=positive_int, default=None,
                      help=f"validation windows (default {d.validation.windows})")
     run.add_argument("--eval-seq-len", type=positive_int, default=None,
@@ -149,7 +150,8 @@ def spec_from_args(args: argparse.Namespace):
                         "seq_len": args.calib_seq_len, "windows_file": args.calib_windows,
                         "score_samples": args.score_samples, "domains": args.calib_domains,
                         "domain_weights": args.domain_weights},
-        "validation": {"text": args.eval_text, "windows": args.eval_windows, "seq_len": args.eval_seq_len,
+        "validation": {"text": args.eval_text[0] if args.eval_text else None,
+                       "extra_texts": args.eval_text[1:] if args.eval_text else None, "windows": args.eval_windows, "seq_len": args.eval_seq_len,
                        "top_k": args.validate_top, "max_seconds": args.validate_seconds},
         "early_stopping": {"pruner": args.early_stopping, "gram_rung": args.gram_rung},
     }

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,16 @@ def calibration_source(spec: StudySpec) -> TextSource:
 
 def validation_source(spec: StudySpec) -> TextSource:
     return TextSource("file", spec.validation.text) if spec.validation.text else TextSource("builtin", "eval")
+
+
+def validation_sources(spec: StudySpec) -> list[TextSource]:
+    """Every held-out text of validation: :func:`validation_source`, then ``validation.extra_texts``."""
+    return [validation_source(spec), *(TextSource("file", path) for path in spec.validation.extra_texts)]
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    """exp(mean log): the validation perplexity of a plan over several texts (``validation.extra_texts``)."""
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if all(v > 0 for v in values) else math.nan
 
 
 def build_evaluator(spec: StudySpec, model=None, tokenizer=None, windows=None, score_windows=None,
@@ -116,8 +126,10 @@ def preflight(spec: StudySpec, validate: bool = True) -> None:
         read_calibration_set(spec.calibration.windows_file)
     elif spec.calibration.text or spec.calibration.domains:
         calibration_source(spec).read()
-    if validate and spec.validation.top_k > 0 and spec.validation.text:
-        validation_source(spec).read()
+    if validate and spec.validation.top_k > 0:
+        for source in validation_sources(spec):
+            if source.kind == "file":
+                source.read()
     for path in spec.seed_plans:
         AllocationPlan.load(path)
 
@@ -281,16 +293,21 @@ def enqueue_warm_starts(sampler: Sampler, evaluator: TrialEvaluator) -> list[str
 class ValidationResult:
     """Held-out perplexity of re-scored trials and its rank correlation with the proxy."""
 
-    ppl: dict[int, float]
+    ppl: dict[int, float]  # over several texts: the geometric mean of by_text's
     proxy: dict[int, float]
     spearman: float | None
     skipped: tuple[int, ...] = ()  # chosen trials left out by the time bound
     seconds: float = 0.0
+    #: Perplexity per held-out text (its source's description), when there are several texts.
+    by_text: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ppl": {str(k): v for k, v in self.ppl.items()},
+        data = {"ppl": {str(k): v for k, v in self.ppl.items()},
                 "proxy": {str(k): v for k, v in self.proxy.items()}, "spearman": self.spearman,
                 "skipped": list(self.skipped), "seconds": round(self.seconds, 1)}
+        if self.by_text:
+            data["by_text"] = {text: {str(k): v for k, v in ppl.items()} for text, ppl in self.by_text.items()}
+        return data
 
 
 def trials_to_validate(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
@@ -326,12 +343,14 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec,
 
     Trials go in :func:`trials_to_validate`'s order; once the next one would end past ``budget_seconds`` (estimated
     from the mean time per plan so far) the rest are skipped and listed in the result. The first
-    one is always validated. None: no bound.
+    one is always validated. None: no bound. With ``validation.extra_texts`` a plan's perplexity is the
+    geometric mean over the texts (:func:`geometric_mean`), each text's own kept in ``by_text``.
     """
     from scipy.stats import spearmanr
 
     ctx = evaluator.ctx
-    stream = tokenize_stream(ctx.tokenizer, validation_source(spec).read())
+    streams = {source.describe(): tokenize_stream(ctx.tokenizer, source.read()) for source in validation_sources(spec)}
+    by_text: dict[str, dict[int, float]] = {text: {} for text in streams}
     ppl, proxy = {}, {}
     trials = trials_to_validate(study, spec.validation.top_k)
     start, skipped = _clock(), ()
@@ -342,14 +361,17 @@ def validate(study: optuna.Study, evaluator: TrialEvaluator, spec: StudySpec,
             break
         plan = AllocationPlan.from_dict(trial.user_attrs[PLAN])
         with evaluator.applied(plan):  # pruned, dropped blocks out, KV bits fake-quantized
-            ppl[trial.number] = perplexity(ctx.model, stream, spec.validation.seq_len, spec.validation.windows)
+            for text, stream in streams.items():
+                by_text[text][trial.number] = perplexity(ctx.model, stream, spec.validation.seq_len,
+                                                         spec.validation.windows)
+        ppl[trial.number] = geometric_mean([by_text[text][trial.number] for text in streams])
         proxy[trial.number] = trial.values[0]
     ctx.restore_()
     rho = None
     if len(ppl) >= 3:
         value = spearmanr([proxy[n] for n in ppl], [ppl[n] for n in ppl]).statistic
         rho = None if math.isnan(value) else float(value)
-    result = ValidationResult(ppl, proxy, rho, skipped, _clock() - start)
+    result = ValidationResult(ppl, proxy, rho, skipped, _clock() - start, by_text if len(streams) > 1 else {})
     study.set_user_attr(VALIDATION, result.to_dict())
     return result
 

@@ -227,10 +227,13 @@ def validation_lines(study: optuna.Study, validation: Mapping[str, Any]) -> list
     """A stored validation (``ValidationResult.to_dict()``) as ``study run`` and ``study show`` print it."""
     names = {t.number: f"warm start: {n}" for n, t in warm_start_trials(study).items()}
     best = study.best_trial.number if len(study.directions) == 1 else None
-    lines = ["validation (held-out perplexity):"]
+    by_text = validation.get("by_text") or {}
+    lines = ["validation (held-out perplexity" + (f", geometric mean over {len(by_text)} texts):" if by_text else "):")]
+    lines += [f"  text {i + 1}: {text}" for i, text in enumerate(by_text)]
     for number, ppl in sorted(validation["ppl"].items(), key=lambda kv: kv[1]):
         label = names.get(int(number), "best" if int(number) == best else "")
-        lines.append(f"  trial {int(number):4d}  proxy {validation['proxy'][number]:.5g}  ppl {ppl:10.3f}  {label}")
+        each = "".join(f"  text {i + 1} {per.get(number, float('nan')):.3f}" for i, per in enumerate(by_text.values()))
+        lines.append(f"  trial {int(number):4d}  proxy {validation['proxy'][number]:.5g}  ppl {ppl:10.3f}{each}  {label}")
     rho = validation.get("spearman")
     lines.append(f"  spearman(proxy, ppl) = {rho:.3f}" if rho is not None else "  spearman: too few trials")
     skipped = validation.get("skipped") or []

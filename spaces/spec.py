@@ -433,9 +433,16 @@ class EvoSpec:
 
 @dataclass(frozen=True)
 class ValidationSpec:
-    """Held-out perplexity of the top trials after a study (None text = built-in held-out text)."""
+    """Held-out perplexity of the top trials after a study (None text = built-in held-out text).
+
+    ``extra_texts``: more held-out texts (files), e.g. one per calibration domain. With them a plan's
+    validation perplexity is the geometric mean of its perplexity on every text (``text`` first), so a
+    relative gain counts the same on each text whatever its scale; each text's own perplexity is stored
+    too. The exported plan is the one with the lowest such mean.
+    """
 
     text: str | None = None
+    extra_texts: tuple[str, ...] = ()
     seq_len: int = 512
     windows: int = 20
     top_k: int = 5
@@ -443,7 +450,13 @@ class ValidationSpec:
     #: best plan by the proxy is always validated).
     max_seconds: float | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.extra_texts, list):  # YAML and JSON give lists
+            object.__setattr__(self, "extra_texts", tuple(self.extra_texts))
+
     def validate(self) -> None:
+        _expect(isinstance(self.extra_texts, tuple) and all(isinstance(t, str) and t for t in self.extra_texts),
+                "validation.extra_texts must be a list of text file paths", self.extra_texts)
         for key in ("seq_len", "windows"):
             value = getattr(self, key)
             _expect(_is_int(value) and value >= 1, f"validation.{key} must be a positive integer", value)

@@ -43,6 +43,9 @@ def plan_of(study: optuna.Study, trial: FrozenTrial) -> AllocationPlan:
             "perplexity": validation.get("ppl", {}).get(str(trial.number)),
             "proxy_ppl_spearman": validation.get("spearman"),
         }
+        if validation.get("by_text"):
+            provenance["validation"]["perplexity_by_text"] = {
+                text: ppl.get(str(trial.number)) for text, ppl in validation["by_text"].items()}
     return plan.replace(provenance=provenance)
 
 

@@ -382,6 +382,7 @@ BAD_RUN = {
     "spec-unknown-key": (["{unknown_key}"], ["spec accepts keys", "target_sparsty"]),
     "spec-not-yaml": (["{not_yaml}"], ["YAML", "bad.yaml"]),
     "spec-missing": (["{missing}"], ["readable spec file", "missing.yaml"]),
+    "extra-eval-text-missing": (["--eval-text", "{second}", "{missing_text}"], ["readable text file", "missing.txt"]),
     "spec-mismatch": (["--name", "a", "--target-sparsity", "0.4"],
                       ["'a'", "different spec", "target_sparsity: stored 0.5, given 0.4", "resume"]),
 }
@@ -390,7 +391,7 @@ BAD_RUN = {
 @pytest.mark.parametrize("case", sorted(BAD_RUN))
 def test_bad_study_run_inputs(case, finished_study, tiny_llama_dir, text_file, tmp_path, capsys):
     files = {"unknown_key": tmp_path / "unknown.yaml", "not_yaml": tmp_path / "bad.yaml",
-             "missing": tmp_path / "missing.yaml"}
+             "missing": tmp_path / "missing.yaml", "second": text_file, "missing_text": tmp_path / "missing.txt"}
     files["unknown_key"].write_text("name: u\ntarget_sparsty: 0.5\n", encoding="utf-8")
     files["not_yaml"].write_text("name: [unclosed\n  : : {\n", encoding="utf-8")
     extra, fragments = BAD_RUN[case]
@@ -482,3 +483,26 @@ def test_kv_budget_and_seed_plan_flags_reach_the_spec(tiny_llama_dir, tmp_path, 
                  "--model", str(tiny_llama_dir), "--storage", url])
     assert_one_line_error(code, capsys, "nope.json")
     assert not (tmp_path / "s.db").exists()  # nothing written
+
+
+def test_validation_on_two_texts_exports_the_best_geometric_mean(tiny_llama_dir, text_file, tmp_path, capsys):
+    """``--eval-text A B``: every validated plan is scored on both texts; the exported plan has the lowest
+    geometric mean, and its provenance holds each text's perplexity."""
+    second = tmp_path / "second.txt"
+    second.write_text(" ".join(reversed(text_file.read_text().split())), encoding="utf-8")
+    url, out_dir = sqlite_url(tmp_path / "two.db"), tmp_path / "out"
+    argv = ["--quiet", "study", "run", *data_args(tiny_llama_dir, text_file), "--eval-text", str(text_file), str(second),
+            "--storage", url, "--name", "two", "--trials", "4", "--export", str(out_dir)]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert "geometric mean over 2 texts" in shown and f"text 2: file:{second}" in shown
+    validation = optuna.load_study(study_name="two", storage=url).user_attrs["validation"]
+    texts = list(validation["by_text"])
+    assert texts == [f"file:{text_file}", f"file:{second}"]
+    for number, ppl in validation["ppl"].items():
+        each = [validation["by_text"][t][number] for t in texts]
+        assert ppl == pytest.approx(math.sqrt(each[0] * each[1]))
+    best = min(validation["ppl"], key=validation["ppl"].get)
+    plan = AllocationPlan.load(out_dir / "best.json")
+    assert plan.provenance["trial"] == int(best)
+    assert plan.provenance["validation"]["perplexity_by_text"] == {t: validation["by_text"][t][best] for t in texts}

@@ -39,7 +39,8 @@ def test_validation_stops_at_its_time_bound_and_says_what_it_left(monkeypatch):
     trials = [SimpleNamespace(number=n, values=(0.1 * n,), user_attrs={"plan": {}}, params={"x": n})
               for n in range(5)]
     monkeypatch.setattr(session, "trials_to_validate", lambda study, k: trials)
-    monkeypatch.setattr(session, "validation_source", lambda spec: SimpleNamespace(read=lambda: "text"))
+    monkeypatch.setattr(session, "validation_source",
+                        lambda spec: SimpleNamespace(read=lambda: "text", describe=lambda: "file:text"))
     monkeypatch.setattr(session, "tokenize_stream", lambda tok, text: None)
     monkeypatch.setattr(AllocationPlan, "from_dict", staticmethod(lambda d: None))
 
@@ -112,3 +113,53 @@ def test_validation_takes_the_best_warm_start_first():
                                                   user_attrs={PLAN: {}}))
     order = [t.number for t in trials_to_validate(study, top_k=2)]
     assert order == [4, 5, 3, 2, 0, 1]
+
+
+def test_validation_over_several_texts_ranks_plans_by_the_geometric_mean(monkeypatch, tmp_path):
+    """``validation.extra_texts``: each plan is scored on every text, and its validation PPL (what
+    ``export`` picks by) is the geometric mean, so a plan better on the second text by a larger factor
+    than it is worse on the first wins, although the first text alone would pick the other."""
+    from types import SimpleNamespace
+
+    from sparsealloc.search import session
+    from sparsealloc.search.study import validation_lines
+
+    first, second = tmp_path / "prose.txt", tmp_path / "code.txt"
+    first.write_text("prose")
+    second.write_text("code")
+    trials = [SimpleNamespace(number=n, values=(0.1 * n,), user_attrs={"plan": {"n": n}}, params={"x": n})
+              for n in range(2)]
+    monkeypatch.setattr(session, "trials_to_validate", lambda study, k: trials)
+    monkeypatch.setattr(session, "tokenize_stream", lambda tok, text: text)
+    monkeypatch.setattr(AllocationPlan, "from_dict", staticmethod(lambda d: d["n"]))
+    applied = []
+    # trial 0: 100 on prose, 50 on code (mean 70.7); trial 1: 110 on prose, 40 on code (mean 66.3)
+    table = {(0, "prose"): 100.0, (0, "code"): 50.0, (1, "prose"): 110.0, (1, "code"): 40.0}
+    monkeypatch.setattr(session, "perplexity", lambda model, stream, *a: table[(applied[-1], stream)])
+
+    @contextlib.contextmanager
+    def apply(plan):
+        applied.append(plan)
+        yield
+
+    evaluator = SimpleNamespace(ctx=SimpleNamespace(tokenizer=None, model=None, restore_=lambda: None), applied=apply)
+    stored = {}
+    study = SimpleNamespace(set_user_attr=lambda k, v: stored.update({k: v}), directions=[1], best_trial=trials[0])
+    spec = StudySpec.from_dict({"validation": {"text": str(first), "extra_texts": [str(second)]}})
+    result = session.validate(study, evaluator, spec)
+    assert result.ppl[0] == pytest.approx((100.0 * 50.0) ** 0.5) and result.ppl[1] == pytest.approx((110.0 * 40.0) ** 0.5)
+    assert min(result.ppl, key=result.ppl.get) == 1
+    assert min(result.by_text[f"file:{first}"], key=result.by_text[f"file:{first}"].get) == 0  # prose alone: trial 0
+    data = stored["validation"]
+    assert data["by_text"] == {f"file:{first}": {"0": 100.0, "1": 110.0}, f"file:{second}": {"0": 50.0, "1": 40.0}}
+    monkeypatch.setattr("sparsealloc.search.study.warm_start_trials", lambda study: {})
+    lines = validation_lines(study, data)
+    assert "geometric mean over 2 texts" in lines[0] and lines[2] == f"  text 2: file:{second}"
+    assert "text 1 110.000  text 2 40.000" in lines[3]  # best first
+
+
+def test_extra_validation_texts_must_be_file_paths():
+    with pytest.raises(SpecError, match="validation.extra_texts must be a list of text file paths"):
+        StudySpec.from_dict({"validation": {"extra_texts": ["a.txt", ""]}})
+    with pytest.raises(SpecError, match="validation.extra_texts"):
+        StudySpec.from_dict({"validation": {"extra_texts": "a.txt"}})
