@@ -496,6 +496,7 @@ def test_validation_on_two_texts_exports_the_best_geometric_mean(tiny_llama_dir,
     assert main(argv) == 0
     shown = capsys.readouterr().out
     assert "geometric mean over 2 texts" in shown and f"text 2: file:{second}" in shown
+    assert "exported plan perplexity: " in shown and "(geometric mean over 2 texts: " in shown.split("exported plan")[1]
     validation = optuna.load_study(study_name="two", storage=url).user_attrs["validation"]
     texts = list(validation["by_text"])
     assert texts == [f"file:{text_file}", f"file:{second}"]
