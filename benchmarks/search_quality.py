@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=20, help="windows × 512 of each held-out text")
     parser.add_argument("--calib-mix", action="store_true",
                         help="calibrate on half WikiText-2 valid, half the built-in Python-docs calibration topics "
-                             "(disjoint from its evaluation topics); validation stays on WikiText-2 only")
+                             "(disjoint from its evaluation topics); validation stays on WikiText-2 only (see --validate-domains)")
     parser.add_argument("--validate-domains", action="store_true",
                         help="with --calib-mix: validation also on the Python-docs calibration text outside the statistics "
                              "windows (validation.extra_texts; the exported plan has the best geometric mean of the two)")
@@ -196,8 +196,9 @@ def main() -> None:
     if args.calib_strata and args.score_samples:
         parser.error("expected --score-samples without --calib-strata (a windows file has no text to draw from), "
                      "but got both")
-    if args.validate_domains and (not args.calib_mix or args.calib_strata):
-        parser.error("expected --validate-domains with --calib-mix and without --calib-strata")
+    if args.validate_domains and (not args.calib_mix or args.calib_strata or args.score_samples):
+        parser.error("expected --validate-domains with --calib-mix, without --calib-strata and without --score-samples "
+                     "(whose scoring windows come from the same held-out part of the calibration text)")
     if args.domain_weights is not None:
         args.calib_domains = True
     if args.calib_domains and (not args.calib_mix or args.calib_strata):
