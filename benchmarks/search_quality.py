@@ -105,8 +105,9 @@ def unused_part_text(tokenizer, calib_text: Path, parts: list[str], samples: int
     from sparsealloc.pruning import tokenize_stream
     from sparsealloc.pruning.calibration.text import window_starts
 
-    stream = tokenize_stream(tokenizer, calib_text.read_text())
-    before = len(tokenize_stream(tokenizer, calib_text.read_text()[: -len(parts[-1])])) + 8  # a margin at the seam
+    text = calib_text.read_text()
+    stream = tokenize_stream(tokenizer, text)
+    before = len(tokenize_stream(tokenizer, text[: -len(parts[-1])])) + 8  # a margin at the seam
     covered = torch.zeros(stream.numel(), dtype=torch.bool)
     for start in window_starts(stream.numel(), samples, seq_len, seed):
         covered[start : start + seq_len] = True

@@ -157,14 +157,14 @@ def run(spec: StudySpec, storage_url: str, *, dispatcher: str | None = None,
                 attach_files(study, result.exported, default_artifact_dir(url))  # shown by sparsealloc dashboard
             for path in result.exported:
                 say(f"exported: {path}")
-            validated = AllocationPlan.load(result.exported[0]).provenance.get("validation", {}) \
-                if len(result.exported) == 1 else {}
+            provenance = AllocationPlan.load(result.exported[0]).provenance if len(result.exported) == 1 else {}
+            validated = provenance.get("validation", {})
             ppl, by_text = validated.get("perplexity"), validated.get("perplexity_by_text")
             if ppl is not None:
                 say(f"exported plan perplexity: {ppl:.3f}" + (
                     f" (geometric mean over {len(by_text)} texts: {', '.join(f'{v:.3f}' for v in by_text.values())})"
                     if by_text else ""))
-                chosen = AllocationPlan.load(result.exported[0]).provenance.get("trial")
+                chosen = provenance.get("trial")
                 if chosen != study.best_trial.number:
                     say(f"exported trial {chosen}, the best on held-out text; the lowest proxy is trial "
                         f"{study.best_trial.number} (export it with: sparsealloc export --by proxy)")
